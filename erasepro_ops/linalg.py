@@ -1,0 +1,85 @@
+"""Small, explicit linear algebra shared by every solver in the pack.
+
+All functions work in float64 and never return NaN or Inf for finite input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_RTOL = 1e-6
+"""Singular values below ``rtol * s_max`` are treated as zero (relative to the whole problem)."""
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise a ValueError naming ``name`` when ``tensor`` holds NaN or Inf."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s); the model or features are corrupt")
+
+
+@dataclass(frozen=True)
+class RangeBasis:
+    """Thin SVD ``Y = U diag(s) Vᵀ`` of a matrix, truncated at an absolute threshold.
+
+    ``pinv`` of ``Y`` is ``V diag(1/s) Uᵀ``. Computed with one symmetric eigendecomposition of
+    the smaller Gram matrix (``Y Yᵀ`` or ``Yᵀ Y``), so a wide matrix of many columns costs
+    one ``rows × rows`` eigh.
+    """
+
+    u: torch.Tensor  # rows × r, orthonormal columns
+    s: torch.Tensor  # r, descending, all > threshold
+    v: torch.Tensor  # cols × r, orthonormal columns
+
+    @property
+    def rank(self) -> int:
+        return int(self.s.numel())
+
+
+def range_basis(y: torch.Tensor, threshold: float) -> RangeBasis:
+    """Truncated SVD of ``y`` (float64) keeping singular values ``> threshold``."""
+    rows, cols = y.shape
+    empty = RangeBasis(y.new_zeros(rows, 0), y.new_zeros(0), y.new_zeros(cols, 0))
+    if rows == 0 or cols == 0:
+        return empty
+    # eigh of the Gram matrix squares the condition number; float64 keeps ~1e-7 relative
+    # singular values meaningful, far below the tolerances used here.
+    if rows <= cols:
+        evals, evecs = torch.linalg.eigh(y @ y.T)
+        keep = evals > threshold**2
+        if not keep.any():
+            return empty
+        s = evals[keep].sqrt().flip(0)
+        u = evecs[:, keep].flip(1)
+        v = (y.T @ u) / s
+    else:
+        evals, evecs = torch.linalg.eigh(y.T @ y)
+        keep = evals > threshold**2
+        if not keep.any():
+            return empty
+        s = evals[keep].sqrt().flip(0)
+        v = evecs[:, keep].flip(1)
+        u = (y @ v) / s
+    return RangeBasis(u, s, v)
+
+
+def spectral_norm_estimate(y: torch.Tensor) -> float:
+    """Largest singular value of ``y`` (exact, via the smaller Gram matrix)."""
+    if y.numel() == 0:
+        return 0.0
+    gram = y @ y.T if y.shape[0] <= y.shape[1] else y.T @ y
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
+
+
+def inverse_sqrt_psd(c: torch.Tensor, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+    """``C^{-1/2}`` of a symmetric positive-definite matrix via eigh.
+
+    Raises ValueError if ``C`` is not positive definite to ``rtol`` (the preservation weighting
+    always adds ``λI`` with ``λ > 0``, so this means a bad argument).
+    """
+    evals, evecs = torch.linalg.eigh((c + c.T) / 2)
+    if evals[0] <= rtol * evals[-1].abs().clamp_min(torch.finfo(c.dtype).tiny):
+        raise ValueError("the preservation weighting C must be positive definite (λ > 0)")
+    return (evecs * evals.rsqrt()) @ evecs.T

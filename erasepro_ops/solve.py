@@ -1,0 +1,259 @@
+"""Closed-form weight edits for one linear site: ErasePro's zero-residual update and UCE.
+
+A site is a linear layer with weight ``W_o`` (out × in). ``X`` (in × N) holds the site's input
+features for the constrained columns and ``V`` (out × N) what they must produce after the edit.
+
+Zero-residual (ErasePro, DESIGN §2)::
+
+    minimise ‖(W − W_o) C^{1/2}‖_F²   subject to   W X = V
+    ΔW = R (Xᵀ C⁻¹ X)⁺ Xᵀ C⁻¹,   R = V − W_o X
+
+``C = I`` is the published objective; ``C = λI + α K Kᵀ / M`` (``K`` the preserve features) keeps
+the preserve outputs still. With ``X̃ = C^{-1/2} X`` the update is ``ΔW = R X̃⁺ C^{-1/2}``.
+
+The columns come in priority groups (keep-constraints, concept tokens, end token, padding). They
+are solved in order: group ``g`` is matched as closely as possible (exactly when its columns are
+independent of the earlier groups' span) without disturbing earlier groups, i.e. with
+
+    Y_g = P_{<g} X̃_g,   ΔW̃_g = R̃_g Y_g⁺,   R̃_g = R_g − ΔW̃_{<g} X̃_g
+
+where ``P_{<g}`` projects onto the complement of the directions already accepted. When all the
+constraints fit the site's input width the sum equals the one-shot minimum-norm solution; when
+they do not, later groups get the least-squares solution in the freedom that is left and the
+residual is reported. ``Y_g⁺`` is truncated at ``rtol · s_max(X̃)``.
+
+Every update is returned as an exact low-rank product ``ΔW = up @ down`` with
+``rank ≤ rank X``. Deep sites share ``X`` and ``C``: build a :class:`ConstraintSystem` once and
+call :meth:`ConstraintSystem.solve` per site.
+
+UCE (Gandikota et al., WACV 2024), the baseline::
+
+    W = (λW_o + s_e V Xᵀ + s_p W_o K Kᵀ)(λI + s_e X Xᵀ + s_p K Kᵀ)⁻¹
+    ⇔  ΔW = s_e R Xᵀ (λI + s_e X Xᵀ + s_p K Kᵀ)⁻¹
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .linalg import DEFAULT_RTOL, check_finite, inverse_sqrt_psd, range_basis, spectral_norm_estimate
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """``ΔW = up @ down`` (out × r times r × in), stored in float64 on the solve device."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        return self.up @ self.down
+
+    def norm(self) -> float:
+        """Frobenius norm of ``up @ down`` without forming it: ``sqrt(tr((upᵀup)(down downᵀ)))``."""
+        value = ((self.up.T @ self.up) * (self.down @ self.down.T)).sum()
+        return float(value.clamp_min(0).sqrt())
+
+    def to(self, device=None, dtype=None) -> "LowRankUpdate":
+        return LowRankUpdate(self.up.to(device=device, dtype=dtype), self.down.to(device=device, dtype=dtype))
+
+
+@dataclass(frozen=True)
+class SiteSolution:
+    """One site's update and how well it met its constraints."""
+
+    update: LowRankUpdate
+    residual: float  # ‖W'X − V‖_F / ‖W_o X − V‖_F (0 = exact, 1 = untouched)
+    residual_sq: float  # ‖W'X − V‖_F², for aggregating over sites
+    initial_sq: float  # ‖W_o X − V‖_F²
+
+
+def _residual_solution(update: LowRankUpdate, r: torch.Tensor, dwx: torch.Tensor) -> SiteSolution:
+    initial = float((r * r).sum())
+    left = float(((r - dwx) ** 2).sum())
+    residual = (left / initial) ** 0.5 if initial > 0 else 0.0
+    return SiteSolution(update, residual, left, initial)
+
+
+def preservation_weighting(preserve: torch.Tensor, lam: float, alpha: float) -> torch.Tensor:
+    """``C = λI + α K Kᵀ / M`` for preserve features ``K`` (in × M), in float64."""
+    k = preserve.to(torch.float64)
+    c = k @ k.T * (alpha / max(k.shape[1], 1))
+    c.diagonal().add_(lam)
+    return c
+
+
+@dataclass(frozen=True)
+class _Step:
+    columns: torch.Tensor  # indices into X's columns
+    coef: torch.Tensor  # n_g × r_g: V_g diag(1/s_g)
+    cross: tuple[torch.Tensor, ...]  # A_h X̃_g for each earlier step h (r_h × n_g)
+
+
+@dataclass(frozen=True)
+class ConstraintSystem:
+    """The factorisation of ``X`` (and ``C``) shared by every site constrained on the same columns."""
+
+    x: torch.Tensor  # in × N, float64
+    steps: tuple[_Step, ...]
+    down: torch.Tensor  # r × in in original coordinates (rows of each step's Uᵀ, times C^{-1/2})
+    down_x: torch.Tensor  # r × N: down @ x, for residuals
+    unaligned_energy: float  # share of ‖X̃‖² outside the exactly-constrained span
+    rtol: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.x.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        x: torch.Tensor,
+        groups: Sequence[int] | torch.Tensor | None = None,
+        *,
+        preserve: torch.Tensor | None = None,
+        lam: float = 1.0,
+        alpha: float = 0.0,
+        rtol: float = DEFAULT_RTOL,
+        device: torch.device | str | None = None,
+    ) -> "ConstraintSystem":
+        """Factorise the constrained features.
+
+        ``groups[j]`` is column ``j``'s priority (lower first); ``None`` puts all in one group.
+        ``preserve`` (in × M) with ``alpha > 0`` selects ``C = λI + α K Kᵀ / M``; otherwise ``C = I``.
+        """
+        if x.dim() != 2:
+            raise ValueError(f"features X must be a 2-D (in × N) matrix, got shape {tuple(x.shape)}")
+        if not rtol > 0:
+            raise ValueError("rtol must be positive")
+        device = x.device if device is None else torch.device(device)
+        x64 = x.to(device=device, dtype=torch.float64)
+        check_finite("features X", x64)
+        width, n = x64.shape
+        if groups is None:
+            group_ids = torch.zeros(n, dtype=torch.long)
+        else:
+            group_ids = torch.as_tensor(groups, dtype=torch.long).cpu()
+            if group_ids.shape != (n,):
+                raise ValueError(f"groups must give one priority per column ({n}), got {tuple(group_ids.shape)}")
+
+        cis = None
+        if preserve is not None and alpha > 0:
+            if preserve.shape[0] != width:
+                raise ValueError(f"preserve features have width {preserve.shape[0]}, the site has {width}")
+            check_finite("preserve features", preserve)
+            cis = inverse_sqrt_psd(preservation_weighting(preserve.to(device), lam, alpha))
+        xt = x64 if cis is None else cis @ x64
+
+        threshold = rtol * spectral_norm_estimate(xt)
+        steps: list[_Step] = []
+        downs_t: list[torch.Tensor] = []
+        basis = xt.new_zeros(width, 0)
+        for g in torch.unique(group_ids).tolist():
+            cols = torch.nonzero(group_ids == g).flatten().to(device)
+            xg = xt[:, cols]
+            y = xg - basis @ (basis.T @ xg) if basis.shape[1] else xg
+            rb = range_basis(y, threshold)
+            u = rb.u - basis @ (basis.T @ rb.u) if basis.shape[1] else rb.u
+            cross = tuple(d @ xg for d in downs_t)
+            steps.append(_Step(cols, rb.v / rb.s, cross))
+            downs_t.append(u.T)
+            basis = torch.cat([basis, u], dim=1)
+
+        down_t = torch.cat(downs_t, dim=0) if downs_t else xt.new_zeros(0, width)
+        total = float((xt * xt).sum())
+        outside = xt - basis @ (basis.T @ xt)
+        unaligned = float((outside * outside).sum()) / total if total > 0 else 0.0
+        down = down_t if cis is None else down_t @ cis
+        return cls(x64, tuple(steps), down, down_t @ xt, unaligned, rtol)
+
+    def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
+        """The zero-residual update of a site with weight ``W_o`` towards outputs ``V`` (out × N)."""
+        w = weight.to(device=self.x.device, dtype=torch.float64)
+        v = target.to(device=self.x.device, dtype=torch.float64)
+        check_finite("site weight", w)
+        check_finite("target outputs V*", v)
+        if w.shape[1] != self.width:
+            raise ValueError(f"site weight has input width {w.shape[1]}, features have {self.width}")
+        if v.shape != (w.shape[0], self.x.shape[1]):
+            raise ValueError(f"V* must be {w.shape[0]} × {self.x.shape[1]}, got {tuple(v.shape)}")
+        r = v - w @ self.x
+        ups: list[torch.Tensor] = []
+        for step in self.steps:
+            r_g = r[:, step.columns]
+            for up_h, cross_h in zip(ups, step.cross):
+                r_g = r_g - up_h @ cross_h
+            ups.append(r_g @ step.coef)
+        up = torch.cat(ups, dim=1) if ups else w.new_zeros(w.shape[0], 0)
+        update = LowRankUpdate(up, self.down)
+        return _residual_solution(update, r, up @ self.down_x)
+
+
+def zero_residual_update(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    groups: Sequence[int] | None = None,
+    **kwargs,
+) -> SiteSolution:
+    """One-site convenience: ``ConstraintSystem.build(x, groups, **kwargs).solve(weight, target)``."""
+    return ConstraintSystem.build(x, groups, **kwargs).solve(weight, target)
+
+
+@dataclass(frozen=True)
+class UCESystem:
+    """UCE's shared inverse: ``down = s_e Xᵀ (λI + s_e X Xᵀ + s_p K Kᵀ)⁻¹`` (N × in)."""
+
+    x: torch.Tensor
+    down: torch.Tensor
+    down_x: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        x: torch.Tensor,
+        preserve: torch.Tensor | None = None,
+        *,
+        lam: float = 0.5,
+        erase_scale: float = 1.0,
+        preserve_scale: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> "UCESystem":
+        if not lam > 0:
+            raise ValueError("UCE needs λ > 0")
+        device = x.device if device is None else torch.device(device)
+        x64 = x.to(device=device, dtype=torch.float64)
+        check_finite("features X", x64)
+        m = erase_scale * (x64 @ x64.T)
+        if preserve is not None and preserve.numel():
+            k = preserve.to(device=device, dtype=torch.float64)
+            check_finite("preserve features", k)
+            m = m + preserve_scale * (k @ k.T)
+        m.diagonal().add_(lam)
+        down = erase_scale * torch.linalg.solve(m, x64).T  # M is symmetric: (M⁻¹X)ᵀ = XᵀM⁻¹
+        return cls(x64, down, down @ x64)
+
+    def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
+        w = weight.to(device=self.x.device, dtype=torch.float64)
+        v = target.to(device=self.x.device, dtype=torch.float64)
+        check_finite("site weight", w)
+        check_finite("target outputs V*", v)
+        r = v - w @ self.x
+        update = LowRankUpdate(r, self.down)
+        return _residual_solution(update, r, r @ self.down_x)
+
+
+def uce_update(weight, x, target, preserve=None, **kwargs) -> SiteSolution:
+    """One-site convenience for the UCE baseline."""
+    return UCESystem.build(x, preserve, **kwargs).solve(weight, target)
