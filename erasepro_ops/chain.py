@@ -1,0 +1,234 @@
+"""The progressive chain of DESIGN §4: shallow text-encoder sites first, deep K/V sites last.
+
+Shallow sites are the MLP output projections (``fc2``) of the first ``S`` blocks of a pre-LN
+transformer encoder. A block is seen through :class:`MLPBlock`::
+
+    h_mid = h + attn(ln1(h))           x = act(fc1(ln2(h_mid)))       out = h_mid + W x + b
+
+Sites are solved in order on features captured with every earlier edit applied. Hidden states
+are cached: block ``l`` runs once on the target prompts, its update is solved, and its edited
+output feeds block ``l + 1`` directly, so the chain costs one pass over ``S`` blocks (plus one
+anchor pass in the original model), not ``S`` full encoder passes.
+
+Two rules choose what a shallow site's constrained columns must produce:
+
+- ``"anchor_features"`` (published): ``V* = W_o Y``, ``Y`` the anchor's ``fc2`` input at the
+  paired position in the original model.
+- ``"residual_schedule"``: ``V*`` makes the block output close the fraction ``2 / (S − l + 1)``
+  of the remaining gap between the target's residual stream and the anchor's original one::
+
+      V* = W_o X + 2 (out_anchor − out_target) / (S − l + 1)
+
+  Block ``l`` thus closes a share ``2 (S − l) / (S (S + 1))`` of the initial gap — shares that
+  fall linearly with depth — and block ``S − 1`` closes all that is left.
+
+Keep-constraints (the prefix before the concept) always ask for ``V* = W_o X``.
+
+Deep sites (:func:`solve_deep`) share one ``X``: the encoder output for the target prompts with
+the shallow edits applied, ``V* = W_o Y_out`` with ``Y_out`` the original encoder output for
+the anchor at the paired positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+
+from .concepts import ROLE_PRIORITY, PromptAlignment
+from .linalg import DEFAULT_RTOL
+from .solve import ConstraintSystem, SiteSolution, UCESystem
+
+SHALLOW_RULES = ("anchor_features", "residual_schedule")
+METHODS = ("erasepro", "uce")
+
+
+class MLPBlock(Protocol):
+    """One pre-LN transformer block, seen from its MLP output projection (the shallow site)."""
+
+    name: str
+    weight: torch.Tensor  # effective fc2 weight W_o (out × in)
+    bias: torch.Tensor | None
+
+    def mlp_input(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h_mid, x)``: the residual stream entering the MLP and the ``fc2`` input, for ``h`` (B × T × D)."""
+        ...
+
+
+def block_output(h_mid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = h_mid + x @ weight.to(x.dtype).T
+    return out if bias is None else out + bias.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Constrained columns of a batch of aligned prompts, as flat indices into ``(prompt, position)``.
+
+    Row ``p`` of the target batch is prompt ``p``'s chunk holding the concept; row ``p`` of the
+    anchor batch is its anchor prompt's matching chunk. Keep columns come first.
+    """
+
+    target: torch.Tensor  # flat indices into the target batch (keep columns, then moved columns)
+    anchor: torch.Tensor  # flat indices into the anchor batch for moved columns
+    n_keep: int
+    groups: torch.Tensor  # priority per column (ROLE_PRIORITY), keep columns included
+
+    @classmethod
+    def from_alignments(cls, alignments: Sequence[PromptAlignment], context_length: int) -> "Columns":
+        keep, move, partner, groups = [], [], [], []
+        for p, al in enumerate(alignments):
+            base = p * context_length
+            keep += [base + pos for pos in al.keep]
+            move += [base + pos for pos in al.move]
+            partner += [base + pos for pos in al.partner]
+            groups += [ROLE_PRIORITY[r] for r in al.role]
+        keep_groups = [ROLE_PRIORITY["keep"]] * len(keep)
+        return cls(
+            torch.tensor(keep + move, dtype=torch.long),
+            torch.tensor(partner, dtype=torch.long),
+            len(keep),
+            torch.tensor(keep_groups + groups, dtype=torch.long),
+        )
+
+    def __len__(self) -> int:
+        return int(self.target.numel())
+
+
+def gather(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Columns ``index`` (flat over batch × positions) of ``h`` (B × T × D) as a D × n matrix."""
+    return h.reshape(-1, h.shape[-1])[index.to(h.device)].T
+
+
+def inputs_with_partners(x_target: torch.Tensor, y_anchor: torch.Tensor, columns: Columns) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, Y)`` for a site: ``X`` the target columns, ``Y`` what each column should look like —
+    the target's own features for keep columns, the paired anchor features for moved ones."""
+    x = gather(x_target, columns.target)
+    y = torch.cat([x[:, : columns.n_keep], gather(y_anchor, columns.anchor)], dim=1)
+    return x, y
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """Which closed form to use and its constants (DESIGN §2)."""
+
+    method: str = "erasepro"
+    rtol: float = DEFAULT_RTOL
+    lam: float = 1.0  # ErasePro: C = λI + α K Kᵀ / M
+    alpha: float = 0.0
+    uce_lam: float = 0.5  # UCE's λ, erase and preserve scales (official defaults)
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    def system(self, x: torch.Tensor, groups: torch.Tensor, preserve: torch.Tensor | None):
+        """The shared factorisation of one site's (or one group of sites') constrained features."""
+        if self.method == "uce":
+            return UCESystem.build(
+                x, preserve, lam=self.uce_lam, erase_scale=self.erase_scale,
+                preserve_scale=self.preserve_scale, device=self.device,
+            )
+        return ConstraintSystem.build(
+            x, groups, preserve=preserve, lam=self.lam, alpha=self.alpha, rtol=self.rtol, device=self.device,
+        )
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    name: str
+    stage: str  # "shallow" | "deep"
+    solution: SiteSolution
+    weight_norm: float
+    constraints: int  # columns
+    rank: int  # rank of the update
+
+    @property
+    def relative_change(self) -> float:
+        return self.solution.update.norm() / self.weight_norm if self.weight_norm > 0 else 0.0
+
+
+def _preserve_features(preserve: torch.Tensor | None) -> torch.Tensor | None:
+    return None if preserve is None else preserve.reshape(-1, preserve.shape[-1]).T
+
+
+def progressive_shallow(
+    blocks: Sequence[MLPBlock],
+    h_target: torch.Tensor,
+    h_anchor: torch.Tensor,
+    columns: Columns,
+    settings: SolverSettings,
+    *,
+    rule: str = "anchor_features",
+    h_preserve: torch.Tensor | None = None,
+    on_site: Callable[[str], None] | None = None,
+) -> list[SiteResult]:
+    """Solve the shallow sites in order (DESIGN §4.1).
+
+    ``h_target``/``h_anchor`` (P × T × D) are the hidden states entering ``blocks[0]``;
+    ``h_preserve`` (optional) those of preserve prompts, used for the ``C`` weighting.
+    """
+    if rule not in SHALLOW_RULES:
+        raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")
+    depth = len(blocks)
+    results: list[SiteResult] = []
+    h_t, h_a, h_p = h_target, h_anchor, h_preserve
+    for l, block in enumerate(blocks):
+        with torch.no_grad():
+            mid_a, x_a = block.mlp_input(h_a)
+            out_a = block_output(mid_a, x_a, block.weight, block.bias)
+            mid_t, x_t = block.mlp_input(h_t)
+            preserve = None
+            if h_p is not None:
+                mid_p, x_p = block.mlp_input(h_p)
+                preserve = _preserve_features(x_p)
+                h_p = block_output(mid_p, x_p, block.weight, block.bias)
+
+            x, y = inputs_with_partners(x_t, x_a, columns)
+            w = block.weight.to(torch.float64)
+            if rule == "anchor_features":
+                target = w.to(x.device) @ y.to(torch.float64)
+            else:
+                out_t = block_output(mid_t, x_t, block.weight, block.bias)
+                gap = gather(out_a, columns.anchor) - gather(out_t, columns.target[columns.n_keep:])
+                target = w.to(x.device) @ x.to(torch.float64)
+                target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
+
+            solution = settings.system(x, columns.groups, preserve).solve(block.weight, target)
+            edited = block.weight.to(torch.float64) + solution.update.dense().to(block.weight.device)
+            h_t = block_output(mid_t, x_t, edited.to(x_t.dtype), block.bias)
+            h_a = out_a
+        results.append(SiteResult(block.name, "shallow", solution, float(block.weight.to(torch.float64).norm()),
+                                  len(columns), solution.update.rank))
+        if on_site is not None:
+            on_site(block.name)
+    return results
+
+
+def solve_deep(
+    weights: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    settings: SolverSettings,
+    *,
+    preserve: torch.Tensor | None = None,
+    on_site: Callable[[str], None] | None = None,
+) -> list[SiteResult]:
+    """Solve every deep site that reads the same features ``X`` (D × N), ``V*_s = W_s Y``.
+
+    One factorisation of ``X`` serves all sites (DESIGN §6: decompose once, not once per site).
+    """
+    system = settings.system(x, groups, preserve)
+    y64 = y.to(torch.float64)
+    results = []
+    for name, w in weights.items():
+        w64 = w.to(device=y.device, dtype=torch.float64)
+        solution = system.solve(w, w64 @ y64)
+        results.append(SiteResult(name, "deep", solution, float(w64.norm()), int(x.shape[1]), solution.update.rank))
+        if on_site is not None:
+            on_site(name)
+    return results

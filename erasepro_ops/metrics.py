@@ -1,0 +1,81 @@
+"""The metrics of DESIGN §7, one definition shared by tests, benchmark and report.
+
+Site-level figures aggregate over sites as root-sum-of-squares ratios, e.g. the train residual
+over deep sites ``s`` is ``sqrt(Σ_s ‖W'_s X − V*_s‖²) / sqrt(Σ_s ‖W_o,s X − V*_s‖²)``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+
+def _f64(t: torch.Tensor, device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.float64)
+
+
+def residual_terms(weight: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """``(‖(W_o + ΔW) X − V*‖², ‖W_o X − V*‖²)`` in float64."""
+    dev = delta.device
+    w, d, x, v = _f64(weight, dev), _f64(delta, dev), _f64(x, dev), _f64(target, dev)
+    before = w @ x - v
+    after = before + d @ x
+    return float((after * after).sum()), float((before * before).sum())
+
+
+def ratio(terms: Iterable[tuple[float, float]]) -> float:
+    """``sqrt(Σ numerator / Σ denominator)``; 0 when the denominator is 0."""
+    num = den = 0.0
+    for a, b in terms:
+        num += a
+        den += b
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def alignment_residual(
+    weights: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], x: torch.Tensor, targets: Sequence[torch.Tensor]
+) -> float:
+    """Train (or held-out) residual: ``‖W'X − V*‖_F / ‖W_o X − V*‖_F`` over the given sites.
+
+    0 is complete alignment, 1 is untouched.
+    """
+    return ratio(residual_terms(w, d, x, v) for w, d, v in zip(weights, deltas, targets))
+
+
+def preservation_drift(weights: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], k: torch.Tensor) -> float:
+    """``‖W'K − W_o K‖_F / ‖W_o K‖_F`` over the given sites, for preserve or unrelated features ``K``."""
+    terms = []
+    for w, d in zip(weights, deltas):
+        dev = d.device
+        kk = _f64(k, dev)
+        change = _f64(d, dev) @ kk
+        base = _f64(w, dev) @ kk
+        terms.append((float((change * change).sum()), float((base * base).sum())))
+    return ratio(terms)
+
+
+def relative_change(weight: torch.Tensor, delta_norm: float) -> float:
+    """Per-site ``‖ΔW‖_F / ‖W_o‖_F``."""
+    base = float(weight.to(torch.float64).norm())
+    return delta_norm / base if base > 0 else 0.0
+
+
+def deep_burden(weight_norms: Sequence[float], delta_norms: Sequence[float]) -> float:
+    """``Σ_deep ‖ΔW‖_F / Σ_deep ‖W_o‖_F``."""
+    total = sum(weight_norms)
+    return sum(delta_norms) / total if total > 0 else 0.0
+
+
+def eps_erasure(eps_edited_target: torch.Tensor, eps_anchor: torch.Tensor, eps_target: torch.Tensor) -> float:
+    """``‖ε'(target) − ε(anchor)‖ / ‖ε(target) − ε(anchor)‖`` (0: the target denoises like the anchor)."""
+    a = eps_anchor.to(torch.float64)
+    gap = float((eps_target.to(torch.float64) - a).norm())
+    return float((eps_edited_target.to(torch.float64) - a).norm()) / gap if gap > 0 else 0.0
+
+
+def eps_preservation(eps_edited: torch.Tensor, eps_original: torch.Tensor) -> float:
+    """``‖ε'(p) − ε(p)‖ / ‖ε(p)‖`` for unrelated prompts."""
+    base = eps_original.to(torch.float64)
+    norm = float(base.norm())
+    return float((eps_edited.to(torch.float64) - base).norm()) / norm if norm > 0 else 0.0
