@@ -1,0 +1,50 @@
+"""The result of a solve: per-site exact low-rank updates plus what the report needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SiteEdit:
+    """``ΔW = up @ down`` for the weight ``key`` of the MODEL (``part="model"``) or CLIP (``"clip"``).
+
+    ``key`` is the weight's key on ComfyUI's ModelPatcher, e.g.
+    ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`` or
+    ``clip_l.transformer.text_model.encoder.layers.0.mlp.fc2.weight``.
+    """
+
+    key: str
+    part: str  # "model" | "clip"
+    stage: str  # "shallow" | "deep"
+    up: torch.Tensor  # out × r, float32, CPU
+    down: torch.Tensor  # r × in, float32, CPU
+    relative_change: float  # ‖ΔW‖_F / ‖W_o‖_F
+    residual: float  # this site's ‖W'X − V*‖ / ‖W_o X − V*‖ on the solve's columns
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.up.shape[0]), int(self.down.shape[1]))
+
+    def delta(self, dtype=torch.float32) -> torch.Tensor:
+        """The dense update, multiplied in float64 then cast."""
+        return (self.up.to(torch.float64) @ self.down.to(torch.float64)).to(dtype)
+
+
+@dataclass(frozen=True)
+class ErasureEdit:
+    """An ERASEPRO_EDIT: every site's update, the settings that made it and its measured figures."""
+
+    sites: tuple[SiteEdit, ...]
+    settings: dict = field(default_factory=dict)  # concepts, method, progressive_layers, rule, preserve, version
+    summary: dict = field(default_factory=dict)  # metrics (DESIGN §7), timings, ranks
+    fingerprint: str = ""  # hash of the edited sites' original weights
+
+    def part(self, part: str) -> tuple[SiteEdit, ...]:
+        return tuple(s for s in self.sites if s.part == part)

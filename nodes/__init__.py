@@ -1,0 +1,17 @@
+"""ComfyUI node classes of the pack (thin adapters over erasepro_ops)."""
+
+from .apply import ApplyErasedUNet
+from .concept_pair import ConceptPairNode
+from .solver import ProgressiveSolver
+
+NODE_CLASS_MAPPINGS = {
+    "ErasePro_ConceptPair": ConceptPairNode,
+    "ErasePro_ProgressiveSolver": ProgressiveSolver,
+    "ErasePro_ApplyErasedUNet": ApplyErasedUNet,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ErasePro_ConceptPair": "ErasePro Concept Pair",
+    "ErasePro_ProgressiveSolver": "ErasePro Progressive Solver",
+    "ErasePro_ApplyErasedUNet": "Apply Erased UNet",
+}

@@ -1,0 +1,258 @@
+"""The whole solve on ComfyUI objects: tokenise, align, shallow chain, deep sites, report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+import comfy.model_management
+
+from erasepro_ops import __version__
+from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
+from erasepro_ops.concepts import ConceptPair, align_chunks, expand, token_chunks
+from erasepro_ops.edit import ErasureEdit, SiteEdit
+from erasepro_ops.linalg import DEFAULT_RTOL
+from erasepro_ops.metrics import deep_burden, ratio
+
+from .host import (
+    POOLED_SITE,
+    ClipLayerBlock,
+    EraseProError,
+    detect,
+    effective_weights,
+    encode_batch,
+    fingerprint,
+    log,
+    solve_device,
+)
+
+CONTEXT = 77
+
+
+@dataclass(frozen=True)
+class Request:
+    concepts: tuple[ConceptPair, ...]
+    progressive_layers: int = 3
+    method: str = "erasepro"
+    rule: str = "residual_schedule"
+    preserve: tuple[str, ...] = ()
+    preserve_strength: float = 1.0
+    rtol: float = DEFAULT_RTOL
+
+
+def _chunks(clip, text: str, token_key: str) -> list[list[int]]:
+    return token_chunks(clip.tokenize(text), token_key)
+
+
+def _align_all(clip, arch, concepts):
+    """Per template: the alignment (shared by all encoders) and each encoder's chunk ids."""
+    alignments, target_ids, anchor_ids = [], [[] for _ in arch.encoders], [[] for _ in arch.encoders]
+    for pair in concepts:
+        for t_prompt, a_prompt in expand(pair):
+            found = None
+            for i, enc in enumerate(arch.encoders):
+                t_chunks = _chunks(clip, t_prompt, enc.token_key)
+                a_chunks = _chunks(clip, a_prompt, enc.token_key)
+                try:
+                    al = align_chunks(t_chunks, a_chunks, enc.special, anchor_empty=not pair.anchor,
+                                      target_prompt=t_prompt, anchor_prompt=a_prompt)
+                except ValueError as e:
+                    raise EraseProError(f"concept {pair.target!r} → {pair.anchor!r}: {e}") from e
+                if found is None:
+                    found = al
+                elif (al.keep, al.move, al.partner) != (found.keep, found.move, found.partner):
+                    raise EraseProError(f"the text encoders tokenise {t_prompt!r} differently; cannot align it")
+                target_ids[i].append(t_chunks[al.target_chunk])
+                anchor_ids[i].append(a_chunks[al.anchor_chunk])
+            alignments.append(found)
+    return alignments, target_ids, anchor_ids
+
+
+def _preserve_ids(clip, arch, prompts):
+    ids = [[] for _ in arch.encoders]
+    for text in prompts:
+        for i, enc in enumerate(arch.encoders):
+            ids[i].append(_chunks(clip, text, enc.token_key)[0])
+    return ids
+
+
+def _site_edit(key, part, stage, result, device="cpu") -> SiteEdit:
+    update = result.solution.update
+    return SiteEdit(key, part, stage, update.up.to(device, torch.float32), update.down.to(device, torch.float32),
+                    result.relative_change, result.solution.residual)
+
+
+def _short_name(key: str) -> str:
+    """A compact site label for charts: ``clip_l.3.fc2``, ``in.4.1.k``, ``mid.1.v``, ``pooled``."""
+    if key == POOLED_SITE:
+        return "pooled"
+    if ".mlp.fc2" in key:
+        enc, rest = key.split(".", 1)
+        return f"{enc}.{rest.split('.layers.')[1].split('.')[0]}.fc2"
+    parts = key.replace("diffusion_model.", "").split(".")
+    head = {"input_blocks": "in", "middle_block": "mid", "output_blocks": "out"}.get(parts[0], parts[0])
+    nums = [p for p in parts[1:] if p.isdigit()]
+    return f"{head}.{'.'.join(nums)}.{parts[-2][-1]}"
+
+
+def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | None = None) -> ErasureEdit:
+    """Solve the edit for ``request`` on the effective weights of ``model`` and ``clip``."""
+    if not request.concepts:
+        raise EraseProError("no concepts: connect an ErasePro Concept Pair")
+    if request.progressive_layers < 0:
+        raise EraseProError("progressive_layers must be 0 or more")
+    arch = detect(model, clip)
+    start = time.perf_counter()
+    device = solve_device()
+    settings = SolverSettings(method=request.method, device=str(device), rtol=request.rtol)
+
+    alignments, target_ids, anchor_ids = _align_all(clip, arch, request.concepts)
+    columns = Columns.from_alignments(alignments, CONTEXT)
+    preserve_ids = _preserve_ids(clip, arch, request.preserve) if request.preserve else None
+
+    # Original model: anchor and target features, first-layer inputs for the cached chain.
+    y_cond, y_pooled, anchor_in = encode_batch(clip, arch.encoders, anchor_ids, capture=True)
+    _, _, target_in = encode_batch(clip, arch.encoders, target_ids, capture=True)
+    k_cond = None
+    preserve_in = None
+    if preserve_ids is not None:
+        k_cond, _, preserve_in = encode_batch(clip, arch.encoders, preserve_ids, capture=True)
+
+    # Shallow sites, per text encoder, shallow to deep.
+    clip_edits: list[SiteEdit] = []
+    clip_weights: dict[str, torch.Tensor] = {}
+    shallow_results = []
+    for i, enc in enumerate(arch.encoders):
+        depth = enc.shallow_depth(request.progressive_layers)
+        if depth == 0:
+            continue
+        keys = [enc.fc2_key(l) for l in range(depth)]
+        weights = effective_weights(clip.patcher, keys)
+        clip_weights.update(weights)
+        bias = effective_weights(clip.patcher, [k.replace(".weight", ".bias") for k in keys])
+        h_t, mask, attention = target_in[i]
+        h_a = anchor_in[i][0]
+        h_p = preserve_in[i][0] if preserve_in is not None else None
+        blocks = [ClipLayerBlock(keys[l], enc.layers[l], weights[keys[l]].to(h_t.device),
+                                 bias[keys[l].replace(".weight", ".bias")].to(h_t.device), mask, attention)
+                  for l in range(depth)]
+        clip.load_model()
+        results = progressive_shallow(blocks, h_t, h_a, columns, settings, rule=request.rule, h_preserve=h_p if request.preserve_strength > 0 else None,
+                                      on_site=on_site)
+        shallow_results += results
+        clip_edits += [_site_edit(r.name, "clip", "shallow", r) for r in results]
+
+    # Deep sites read the encoder output for the targets with the shallow edits applied.
+    if clip_edits:
+        patched = clip.clone()
+        patched.add_patches({e.key: (e.delta(),) for e in clip_edits}, 1.0)
+        x_cond, x_pooled, _ = encode_batch(patched, arch.encoders, target_ids)
+        clip.load_model()
+    else:
+        x_cond, x_pooled, _ = encode_batch(clip, arch.encoders, target_ids)
+
+    deep_weights = effective_weights(model, arch.deep_keys)
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+    x, y = inputs_with_partners(x_cond, y_cond, columns)
+    preserve = flat(k_cond).T if k_cond is not None and request.preserve_strength > 0 else None
+    deep_settings = settings
+    if preserve is not None and request.method == "erasepro":
+        scale = float((preserve.double() ** 2).sum()) / preserve.shape[1] / preserve.shape[0]
+        deep_settings = SolverSettings(method="erasepro", device=str(device), rtol=request.rtol, lam=1.0,
+                                       alpha=request.preserve_strength / max(scale, 1e-12))
+    deep_results = _solve_with_fallback(deep_weights, x, y, columns.groups, deep_settings, preserve, on_site)
+    model_edits = [_site_edit(r.name, "model", "deep", r) for r in deep_results]
+    model_weights = dict(deep_weights)
+
+    if arch.pooled_width:
+        full = effective_weights(model, [POOLED_SITE])[POOLED_SITE]
+        w_pooled = full[:, : arch.pooled_width]
+        groups = torch.zeros(x_pooled.shape[0], dtype=torch.long)
+        pooled_results = _solve_with_fallback({POOLED_SITE: w_pooled}, x_pooled.T, y_pooled.T, groups,
+                                              settings, None, on_site)
+        r = pooled_results[0]
+        up, down = r.solution.update.up, r.solution.update.down
+        padded = torch.zeros(down.shape[0], full.shape[1], dtype=down.dtype, device=down.device)
+        padded[:, : arch.pooled_width] = down
+        model_edits.append(SiteEdit(POOLED_SITE, "model", "deep", up.float().cpu(), padded.float().cpu(),
+                                    r.relative_change, r.solution.residual))
+        deep_results = deep_results + pooled_results
+        model_weights[POOLED_SITE] = full
+
+    seconds = time.perf_counter() - start
+    kv_results = [r for r in deep_results if r.name != POOLED_SITE]
+    train = ratio((r.solution.residual_sq, r.solution.initial_sq) for r in kv_results)
+    burden = deep_burden([r.weight_norm for r in kv_results], [r.solution.update.norm() for r in kv_results])
+    summary = {
+        "method": request.method,
+        "progressive_layers": request.progressive_layers,
+        "rule": request.rule,
+        "family": arch.family,
+        "concepts": [f"{p.target} → {p.anchor or '(nothing)'}" for p in request.concepts],
+        "sites": [{"name": _short_name(r.name), "key": r.name, "stage": r.stage,
+                   "relative_change": r.relative_change, "residual": r.solution.residual}
+                  for r in shallow_results + deep_results],
+        "train_residual": train,
+        "pooled_residual": next((r.solution.residual for r in deep_results if r.name == POOLED_SITE), None),
+        "deep_burden": burden,
+        "solve_seconds": seconds,
+        "constraints": len(columns),
+        "templates": len(alignments),
+        "rank_budget": int(x.shape[0]),
+        "deep_rank": max((r.rank for r in kv_results), default=0),
+        "warnings": [],
+    }
+    if train > 1e-3 and request.method == "erasepro":
+        summary["warnings"].append(
+            f"constraints exceed the deep sites' rank budget ({summary['deep_rank']} of {x.shape[0]}): "
+            f"least-squares residual {train:.2e}; erase fewer concepts per solve for exact alignment")
+    settings_record = {
+        "concepts": [{"target": p.target, "anchor": p.anchor, "concept_type": p.concept_type, "prompts": list(p.prompts)}
+                     for p in request.concepts],
+        "method": request.method, "progressive_layers": request.progressive_layers, "rule": request.rule,
+        "preserve": list(request.preserve), "preserve_strength": request.preserve_strength,
+        "family": arch.family, "version": __version__,
+    }
+    return ErasureEdit(tuple(clip_edits + model_edits), settings_record, summary,
+                       fingerprint({**clip_weights, **model_weights}))
+
+
+def _solve_with_fallback(weights, x, y, groups, settings: SolverSettings, preserve, on_site):
+    """Solve on the compute device; on GPU out-of-memory, warn and solve on the CPU."""
+    try:
+        return solve_deep(weights, x, y, groups, settings, preserve=preserve, on_site=on_site)
+    except torch.OutOfMemoryError:
+        log.warning("ErasePro: out of GPU memory during the solve; falling back to the CPU")
+        comfy.model_management.soft_empty_cache()
+        cpu = SolverSettings(**{**settings.__dict__, "device": "cpu"})
+        return solve_deep(weights, x, y, groups, cpu, preserve=preserve, on_site=on_site)
+
+
+def apply_edit(model, clip, edit: ErasureEdit, strength: float):
+    """Clones of ``model`` and ``clip`` with the edit as ``"diff"`` patches scaled by ``strength``."""
+    new_model = model.clone()
+    new_clip = clip.clone() if clip is not None else None
+    if strength == 0:
+        return new_model, new_clip
+    _check_shapes(new_model, edit.part("model"), "MODEL")
+    new_model.add_patches({s.key: (s.delta(),) for s in edit.part("model")}, strength)
+    if edit.part("clip"):
+        if new_clip is None:
+            raise EraseProError("this edit also changes the text encoder (progressive_layers > 0): "
+                                "connect the CLIP to Apply Erased UNet and use its CLIP output")
+        _check_shapes(new_clip.patcher, edit.part("clip"), "CLIP")
+        new_clip.add_patches({s.key: (s.delta(),) for s in edit.part("clip")}, strength)
+    return new_model, new_clip
+
+
+def _check_shapes(patcher, sites: Sequence[SiteEdit], what: str):
+    state = patcher.model_state_dict()
+    for s in sites:
+        if s.key not in state:
+            raise EraseProError(f"this edit was made for another model: the {what} has no weight {s.key}")
+        if tuple(state[s.key].shape) != s.shape:
+            raise EraseProError(f"this edit was made for another model: {s.key} is {tuple(state[s.key].shape)} "
+                                f"in the {what}, the edit expects {s.shape}")

@@ -1,0 +1,61 @@
+"""ErasePro Progressive Solver: the closed-form erasure, with a report chart and summary."""
+
+import comfy.model_management
+import comfy.utils
+
+from erasepro_ops.chain import METHODS, SHALLOW_RULES
+from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
+
+from .erase import Request, run_erasure
+from .host import EraseProError, detect
+
+
+def preserve_lines(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+
+
+class ProgressiveSolver:
+    DESCRIPTION = ("Erases the concepts in closed form: aligns the target's features with the anchor's exactly "
+                   "(zero residual), spreading the change from shallow text-encoder layers to the UNet's "
+                   "cross-attention so the deep layers move least. Takes seconds on a GPU.")
+    CATEGORY = "ErasePro"
+    RETURN_TYPES = ("ERASEPRO_EDIT", "IMAGE", "STRING")
+    RETURN_NAMES = ("edit", "report", "summary")
+    OUTPUT_TOOLTIPS = ("The edit; connect to Apply Erased UNet.",
+                       "A chart of the per-layer change and the residual.",
+                       "The figures as text: residual, deep burden, time.")
+    FUNCTION = "solve"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x or SDXL). LoRAs already applied count."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint."}),
+                "concepts": ("ERASEPRO_CONCEPTS", {"tooltip": "From ErasePro Concept Pair (chain several for many concepts)."}),
+                "progressive_layers": ("INT", {"default": 3, "min": 0, "max": 12, "tooltip": "How many shallow text-encoder blocks (of 12; scaled for deeper encoders) take part of the change. 0 = edit the UNet only."}),
+                "method": (list(METHODS), {"default": "erasepro", "tooltip": "erasepro: exact (zero-residual) alignment. uce: the UCE baseline, for comparison."}),
+            },
+            "optional": {
+                "preserve": ("STRING", {"multiline": True, "default": "", "tooltip": "Prompts that must keep working, one per line (they are weighted to stay still)."}),
+                "shallow_rule": (list(SHALLOW_RULES), {"default": "residual_schedule", "tooltip": "How shallow blocks move: residual_schedule closes the gap to the anchor step by step; anchor_features is the published rule."}),
+                "preserve_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "How strongly the preserve prompts are kept still (0 = ignore them)."}),
+            },
+        }
+
+    def solve(self, model, clip, concepts, progressive_layers, method, preserve="", shallow_rule="residual_schedule",
+              preserve_strength=1.0):
+        arch = detect(model, clip)
+        total = sum(e.shallow_depth(progressive_layers) for e in arch.encoders) + len(arch.deep_keys) + (1 if arch.pooled_width else 0)
+        bar = comfy.utils.ProgressBar(total)
+
+        def step(_name):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update(1)
+
+        request = Request(tuple(concepts or ()), int(progressive_layers), method, shallow_rule,
+                          preserve_lines(preserve), float(preserve_strength))
+        edit = run_erasure(model, clip, request, on_site=step)
+        report = {k: v for k, v in edit.summary.items()}
+        image = report_to_image_tensor(draw_report(report))
+        return {"ui": {"erasepro_report": [report]}, "result": (edit, image, summary_text(report))}
