@@ -127,6 +127,24 @@ def verify(path: Path, steps: int = 1, size: int = 64) -> dict:
             "image_std": float(img.float().std())}
 
 
+def default_out(full_unet: bool = False) -> Path:
+    return (host.comfy_dir() / "models" / "checkpoints" /
+            ("erasepro_full_sd15.safetensors" if full_unet else host.TINY_CHECKPOINT_NAME))
+
+
+def ensure_checkpoint(out: Path | None = None, seed: int = 0, full_unet: bool = False, dtype: str = "fp32",
+                      force: bool = False, verify_after: bool = False) -> Path:
+    """Library entry point: the checkpoint path, written only when missing or different."""
+    out = Path(out or default_out(full_unet)).resolve()
+    meta = wanted_metadata(seed, full_unet, dtype)
+    have = existing_metadata(out) if out.exists() else None
+    if force or have is None or any(have.get(k) != v for k, v in meta.items()):
+        build_and_save(out, seed, full_unet, dtype, meta)
+        if verify_after:
+            verify(out)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None,
@@ -142,9 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", action="store_true", help="check an up-to-date file too")
     args = ap.parse_args(argv)
     dtype = args.dtype or "fp32"
-    out = args.out or (host.comfy_dir() / "models" / "checkpoints" /
-                       ("erasepro_full_sd15.safetensors" if args.full_unet else host.TINY_CHECKPOINT_NAME))
-    out = out.resolve()
+    out = (args.out or default_out(args.full_unet)).resolve()
     meta = wanted_metadata(args.seed, args.full_unet, dtype)
 
     have = existing_metadata(out) if out.exists() else None

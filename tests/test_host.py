@@ -1,0 +1,256 @@
+"""The test host itself: ComfyUI's loader, in-process models, the live server, ui_to_api."""
+from __future__ import annotations
+
+import copy
+import struct
+
+import pytest
+import torch
+
+import comfy_host
+import comfy_server
+
+REPO = comfy_host.REPO
+PACK_INIT = REPO / "__init__.py"
+
+
+# ------------------------------------------------------------------ (a) the checkpoint file
+def test_tiny_checkpoint_loads_as_sd15_and_samples(tiny_checkpoint):
+    import make_checkpoint
+    assert tiny_checkpoint.is_file()
+    meta = make_checkpoint.existing_metadata(tiny_checkpoint)
+    assert meta["erasepro.family"] == "sd15" and meta["erasepro.unet"] == "tiny"
+    r = make_checkpoint.verify(tiny_checkpoint)  # raises on missing keys / wrong family / NaN
+    assert r["config"] == "SD15"
+    assert r["model_type"] == "EPS"
+    assert r["image_shape"] == (1, 64, 64, 3)
+
+
+# ------------------------------------------------------------------ (b) in-process models
+EXPECT = {
+    # kind: (cond width, pooled width, encoders, ComfyUI clip class)
+    "sd15": (768, 768, ("clip_l",), "SD1ClipModel"),
+    "sd2": (1024, 1024, ("clip_h",), "SD2ClipModel"),
+    "sdxl": (2048, 1280, ("clip_l", "clip_g"), "SDXLClipModel"),
+}
+
+
+@pytest.fixture(scope="module", params=list(EXPECT))
+def built(request, host):
+    model, clip = host.build(request.param, "tiny", seed=0)
+    return request.param, model, clip
+
+
+def test_tiny_models_are_real_comfy_objects(built, host):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    kind, model, clip = built
+    assert isinstance(model, comfy.model_patcher.ModelPatcher)
+    assert isinstance(clip, comfy.sd.CLIP)
+    assert host.family(model) == kind
+    cfg_cls = {"sd15": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
+               "sdxl": comfy.supported_models.SDXL}[kind]
+    assert isinstance(model.model.model_config, cfg_cls)
+    assert isinstance(model.model, comfy.model_base.SDXL) == (kind == "sdxl")
+    assert type(clip.cond_stage_model).__name__ == EXPECT[kind][3]
+    for enc in EXPECT[kind][2]:
+        assert getattr(clip.cond_stage_model, enc).num_layers == comfy_host.TINY_CLIP_LAYERS
+
+    mkeys = model.model_state_dict()
+    ckeys = clip.patcher.model_state_dict()
+    ctx = EXPECT[kind][0]
+    tok = [k for k in mkeys if k.endswith("attn2.to_k.weight")]
+    assert tok and all(mkeys[k].shape[1] == ctx for k in tok)
+    for enc in EXPECT[kind][2]:
+        assert f"{enc}.transformer.text_model.encoder.layers.0.mlp.fc2.weight" in ckeys
+    if kind == "sdxl":
+        assert mkeys["diffusion_model.label_emb.0.0.weight"].shape[1] == 2816
+
+
+def test_tiny_models_encode_and_run(built, host):
+    kind, model, clip = built
+    width, pooled_w, _, _ = EXPECT[kind]
+    with torch.no_grad():
+        cond, pooled = host.encode(clip, "a photo of a cat")
+    assert cond.shape == (1, 77, width)
+    assert pooled.shape == (1, pooled_w)
+    assert torch.isfinite(cond).all() and torch.isfinite(pooled).all()
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = host.unet_eps(model, cond, pooled, x, torch.tensor([100, 700]))
+    assert eps.shape == x.shape and torch.isfinite(eps).all() and eps.std() > 0
+    # the prompt reaches the UNet through cross-attention
+    cond2, pooled2 = host.encode(clip, "an oil painting of a castle")
+    eps2 = host.unet_eps(model, cond2, pooled2, x, torch.tensor([100, 700]))
+    assert not torch.allclose(eps, eps2)
+
+    with torch.inference_mode():
+        lat = host.ksample(model, host.conditioning(clip, "a cat"), host.conditioning(clip, ""),
+                           host.empty_latent(64, 64), seed=3, steps=1)
+    assert lat["samples"].shape == (1, 4, 8, 8) and torch.isfinite(lat["samples"]).all()
+
+
+def test_tiny_build_is_deterministic(host):
+    a, _ = host.build("sd15", "tiny", seed=5)
+    b, _ = host.build("sd15", "tiny", seed=5)
+    k = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
+    wa, wb = a.model_state_dict()[k], b.model_state_dict()[k]
+    assert torch.equal(wa, wb) and 0.015 < float(wa.std()) < 0.025
+
+
+def test_tokenizer_special_ids(host):
+    _, clip = host.build("sdxl", "tiny", seed=0)
+    toks = clip.tokenize("a cat")
+    assert [t for t, _ in toks["l"][0][:1]] == [49406]
+    assert toks["l"][0][-1][0] == 49407  # clip_l pads with the end token
+    assert toks["g"][0][-1][0] == 0      # clip_g (and clip_h) pad with 0
+
+
+def test_load_pack_does_not_shadow_comfy_nodes(host):
+    nodes = host.comfy_nodes()
+    assert hasattr(nodes, "NODE_CLASS_MAPPINGS") and "KSampler" in nodes.NODE_CLASS_MAPPINGS
+    if not PACK_INIT.exists():
+        return  # the pack's __init__.py is not written yet: nothing more to check
+    pack = host.load_pack()
+    assert pack.__name__ == comfy_host.PACK_MODULE
+    assert isinstance(pack.NODE_CLASS_MAPPINGS, dict)
+    import sys
+    assert sys.modules["nodes"] is nodes  # ComfyUI's nodes.py is still the top-level `nodes`
+
+
+# ------------------------------------------------------------------ (c) the live server
+def test_server_starts_with_pack_linked(comfy_server_handle, object_info, comfy_path):
+    link = comfy_path / "custom_nodes" / "ComfyUI-ErasePro"
+    assert link.is_symlink() and link.resolve() == REPO.resolve()
+    assert "KSampler" in object_info and "CheckpointLoaderSimple" in object_info
+    ckpts = object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert comfy_host.TINY_CHECKPOINT_NAME in ckpts
+    log = comfy_server_handle.log_text()
+    # Only meaningful once the pack has an entry point; before that ComfyUI reports it as failed.
+    if PACK_INIT.exists():
+        bad = [l for l in log.splitlines() if "IMPORT FAILED" in l and "ComfyUI-ErasePro" in l]
+        assert not bad, "ComfyUI could not import the pack:\n" + log[-6000:]
+        pack = comfy_host.load_pack()
+        missing = [k for k in pack.NODE_CLASS_MAPPINGS if k not in object_info]
+        assert not missing, f"pack nodes missing from /object_info: {missing}"
+
+
+def _ui_workflow(ckpt: str) -> dict:
+    """Hand-made UI-format workflow (what the browser saves)."""
+    def node(i, t, inputs=(), outputs=(), widgets=None, title=None, mode=0):
+        n = {"id": i, "type": t, "pos": [0, 0], "size": [300, 100], "flags": {}, "order": i, "mode": mode,
+             "inputs": [dict(x) for x in inputs], "outputs": [dict(x) for x in outputs], "properties": {}}
+        if widgets is not None:
+            n["widgets_values"] = widgets
+        if title:
+            n["title"] = title
+        return n
+    nodes = [
+        node(4, "CheckpointLoaderSimple", outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]},
+                                                   {"name": "CLIP", "type": "CLIP", "links": [3, 5]},
+                                                   {"name": "VAE", "type": "VAE", "links": [8]}], widgets=[ckpt]),
+        node(6, "CLIPTextEncode", inputs=[{"name": "clip", "type": "CLIP", "link": 3}],
+             outputs=[{"name": "CONDITIONING", "type": "CONDITIONING", "links": [4]}],
+             widgets=["a photo of a cat"], title="Positive"),
+        node(7, "CLIPTextEncode", inputs=[{"name": "clip", "type": "CLIP", "link": 5}],
+             outputs=[{"name": "CONDITIONING", "type": "CONDITIONING", "links": [6]}], widgets=["blurry"]),
+        node(5, "EmptyLatentImage", outputs=[{"name": "LATENT", "type": "LATENT", "links": [2]}], widgets=[64, 64, 1]),
+        node(3, "KSampler", inputs=[{"name": "model", "type": "MODEL", "link": 1},
+                                    {"name": "positive", "type": "CONDITIONING", "link": 4},
+                                    {"name": "negative", "type": "CONDITIONING", "link": 6},
+                                    {"name": "latent_image", "type": "LATENT", "link": 2}],
+             outputs=[{"name": "LATENT", "type": "LATENT", "links": [7]}],
+             # seed, control_after_generate, steps, cfg, sampler_name, scheduler, denoise
+             widgets=[1234, "fixed", 2, 6.5, "euler", "karras", 1.0]),
+        node(8, "VAEDecode", inputs=[{"name": "samples", "type": "LATENT", "link": 7},
+                                     {"name": "vae", "type": "VAE", "link": 8}],
+             outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [9]}]),
+        node(9, "SaveImage", inputs=[{"name": "images", "type": "IMAGE", "link": 9}], widgets=["erasepro_host_test"]),
+        node(10, "Note", widgets=["random weights: the image is noise"]),
+    ]
+    links = [[1, 4, 0, 3, 0, "MODEL"], [2, 5, 0, 3, 3, "LATENT"], [3, 4, 1, 6, 0, "CLIP"], [4, 6, 0, 3, 1, "CONDITIONING"],
+             [5, 4, 1, 7, 0, "CLIP"], [6, 7, 0, 3, 2, "CONDITIONING"], [7, 3, 0, 8, 0, "LATENT"], [8, 4, 2, 8, 1, "VAE"],
+             [9, 8, 0, 9, 0, "IMAGE"]]
+    return {"last_node_id": 10, "last_link_id": 9, "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {}, "version": 0.4}
+
+
+EXPECTED_API = {
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_host.TINY_CHECKPOINT_NAME}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["4", 1]},
+          "_meta": {"title": "Positive"}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    "3": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": 1234, "steps": 2, "cfg": 6.5,
+                                                 "sampler_name": "euler", "scheduler": "karras",
+                                                 "positive": ["6", 0], "negative": ["7", 0],
+                                                 "latent_image": ["5", 0], "denoise": 1.0}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "erasepro_host_test", "images": ["8", 0]}},
+}
+
+
+def test_ui_to_api_maps_widgets(object_info):
+    api = comfy_server.ui_to_api(_ui_workflow(comfy_host.TINY_CHECKPOINT_NAME), object_info)
+    assert api == EXPECTED_API
+    assert list(api["3"]["inputs"]) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler",
+                                        "positive", "negative", "latent_image", "denoise"]
+    assert comfy_server.ui_to_api(api, object_info) is api  # API format passes through
+
+
+def test_ui_to_api_reroute_primitive_bypass(object_info):
+    wf = _ui_workflow(comfy_host.TINY_CHECKPOINT_NAME)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    # VAE goes through a Reroute; the seed widget is converted to an input fed by a PrimitiveNode;
+    # a bypassed LatentUpscaleBy sits between EmptyLatentImage and KSampler.
+    wf["nodes"].append({"id": 11, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 10}],
+                        "outputs": [{"name": "", "type": "VAE", "links": [11]}]})
+    wf["links"] = [l for l in wf["links"] if l[0] != 8] + [[10, 4, 2, 11, 0, "VAE"], [11, 11, 0, 8, 1, "VAE"]]
+    nodes[8]["inputs"][1]["link"] = 11
+    wf["nodes"].append({"id": 12, "type": "PrimitiveNode", "mode": 0, "inputs": [],
+                        "outputs": [{"name": "INT", "type": "INT", "links": [12], "widget": {"name": "seed"}}],
+                        "widgets_values": [777, "fixed"]})
+    nodes[3]["inputs"].append({"name": "seed", "type": "INT", "link": 12, "widget": {"name": "seed"}})
+    wf["links"].append([12, 12, 0, 3, 4, "INT"])
+    wf["nodes"].append({"id": 13, "type": "LatentUpscaleBy", "mode": 4,
+                        "inputs": [{"name": "samples", "type": "LATENT", "link": 13}],
+                        "outputs": [{"name": "LATENT", "type": "LATENT", "links": [14]}],
+                        "widgets_values": ["nearest-exact", 1.5]})
+    wf["links"] = [l for l in wf["links"] if l[0] != 2] + [[13, 5, 0, 13, 0, "LATENT"], [14, 13, 0, 3, 3, "LATENT"]]
+    nodes[3]["inputs"][3]["link"] = 14
+    api = comfy_server.ui_to_api(wf, object_info)
+    exp = copy.deepcopy(EXPECTED_API)
+    exp["3"]["inputs"]["seed"] = 777
+    assert api == exp
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_ui_workflow_runs_through_prompt_and_history(comfy_server_handle, object_info):
+    api = comfy_server.ui_to_api(_ui_workflow(comfy_host.TINY_CHECKPOINT_NAME), object_info)
+    hist = comfy_server.run_workflow(comfy_server_handle.base_url, api, timeout=300)
+    assert hist["status"]["status_str"] == "success"
+    files = comfy_server.output_files(hist, comfy_server_handle.output_dir)
+    assert len(files) == 1 and files[0].is_file()
+    assert _png_size(files[0]) == (64, 64)
+
+
+def test_run_workflow_reports_node_errors(comfy_server_handle):
+    bad = copy.deepcopy(EXPECTED_API)
+    bad["3"]["inputs"]["sampler_name"] = "no_such_sampler"
+    with pytest.raises(comfy_server.WorkflowError, match="sampler_name"):
+        comfy_server.run_workflow(comfy_server_handle.base_url, bad)
+
+
+def test_server_is_loopback_only():
+    with pytest.raises(ValueError):
+        comfy_server.ComfyServer(host="0.0.0.0")
+    with pytest.raises(ValueError):
+        comfy_server.http_json("http://example.com:80", "/object_info")
