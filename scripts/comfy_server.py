@@ -84,6 +84,12 @@ def _supported_flags(cdir: Path) -> set[str]:
     return set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', text))
 
 
+def _default_sigint():
+    # A child of a background job inherits SIGINT=ignored; give ComfyUI its Ctrl-C back so
+    # SIGINT stops it cleanly (Python turns SIG_DFL into KeyboardInterrupt at startup).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _want_cpu() -> bool:
     env = os.environ.get("ERASEPRO_CPU")
     if env is not None:
@@ -159,7 +165,7 @@ class ComfyServer:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), cwd=str(self.comfy), stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_default_sigint)
         atexit.register(self.stop)
         try:
             wait_ready(self.base_url, timeout=timeout, proc=self.proc, log_path=self.log_path)
@@ -479,12 +485,24 @@ def main(argv=None) -> int:
         Path(a.output_directory).mkdir(parents=True, exist_ok=True)
         print(f"[comfy_server] ComfyUI {srv.comfy} on {srv.base_url}  (Ctrl-C stops)", flush=True)
         print("[comfy_server] " + " ".join(cmd), flush=True)
-        p = subprocess.Popen(cmd, cwd=str(srv.comfy))
+        p = subprocess.Popen(cmd, cwd=str(srv.comfy), preexec_fn=_default_sigint)
+
+        def forward(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGHUP, forward)
+        signal.signal(signal.SIGINT, forward)
         try:
             return p.wait()
         except KeyboardInterrupt:
-            p.send_signal(signal.SIGINT)
-            return p.wait()
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+            try:
+                return p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                return p.wait()
 
     wf = json.loads(Path(a.workflow).read_text())
     with ComfyServer(port=a.port, output_dir=a.output_directory) as srv:
