@@ -31,7 +31,7 @@ else
   OWN_COMFY=1
 fi
 LINK="$COMFY/custom_nodes/ComfyUI-ErasePro"
-STAMP="$VENV/.erasepro-bootstrap"
+STAMP="$CACHE/bootstrap.stamp"
 
 FORCE=0; CHECK=0
 for a in "$@"; do
@@ -48,7 +48,7 @@ log() { echo "[bootstrap] $*"; }
 # A fingerprint of everything that decides what gets installed.
 fingerprint() {
   {
-    echo "comfy=$COMFY"
+    echo "comfy=$COMFY venv=$VENV"
     echo "$TORCH_PIN $TV_PIN horde=$HORDE_VERSION"
     cat "$REPO/requirements.txt" "$REPO/requirements-dev.txt" 2>/dev/null || true
     cat "$COMFY/requirements.txt" 2>/dev/null || true
