@@ -445,7 +445,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             if lid is not None:
                 r = resolve(lid)
                 if r is None:
-                    inputs.pop(name, None) if not _is_widget(typ, opts) else None
+                    pass  # origin muted: a widget keeps its own value, a socket stays unset
                 elif r[0] == "value":
                     inputs[name] = r[1]
                 else:

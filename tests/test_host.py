@@ -92,6 +92,27 @@ def test_tiny_models_encode_and_run(built, host):
     assert lat["samples"].shape == (1, 4, 8, 8) and torch.isfinite(lat["samples"]).all()
 
 
+def test_unet_eps_sees_modelpatcher_patches(host):
+    """unet_eps goes through ComfyUI's patching: a "diff" patch on a clone changes its output,
+    the original ModelPatcher is untouched (what Apply Erased UNet relies on)."""
+    model, clip = host.build("sd15", "tiny", seed=0)
+    cond, pooled = host.encode(clip, "a photo of a cat")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    base = host.unet_eps(model, cond, pooled, x, 500)
+    sd = model.model_state_dict()
+    keys = [k for k in sd if k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight")]
+    patched = model.clone()
+    patched.add_patches({k: ("diff", (torch.randn_like(sd[k]) * 0.05,)) for k in keys}, 1.0)
+    zero = model.clone()
+    zero.add_patches({k: ("diff", (torch.randn_like(sd[k]) * 0.05,)) for k in keys}, 0.0)
+    e1 = host.unet_eps(patched, cond, pooled, x, 500)
+    e0 = host.unet_eps(zero, cond, pooled, x, 500)
+    again = host.unet_eps(model, cond, pooled, x, 500)
+    assert not torch.allclose(e1, base, atol=1e-5)
+    assert torch.allclose(e0, base, atol=1e-5)
+    assert torch.equal(again, base)
+
+
 def test_tiny_build_is_deterministic(host):
     a, _ = host.build("sd15", "tiny", seed=5)
     b, _ = host.build("sd15", "tiny", seed=5)
