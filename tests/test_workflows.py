@@ -1,0 +1,183 @@
+"""The example workflows in workflows/*.json, run end to end on a live ComfyUI server.
+
+For each UI-format (LiteGraph) workflow: every node type is known to the server, every link's
+type matches the output and input it joins, it converts with ``ui_to_api`` and runs through
+``run_workflow`` on the tiny random-weight SD1.5 checkpoint; the SaveImage files exist (on disk
+and through GET /view) and the solver's ``ui`` output carries ``erasepro_report`` with a train
+residual <= 1e-4 (method erasepro). Also checks the pack's node definitions in /object_info
+against DESIGN §5 (the workflow-file contract).
+
+CPU only: 64x64 latents, 2 steps. The tiny checkpoint's CLIP is full-size CLIP-L, so each solve
+takes some seconds.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import comfy_server as cs
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# DESIGN §5: the workflow-file contract.
+EXPECTED_NODES = {
+    "ErasePro_ConceptPair": {
+        "display_name": "ErasePro Concept Pair",
+        "required": ["target", "anchor", "concept_type"],
+        "optional": ["prompts", "concepts"],
+        "output": ["ERASEPRO_CONCEPTS"],
+    },
+    "ErasePro_ProgressiveSolver": {
+        "display_name": "ErasePro Progressive Solver",
+        "required": ["model", "clip", "concepts", "progressive_layers", "method"],
+        "optional": ["preserve"],
+        "output": ["ERASEPRO_EDIT", "IMAGE", "STRING"],
+    },
+    "ErasePro_ApplyErasedUNet": {
+        "display_name": "Apply Erased UNet",
+        "required": ["model", "edit", "strength"],
+        "optional": ["clip"],
+        "output": ["MODEL", "CLIP"],
+    },
+}
+SOLVER = "ErasePro_ProgressiveSolver"
+MAX_TRAIN_RESIDUAL = 1e-4
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _spec(info: dict, name: str):
+    for section in ("required", "optional"):
+        sec = (info.get("input") or {}).get(section) or {}
+        if name in sec:
+            return sec[name]
+    return None
+
+
+def _input_type(info: dict, name: str):
+    spec = _spec(info, name)
+    if spec is None:
+        return None
+    t = spec[0] if isinstance(spec, (list, tuple)) else spec
+    return "COMBO" if isinstance(t, list) else t
+
+
+def _view(base_url: str, item: dict) -> bytes:
+    q = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                "type": item.get("type", "output")})
+    with urllib.request.urlopen(f"{base_url}/view?{q}", timeout=30) as r:
+        return r.read()
+
+
+def test_workflow_files_present():
+    names = {p.name for p in WORKFLOWS}
+    assert {"erasepro_style_erasure.json", "erasepro_object_erasure.json",
+            "erasepro_nudity_erasure.json"} <= names, names
+
+
+def test_object_info_lists_erasepro_nodes(object_info):
+    for key, want in EXPECTED_NODES.items():
+        assert key in object_info, f"{key} missing from /object_info"
+        info = object_info[key]
+        assert info["display_name"] == want["display_name"], info["display_name"]
+        assert info["category"] == "ErasePro", info["category"]
+        inp = info["input"]
+        for name in want["required"]:
+            assert name in (inp.get("required") or {}), f"{key}: required input {name!r} missing"
+        for name in want["optional"]:
+            assert name in (inp.get("optional") or {}), f"{key}: optional input {name!r} missing"
+        assert list(info["output"]) == want["output"], (key, info["output"])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_structure(path, object_info):
+    """Valid for the real front end: known node types, consistent ids, link types that match."""
+    wf = _load(path)
+    assert wf.get("version") == 0.4
+    for k in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra"):
+        assert k in wf, k
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] >= max(nodes)
+    assert wf["last_link_id"] >= max(l[0] for l in wf["links"])
+    missing = sorted({n["type"] for n in nodes.values()
+                      if n["type"] not in cs.VIRTUAL_NODES and n["type"] not in object_info})
+    assert not missing, f"node types not known to the server: {missing}"
+    types = {n["type"] for n in nodes.values()}
+    assert {"CheckpointLoaderSimple", "ErasePro_ConceptPair", SOLVER, "ErasePro_ApplyErasedUNet",
+            "KSampler", "SaveImage", "Note"} <= types, types
+    for lid, a, aslot, b, bslot, ltype in wf["links"]:
+        src, dst = nodes[a], nodes[b]
+        out = src["outputs"][aslot]
+        inp = dst["inputs"][bslot]
+        assert out["type"] == ltype == inp["type"], (lid, out["type"], ltype, inp["type"])
+        assert lid in (out.get("links") or []) and inp["link"] == lid, f"link {lid} not mirrored in nodes"
+        # against the server's definitions
+        assert object_info[src["type"]]["output"][aslot] == ltype, (lid, src["type"])
+        assert _input_type(object_info[dst["type"]], inp["name"]) == ltype, (lid, dst["type"], inp["name"])
+    for n in nodes.values():
+        assert n["properties"].get("Node name for S&R", n["type"]) == n["type"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_runs(path, comfy_server, comfy_server_handle, object_info, tiny_checkpoint, artifacts_dir):
+    wf = _load(path)
+    api = cs.ui_to_api(copy.deepcopy(wf), object_info)
+
+    ckpts = [nid for nid, n in api.items() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert ckpts, "no CheckpointLoaderSimple"
+    options = object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert tiny_checkpoint.name in options, options
+    for nid in ckpts:
+        api[nid]["inputs"]["ckpt_name"] = tiny_checkpoint.name
+
+    solver_ids = [nid for nid, n in api.items() if n["class_type"] == SOLVER]
+    assert len(solver_ids) == 1
+    save_ids = {nid: n["inputs"]["filename_prefix"] for nid, n in api.items() if n["class_type"] == "SaveImage"}
+    assert {"erasepro/before", "erasepro/after"} <= set(save_ids.values()), save_ids
+    (artifacts_dir / "workflows").mkdir(parents=True, exist_ok=True)
+    (artifacts_dir / "workflows" / f"{path.stem}.api.json").write_text(json.dumps(api, indent=2))
+
+    t0 = time.time()
+    hist = cs.run_workflow(comfy_server, api, timeout=900)
+    wall = time.time() - t0
+    outputs = hist.get("outputs") or {}
+
+    # SaveImage files: in the history, on disk, and served by /view
+    pngs = {}
+    for nid, prefix in save_ids.items():
+        images = (outputs.get(nid) or {}).get("images") or []
+        assert images, f"SaveImage {nid} ({prefix}) wrote nothing: {outputs.get(nid)}"
+        for it in images:
+            assert it.get("type") == "output" and it.get("filename"), it
+            f = Path(comfy_server_handle.output_dir) / it.get("subfolder", "") / it["filename"]
+            assert f.is_file() and f.stat().st_size > 0, f
+            data = _view(comfy_server, it)
+            assert data.startswith(PNG_MAGIC), f"/view did not return a PNG for {it}"
+            pngs[prefix] = f
+
+    # the solver's report
+    sol = outputs.get(solver_ids[0]) or {}
+    assert "erasepro_report" in sol, f"solver ui output: {sorted(sol)}"
+    report = sol["erasepro_report"][0]
+    method = api[solver_ids[0]]["inputs"]["method"]
+    res = report["train_residual"]
+    (artifacts_dir / "workflows" / f"{path.stem}.report.json").write_text(json.dumps(report, indent=2))
+    print(f"\n[workflow] {path.name}: method {method}, S={report.get('progressive_layers')}, "
+          f"train residual {res:.3e}, deep burden {report.get('deep_burden'):.3e}, "
+          f"solve {report.get('solve_seconds', float('nan')):.2f} s, constraints {report.get('constraints')}, "
+          f"wall {wall:.1f} s; images: {', '.join(str(p.relative_to(comfy_server_handle.output_dir)) for p in pngs.values())}")
+    assert report.get("warnings") in (None, []), report.get("warnings")
+    if method == "erasepro":
+        assert res <= MAX_TRAIN_RESIDUAL, f"train residual {res} > {MAX_TRAIN_RESIDUAL}"
+    assert report["sites"], "no edited sites in the report"
