@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""`make demo`: run workflows/erasepro_style_erasure.json headless on a real ComfyUI.
+
+* ComfyUI folder: $COMFYUI or <repo>/.comfyui (made by scripts/bootstrap.sh); the pack is
+  linked into its custom_nodes when it is not there yet.
+* Checkpoint: the random-weight tiny SD1.5 from scripts/make_checkpoint.py (written when
+  missing), or ``CKPT=/path/to/model.safetensors`` (linked, or copied when linking fails, into
+  <comfyui>/models/checkpoints under its own file name).
+* Starts ComfyUI on a free loopback port (scripts/comfy_server.py), queues the workflow through
+  POST /prompt, waits on /history, stops the server on exit (errors and Ctrl-C included).
+* Writes <repo>/output/: before.png, after.png, report.png and summary.json (the solver's
+  report: train residual, deep burden, time, per-site changes; image paths).
+
+Usage::
+
+    .venv/bin/python scripts/run_demo.py [--workflow workflows/x.json] [--out output] [--seed N]
+    CKPT=~/models/v1-5-pruned-emaonly.safetensors make demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import comfy_server as cs  # noqa: E402
+
+DEFAULT_WORKFLOW = REPO / "workflows" / "erasepro_style_erasure.json"
+SOLVER = "ErasePro_ProgressiveSolver"
+PACK_LINK = "ComfyUI-ErasePro"
+
+
+def log(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def ensure_pack_linked(comfy: Path) -> None:
+    cn = comfy / "custom_nodes"
+    cn.mkdir(parents=True, exist_ok=True)
+    for entry in cn.iterdir():
+        try:
+            if entry.resolve() == REPO:
+                return
+        except OSError:
+            continue
+    link = cn / PACK_LINK
+    if link.is_symlink() or link.exists():
+        raise RuntimeError(f"{link} exists but is not this repository ({REPO}); remove it or set COMFYUI")
+    link.symlink_to(REPO, target_is_directory=True)
+    log(f"linked the pack: {link} -> {REPO}")
+
+
+def ensure_checkpoint(comfy: Path) -> str:
+    """The ckpt_name to use (a file name in <comfyui>/models/checkpoints)."""
+    ckdir = comfy / "models" / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    user = os.environ.get("CKPT")
+    if user:
+        src = Path(user).expanduser().resolve()
+        if not src.is_file():
+            raise FileNotFoundError(f"CKPT={user}: no such file")
+        dst = ckdir / src.name
+        if dst.exists() or dst.is_symlink():
+            if dst.resolve() != src and not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
+                raise RuntimeError(f"{dst} exists and is a different file; rename {src.name} or remove {dst}")
+        else:
+            try:
+                dst.symlink_to(src)
+                log(f"linked {dst} -> {src}")
+            except OSError:
+                log(f"copying {src} -> {dst}")
+                shutil.copy2(src, dst)
+        return src.name
+    os.environ.setdefault("COMFYUI", str(comfy))  # make_checkpoint writes where this server reads
+    import make_checkpoint  # noqa: E402  (imports ComfyUI in this process; only needed here)
+    t0 = time.time()
+    path = make_checkpoint.ensure_checkpoint()
+    log(f"checkpoint {path.name} ready ({time.time() - t0:.1f} s)")
+    return path.name
+
+
+def _first_image(hist: dict, nid: str, output_dir: Path) -> Path | None:
+    for it in ((hist.get("outputs") or {}).get(nid) or {}).get("images") or []:
+        if it.get("type", "output") == "output":
+            return Path(output_dir) / it.get("subfolder", "") / it["filename"]
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW)
+    ap.add_argument("--out", type=Path, default=REPO / "output")
+    ap.add_argument("--seed", type=int, default=None, help="KSampler seed (default: the workflow's)")
+    ap.add_argument("--timeout", type=float, default=1800)
+    a = ap.parse_args(argv)
+
+    comfy = cs.comfy_dir()
+    if not (comfy / "main.py").is_file():
+        log(f"no ComfyUI in {comfy}: run `make setup` (scripts/bootstrap.sh) or set COMFYUI")
+        return 2
+    ensure_pack_linked(comfy)
+    ckpt_name = ensure_checkpoint(comfy)
+    random_weights = not os.environ.get("CKPT")
+
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = out / "comfy"  # the server's own output/temp/user folders and log
+    wf = json.loads(a.workflow.read_text(encoding="utf-8"))
+
+    srv = cs.ComfyServer(comfy=comfy, output_dir=run_dir / "output", temp_dir=run_dir / "temp",
+                         user_dir=run_dir / "user", log_path=run_dir / "comfyui.log")
+    log(f"starting ComfyUI {comfy} ({'CPU' if srv.cpu else 'GPU'}) ...")
+    t_start = time.time()
+    try:
+        srv.start(timeout=300)
+        log(f"ComfyUI up at {srv.base_url} in {time.time() - t_start:.1f} s")
+        info = srv.object_info()
+        missing = sorted({n["type"] for n in wf["nodes"]
+                          if n["type"] not in cs.VIRTUAL_NODES and n["type"] not in info})
+        if missing:
+            raise RuntimeError(f"node types missing on the server: {missing} (see {srv.log_path})")
+        api = cs.ui_to_api(wf, info)
+        solver_id = next(nid for nid, n in api.items() if n["class_type"] == SOLVER)
+        saves = {}
+        for nid, n in api.items():
+            ct, inputs = n["class_type"], n["inputs"]
+            if ct == "CheckpointLoaderSimple":
+                inputs["ckpt_name"] = ckpt_name
+            elif ct == "KSampler" and a.seed is not None:
+                inputs["seed"] = a.seed
+            elif ct == "SaveImage":
+                saves[inputs["filename_prefix"].rsplit("/", 1)[-1]] = nid
+        log(f"running {a.workflow.relative_to(REPO) if a.workflow.is_relative_to(REPO) else a.workflow} "
+            f"on {ckpt_name} ...")
+        t0 = time.time()
+        hist = cs.run_workflow(srv.base_url, api, timeout=a.timeout)
+        wall = time.time() - t0
+    except BaseException as e:
+        if isinstance(e, cs.WorkflowError):
+            log(str(e))
+        tail = srv.log_text()[-3000:]
+        if tail and not isinstance(e, KeyboardInterrupt):
+            log(f"ComfyUI log tail ({srv.log_path}):\n{tail}")
+        raise
+    finally:
+        srv.stop()
+
+    images = {}
+    for label in ("before", "after", "report"):
+        nid = saves.get(label)
+        src = _first_image(hist, nid, srv.output_dir) if nid else None
+        if src is None or not src.is_file():
+            log(f"warning: no '{label}' image in the results")
+            continue
+        dst = out / f"{label}.png"
+        shutil.copy2(src, dst)
+        images[label] = str(dst)
+
+    sol = (hist.get("outputs") or {}).get(solver_id) or {}
+    report = (sol.get("erasepro_report") or [None])[0]
+    if report is None:
+        raise RuntimeError(f"the solver returned no erasepro_report (outputs: {sorted(sol)})")
+    summary = {
+        "workflow": str(a.workflow),
+        "checkpoint": ckpt_name,
+        "random_weights": random_weights,
+        "concepts": report.get("concepts"),
+        "method": report.get("method"),
+        "progressive_layers": report.get("progressive_layers"),
+        "train_residual": report.get("train_residual"),
+        "deep_burden": report.get("deep_burden"),
+        "solve_seconds": report.get("solve_seconds"),
+        "workflow_seconds": wall,
+        "sites": [{"name": s.get("name"), "stage": s.get("stage"), "relative_change": s.get("relative_change"),
+                   "residual": s.get("residual")} for s in report.get("sites") or []],
+        "warnings": report.get("warnings") or [],
+        "images": images,
+        "report": report,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    sites = summary["sites"]
+    deep = [s for s in sites if s["stage"] == "deep"]
+    shallow = [s for s in sites if s["stage"] == "shallow"]
+
+    def mean(xs):
+        xs = [x for x in xs if isinstance(x, (int, float))]
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    print()
+    print("ErasePro demo")
+    print(f"  erased         : {', '.join(summary['concepts'] or [])} ({summary['method']}, "
+          f"S={summary['progressive_layers']} progressive layers)")
+    print(f"  train residual : {summary['train_residual']:.2e}  (0 = the target's features now equal the anchor's)")
+    print(f"  deep burden    : {summary['deep_burden']:.2%}  (mean change per deep site "
+          f"{mean(s['relative_change'] for s in deep):.2%}, per shallow site "
+          f"{mean(s['relative_change'] for s in shallow):.2%}; {len(deep)} deep / {len(shallow)} shallow sites)")
+    print(f"  solve time     : {summary['solve_seconds']:.1f} s  (whole workflow {wall:.1f} s)")
+    for w in summary["warnings"]:
+        print(f"  warning        : {w}")
+    for k, v in images.items():
+        print(f"  {k + ' image':<15}: {os.path.relpath(v, Path.cwd())}")
+    print(f"  summary        : {os.path.relpath(out / 'summary.json', Path.cwd())}")
+    if random_weights:
+        print("  NOTE: the checkpoint has random weights, so the before/after images are noise.")
+        print("        The meaningful output is the report (residual, burden, per-layer change).")
+        print("        Run with CKPT=/path/to/an/sd15.safetensors to see a real erasure.")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
