@@ -88,14 +88,17 @@ def detect(model, clip) -> Architecture:
     if clip is None:
         raise EraseProError("connect the CLIP from the same checkpoint as the MODEL")
     stage = clip.cond_stage_model
+    expected = [a for a, _ in ENCODERS[family]]
+    present = [a for a in ("clip_l", "clip_h", "clip_g") if hasattr(stage, a)]
+    if present != expected:
+        raise EraseProError(
+            f"the CLIP does not match the MODEL: a {family.upper()} model needs text encoder(s) {expected}, "
+            f"this CLIP has {present or [type(stage).__name__]}. Use the CLIP from the same checkpoint.")
     encoders = []
     for attr, key in ENCODERS[family]:
         module = getattr(stage, attr, None)
-        if module is None or not hasattr(module, "transformer"):
-            have = [a for a in ("clip_l", "clip_h", "clip_g") if hasattr(stage, a)] or [type(stage).__name__]
-            raise EraseProError(
-                f"the CLIP does not match the MODEL: a {family.upper()} model needs text encoder(s) "
-                f"{[a for a, _ in ENCODERS[family]]}, this CLIP has {have}")
+        if not hasattr(module, "transformer"):
+            raise EraseProError(f"not supported yet: the text encoder {attr} of this CLIP is not a CLIP transformer")
         encoders.append(Encoder(attr, key, module, _special_tokens(clip, attr)))
     width = sum(e.module.transformer.text_model.final_layer_norm.weight.shape[0] for e in encoders)
     context = model.model.model_config.unet_config.get("context_dim")
@@ -127,7 +130,7 @@ def effective_weights(patcher, keys) -> dict[str, torch.Tensor]:
         if key not in patches:
             raise EraseProError(f"the model has no weight {key}")
         (weight, convert), *rest = patches[key]
-        w = convert(weight.to(torch.float32, copy=True), inplace=True)
+        w = convert(weight.detach().to(torch.float32, copy=True), inplace=True)
         if rest:
             w = comfy.lora.calculate_weight(rest, w, key)
         if not torch.isfinite(w).all():

@@ -1,0 +1,241 @@
+"""The three nodes on tiny random-weight SD1.5 / SD2 / SDXL models built from ComfyUI's classes.
+
+Erasure is measured with ComfyUI's own CLIP encode and UNet (comfy_host), not the pack's code.
+"""
+
+import pytest
+import torch
+
+import comfy_host as H
+
+TARGET, SAME_LENGTH_ANCHOR = "van gogh", "claude monet"  # two BPE tokens each
+SOLVE_PROMPT = "a painting by {}"  # one of the style templates
+UNRELATED = ["a photo of a dog", "a city street at night"]
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return H.load_pack()
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    m = pack.NODE_CLASS_MAPPINGS
+    return m["ErasePro_ConceptPair"](), m["ErasePro_ProgressiveSolver"](), m["ErasePro_ApplyErasedUNet"]()
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def family_models(request):
+    model, clip = H.build(request.param)
+    return request.param, model, clip
+
+
+LATENTS = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+TIMESTEPS = torch.tensor([400.0, 900.0])
+
+
+def eps(model, clip, text):
+    cond, pooled = H.encode(clip, text)
+    batch = LATENTS.shape[0]
+    pooled = pooled.expand(batch, -1) if pooled is not None else None
+    return H.unet_eps(model, cond.expand(batch, -1, -1), pooled, LATENTS, TIMESTEPS).float()
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def erase(nodes, model, clip, target, anchor, S=0, method="erasepro", concept_type="style", preserve=""):
+    pair, solver, apply = nodes
+    (concepts,) = pair.build(target, anchor, concept_type)
+    out = solver.solve(model, clip, concepts, S, method, preserve=preserve)
+    edit, image, summary = out["result"]
+    new_model, new_clip = apply.apply(model, edit, 1.0, clip)
+    return edit, new_model, new_clip, out
+
+
+def eps_erasure(model, clip, new_model, new_clip, target_prompt, anchor_prompt):
+    """DESIGN §7: ‖ε'(target) − ε(anchor)‖ / ‖ε(target) − ε(anchor)‖."""
+    e_t, e_a = eps(model, clip, target_prompt), eps(model, clip, anchor_prompt)
+    return float((eps(new_model, new_clip, target_prompt) - e_a).norm() / (e_t - e_a).norm())
+
+
+def test_same_length_pair_erased_exactly_and_uce_leaves_a_gap(nodes, family_models):
+    kind, model, clip = family_models
+    t_prompt, a_prompt = SOLVE_PROMPT.format(TARGET), SOLVE_PROMPT.format(SAME_LENGTH_ANCHOR)
+    figures = {}
+    for method in ("erasepro", "uce"):
+        edit, m2, c2, out = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR, method=method)
+        s = edit.summary
+        erasure = eps_erasure(model, clip, m2, c2, t_prompt, a_prompt)
+        preservation = max(rel(eps(m2, c2, p), eps(model, clip, p)) for p in UNRELATED)
+        figures[method] = (s["train_residual"], erasure, preservation, s["pooled_residual"])
+        print(f"{kind} {method}: train residual {s['train_residual']:.2e}, pooled residual {s['pooled_residual']}, "
+              f"eps erasure {erasure:.2e}, eps preservation (unrelated) {preservation:.2e}, "
+              f"deep burden {s['deep_burden']:.3f}, {s['solve_seconds']:.2f} s")
+        assert out["ui"]["erasepro_report"][0]["train_residual"] == s["train_residual"]
+    ep, uce = figures["erasepro"], figures["uce"]
+    assert ep[0] <= 1e-4
+    assert uce[0] > 10 * ep[0]
+    assert ep[1] <= 1e-3
+    if kind == "sdxl":
+        assert ep[3] is not None and ep[3] <= 1e-4
+
+
+def test_multi_token_target_erased_better_than_uce(nodes, family_models):
+    kind, model, clip = family_models
+    target, anchor = "vincent van gogh", "claude monet"  # 3 tokens vs 2
+    t_prompt, a_prompt = SOLVE_PROMPT.format(target), SOLVE_PROMPT.format(anchor)
+    erasure = {}
+    for method in ("erasepro", "uce"):
+        _, m2, c2, _ = erase(nodes, model, clip, target, anchor, method=method)
+        erasure[method] = eps_erasure(model, clip, m2, c2, t_prompt, a_prompt)
+    print(f"{kind} multi-token eps erasure: erasepro {erasure['erasepro']:.3e}, uce {erasure['uce']:.3e}")
+    assert erasure["erasepro"] < erasure["uce"]
+
+
+def test_progressive_layers_edit_clip_and_keep_zero_residual(nodes):
+    model, clip = H.build("sd15")
+    edit0, *_ = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR, S=0)
+    edit, m2, c2, _ = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR, S=3)
+    shallow = edit.part("clip")
+    burden0, burden3 = edit0.summary["deep_burden"], edit.summary["deep_burden"]
+    print(f"sd15 S=3: train residual {edit.summary['train_residual']:.2e}, shallow sites {len(shallow)}, "
+          f"deep burden S=0 {burden0:.3f} vs S=3 {burden3:.3f}; shallow ΔW/W "
+          f"{[round(s.relative_change, 4) for s in shallow]}")
+    assert len(shallow) == 1  # 3 of 12 blocks scaled to the tiny encoder's 4 layers
+    assert edit.summary["train_residual"] <= 1e-4
+    assert burden3 < burden0
+    erasure = eps_erasure(model, clip, m2, c2, SOLVE_PROMPT.format(TARGET), SOLVE_PROMPT.format(SAME_LENGTH_ANCHOR))
+    print(f"sd15 S=3 eps erasure {erasure:.2e}")
+    assert erasure <= 1e-3
+
+
+def lora_like(model, seed=5, scale=0.05):
+    """A clone of MODEL carrying random low-rank "diff" patches on every K/V weight, like a LoRA."""
+    g = torch.Generator().manual_seed(seed)
+    patched = model.clone()
+    patches = {}
+    for key, w in model.model_state_dict().items():
+        if "attn2.to_k" in key or "attn2.to_v" in key:
+            a, b = torch.randn(w.shape[0], 4, generator=g), torch.randn(4, w.shape[1], generator=g)
+            patches[key] = ((a @ b) * scale / 4,)
+    patched.add_patches(patches, 1.0)
+    return patched
+
+
+def test_lora_loaded_before_the_solver_is_respected(nodes, pack):
+    model, clip = H.build("sd15")
+    with_lora = lora_like(model)
+    edit, m2, c2, _ = erase(nodes, with_lora, clip, TARGET, SAME_LENGTH_ANCHOR)
+    t_prompt, a_prompt = SOLVE_PROMPT.format(TARGET), SOLVE_PROMPT.format(SAME_LENGTH_ANCHOR)
+    with_lora_erasure = eps_erasure(with_lora, clip, m2, c2, t_prompt, a_prompt)
+    # The same edit on the model without its LoRA no longer matches (it was solved on patched weights).
+    bare_model, _ = nodes[2].apply(model, edit, 1.0, clip)
+    bare_erasure = eps_erasure(model, clip, bare_model, c2, t_prompt, a_prompt)
+    print(f"LoRA: eps erasure with the LoRA {with_lora_erasure:.2e}, edit moved onto the bare model {bare_erasure:.2e}")
+    assert edit.summary["train_residual"] <= 1e-4
+    assert with_lora_erasure <= 1e-3
+    assert bare_erasure > 10 * with_lora_erasure
+
+
+def test_strength_zero_gives_bit_identical_sampler_output(nodes):
+    model, clip = H.build("sd15")
+    edit, *_ = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR, S=3)
+    m0, c0 = nodes[2].apply(model, edit, 0.0, clip)
+    positive, negative = H.conditioning(clip, SOLVE_PROMPT.format(TARGET)), H.conditioning(clip, "")
+    reference = H.ksample(model, positive, negative, seed=3, steps=2)
+    positive0, negative0 = H.conditioning(c0, SOLVE_PROMPT.format(TARGET)), H.conditioning(c0, "")
+    again = H.ksample(m0, positive0, negative0, seed=3, steps=2)
+    ref_t = reference["samples"] if isinstance(reference, dict) else reference
+    again_t = again["samples"] if isinstance(again, dict) else again
+    assert torch.equal(ref_t, again_t)
+    m1, _ = nodes[2].apply(model, edit, 1.0, clip)
+    erased = H.ksample(m1, positive, negative, seed=3, steps=2)
+    erased_t = erased["samples"] if isinstance(erased, dict) else erased
+    assert not torch.equal(ref_t, erased_t)
+
+
+def test_input_model_and_clip_untouched_by_solve_and_apply(nodes):
+    model, clip = H.build("sd15")
+    before_m = {k: v.clone() for k, v in model.model_state_dict().items() if "attn2" in k}
+    before_c = {k: v.clone() for k, v in clip.patcher.model_state_dict().items() if "fc2" in k}
+    n_patches_m, n_patches_c = len(model.patches), len(clip.patcher.patches)
+    edit, m2, c2, _ = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR, S=3)
+    eps(m2, c2, "anything")  # loads the clones: ComfyUI patches the shared modules in place
+    eps(model, clip, "anything")  # loading the originals again must restore them exactly
+    assert len(model.patches) == n_patches_m and len(clip.patcher.patches) == n_patches_c
+    for k, v in model.model_state_dict().items():
+        if k in before_m:
+            assert torch.equal(v, before_m[k]), k
+    for k, v in clip.patcher.model_state_dict().items():
+        if k in before_c:
+            assert torch.equal(v, before_c[k]), k
+
+
+@pytest.mark.parametrize("target,anchor,message", [
+    ("", "a painting", "target"),
+    ("   ", "a painting", "target"),
+    ("Van Gogh", "van gogh", "same"),
+])
+def test_bad_concepts_are_refused_in_the_node(nodes, target, anchor, message):
+    with pytest.raises(ValueError, match=f"(?i){message}"):
+        nodes[0].build(target, anchor, "style")
+
+
+def test_clip_that_does_not_match_the_model_is_refused(nodes):
+    model, _ = H.build("sd15")
+    _, sdxl_clip = H.build("sdxl")
+    (concepts,) = nodes[0].build(TARGET, SAME_LENGTH_ANCHOR, "style")
+    with pytest.raises(ValueError, match="does not match the MODEL"):
+        nodes[1].solve(model, sdxl_clip, concepts, 0, "erasepro")
+
+
+def test_unsupported_architecture_is_named(nodes, pack):
+    import comfy.supported_models
+
+    model, clip = H.build("sd15")
+    flux = model.clone()
+    flux.model = type("Wrapper", (), {"model_config": comfy.supported_models.Flux({"image_model": "flux"})})()
+    (concepts,) = nodes[0].build(TARGET, SAME_LENGTH_ANCHOR, "style")
+    with pytest.raises(ValueError, match="not supported yet: Flux"):
+        nodes[1].solve(flux, clip, concepts, 0, "erasepro")
+
+
+def test_nan_weights_are_refused_and_nothing_changes(nodes):
+    model, clip = H.build("sd15")
+    broken = model.clone()
+    key = next(k for k in model.model_state_dict() if k.endswith("attn2.to_k.weight"))
+    w = model.model_state_dict()[key]
+    bad = torch.zeros_like(w)
+    bad[0, 0] = float("nan")
+    broken.add_patches({key: (bad,)}, 1.0)
+    (concepts,) = nodes[0].build(TARGET, SAME_LENGTH_ANCHOR, "style")
+    with pytest.raises(ValueError, match="NaN"):
+        nodes[1].solve(broken, clip, concepts, 0, "erasepro")
+    assert torch.isfinite(model.model_state_dict()[key]).all()
+
+
+def test_concept_past_the_token_limit_is_refused_clearly(nodes):
+    model, clip = H.build("sd15")
+    filler = " ".join(["red"] * 74)  # the 3-token concept starts at token 75 of a 75-token chunk
+    pair, solver, _ = nodes
+    (concepts,) = pair.build("vincent van gogh", "monet", "custom", prompts=filler + " {}")
+    with pytest.raises(ValueError, match="(?i)chunk|shorten|straddl|split"):
+        solver.solve(model, clip, concepts, 0, "erasepro")
+
+
+def test_edit_for_another_model_is_refused_by_apply(nodes):
+    model, clip = H.build("sd15")
+    edit, *_ = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR)
+    other, other_clip = H.build("sdxl")
+    with pytest.raises(ValueError, match="another model"):
+        nodes[2].apply(other, edit, 1.0, other_clip)
+
+
+def test_sd2_family_solves(nodes):
+    model, clip = H.build("sd2")
+    edit, *_ = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR, S=3)
+    print(f"sd2: train residual {edit.summary['train_residual']:.2e}, sites {len(edit.sites)}")
+    assert edit.summary["train_residual"] <= 1e-4
+    assert edit.part("clip")
