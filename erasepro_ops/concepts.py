@@ -401,9 +401,16 @@ def _pairing(
 
     Both spans start at ``start`` (the common prefix); the target's is ``target_len`` tokens,
     the anchor's ``anchor_len``. The k-th-from-last target concept token pairs with the
-    k-th-from-last anchor concept token, clamped to the anchor's first concept token; with an
-    empty anchor every concept token pairs with the anchor's end token. Position
-    ``target_end + k`` pairs with ``anchor_end + k``, clamped to ``context_length - 1``.
+    k-th-from-last anchor concept token, clamped to the anchor's first concept token. With an
+    empty anchor every concept token pairs with the last prefix position (``start - 1``, the
+    start token for a bare "{}"). Position ``target_end + k`` pairs with ``anchor_end + k``,
+    clamped to ``context_length - 1``.
+
+    Why not the anchor's end token (DESIGN §3's first rule): the encoders are causal, so a
+    target concept token's features depend only on the prefix, while the end token's depend on
+    the template's suffix too. Two templates with one prefix ("{}", "{} body") then ask the
+    same target column for two different outputs, and no edit can meet both (measured: train
+    residual 0.13 on a nudity solve). The last prefix position depends on the prefix alone.
     """
     target_end_token = _end_index(target_ids, special, "target")
     anchor_end_token = _end_index(anchor_ids, special, "anchor")
@@ -416,7 +423,7 @@ def _pairing(
     for offset in range(target_len):
         from_last = target_len - 1 - offset
         if anchor_empty or anchor_len == 0:
-            partner.append(anchor_end_token)
+            partner.append(max(start - 1, 0))
         else:
             partner.append(start + max(anchor_len - 1 - from_last, 0))
         role.append("concept")
