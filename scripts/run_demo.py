@@ -62,12 +62,12 @@ def ensure_checkpoint(comfy: Path) -> str:
     ckdir.mkdir(parents=True, exist_ok=True)
     user = os.environ.get("CKPT")
     if user:
-        src = Path(user).expanduser().resolve()
+        src = Path(user).expanduser().absolute()  # keep the given file name (even for a link)
         if not src.is_file():
             raise FileNotFoundError(f"CKPT={user}: no such file")
         dst = ckdir / src.name
         if dst.exists() or dst.is_symlink():
-            if dst.resolve() != src and not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
+            if dst.resolve() != src.resolve() and not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
                 raise RuntimeError(f"{dst} exists and is a different file; rename {src.name} or remove {dst}")
         else:
             try:
