@@ -15,7 +15,7 @@ from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, pr
 from erasepro_ops.concepts import ConceptPair, align_chunks, expand, token_chunks
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.linalg import DEFAULT_RTOL
-from erasepro_ops.metrics import deep_burden, ratio
+from erasepro_ops.metrics import deep_burden, preservation_drift, ratio
 
 from .host import (
     POOLED_SITE,
@@ -186,6 +186,10 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     kv_results = [r for r in deep_results if r.name != POOLED_SITE]
     train = ratio((r.solution.residual_sq, r.solution.initial_sq) for r in kv_results)
     burden = deep_burden([r.weight_norm for r in kv_results], [r.solution.update.norm() for r in kv_results])
+    drift = None
+    if k_cond is not None:
+        drift = preservation_drift([deep_weights[r.name] for r in kv_results],
+                                   [r.solution.update.dense() for r in kv_results], flat(k_cond).T)
     summary = {
         "method": request.method,
         "progressive_layers": request.progressive_layers,
@@ -198,6 +202,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "train_residual": train,
         "pooled_residual": next((r.solution.residual for r in deep_results if r.name == POOLED_SITE), None),
         "deep_burden": burden,
+        "preservation_drift": drift,
         "solve_seconds": seconds,
         "constraints": len(columns),
         "templates": len(alignments),

@@ -239,3 +239,19 @@ def test_sd2_family_solves(nodes):
     print(f"sd2: train residual {edit.summary['train_residual']:.2e}, sites {len(edit.sites)}")
     assert edit.summary["train_residual"] <= 1e-4
     assert edit.part("clip")
+
+
+def test_preserve_prompts_drift_less_at_equal_residual(nodes):
+    model, clip = H.build("sd15")
+    pair, solver, _ = nodes
+    (concepts,) = pair.build(TARGET, SAME_LENGTH_ANCHOR, "style")
+    preserve = "a photo of a dog\na city street at night\na portrait of a woman"
+    drift = {}
+    for strength in (0.0, 10.0):
+        edit = solver.solve(model, clip, concepts, 0, "erasepro", preserve=preserve,
+                            preserve_strength=strength)["result"][0]
+        drift[strength] = edit.summary["preservation_drift"]
+        print(f"preserve_strength {strength}: drift {drift[strength]:.4f}, "
+              f"train residual {edit.summary['train_residual']:.2e}")
+        assert edit.summary["train_residual"] <= 1e-4
+    assert drift[10.0] < drift[0.0]
