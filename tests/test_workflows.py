@@ -52,11 +52,7 @@ SOLVER = "ErasePro_ProgressiveSolver"
 MAX_TRAIN_RESIDUAL = 1e-4
 # Known node bugs (reported, not fixed here): the run itself must still succeed and write its
 # images; only the residual check is an expected failure until the solver is fixed.
-KNOWN_RESIDUAL_BUGS = {
-    "erasepro_nudity_erasure": "empty-anchor nudity solve: train residual ~0.51 with 385 constraints, "
-                               "deep rank 375 of 768 (inconsistent dependent constraints), and the "
-                               "'rank budget' warning is raised although the budget is not exceeded",
-}
+KNOWN_RESIDUAL_BUGS: dict[str, str] = {}  # workflow stem -> reason (empty-anchor nudity fixed in 0cbf923)
 
 
 def _load(path: Path) -> dict:
