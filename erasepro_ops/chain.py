@@ -220,15 +220,15 @@ def solve_deep(
 ) -> list[SiteResult]:
     """Solve every deep site that reads the same features ``X`` (D × N), ``V*_s = W_s Y``.
 
-    One factorisation of ``X`` serves all sites (DESIGN §6: decompose once, not once per site).
+    One factorisation of ``X`` and one shared map serve all sites (DESIGN §6: decompose once,
+    not once per site); each site then costs one ``out × in × rank`` product.
     """
-    system = settings.system(x, groups, preserve)
-    y64 = y.to(torch.float64)
+    shared = settings.system(x, groups, preserve).map_targets(y)
     results = []
     for name, w in weights.items():
-        w64 = w.to(device=y.device, dtype=torch.float64)
-        solution = system.solve(w, w64 @ y64)
-        results.append(SiteResult(name, "deep", solution, float(w64.norm()), int(x.shape[1]), solution.update.rank))
+        solution = shared.solve(w)
+        weight_norm = float(w.to(torch.float64).norm())
+        results.append(SiteResult(name, "deep", solution, weight_norm, int(x.shape[1]), solution.update.rank))
         if on_site is not None:
             on_site(name)
     return results

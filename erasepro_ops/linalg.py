@@ -73,13 +73,13 @@ def spectral_norm_estimate(y: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
 
 
-def inverse_sqrt_psd(c: torch.Tensor, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
-    """``C^{-1/2}`` of a symmetric positive-definite matrix via eigh.
+def inverse_sqrt_psd(c: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(C^{-1/2}, λ_max(C))`` of a symmetric positive-definite matrix via eigh.
 
-    Raises ValueError if ``C`` is not positive definite to ``rtol`` (the preservation weighting
-    always adds ``λI`` with ``λ > 0``, so this means a bad argument).
+    Raises ValueError if ``C`` is not positive definite (the preservation weighting always
+    adds ``λI`` with ``λ > 0``, so this means a bad argument).
     """
     evals, evecs = torch.linalg.eigh((c + c.T) / 2)
-    if evals[0] <= rtol * evals[-1].abs().clamp_min(torch.finfo(c.dtype).tiny):
+    if not evals[0] > 0:
         raise ValueError("the preservation weighting C must be positive definite (λ > 0)")
-    return (evecs * evals.rsqrt()) @ evecs.T
+    return (evecs * evals.rsqrt()) @ evecs.T, float(evals[-1])

@@ -20,7 +20,13 @@ independent of the earlier groups' span) without disturbing earlier groups, i.e.
 where ``P_{<g}`` projects onto the complement of the directions already accepted. When all the
 constraints fit the site's input width the sum equals the one-shot minimum-norm solution; when
 they do not, later groups get the least-squares solution in the freedom that is left and the
-residual is reported. ``Y_g⁺`` is truncated at ``rtol · s_max(X̃)``.
+residual is reported. ``Y_g⁺`` keeps singular values above ``rtol · s_max(X) / sqrt(λ_max(C))``:
+since ``σ_i(C^{-1/2} X) ≥ σ_i(X) / sqrt(λ_max(C))``, every direction of ``X`` above
+``rtol · s_max(X)`` stays exact however strongly ``C`` weights the preserve features.
+
+Deep sites ask for ``V*_s = W_s Y`` (the anchor's features through the site's own weight), so
+``R_s = W_s (Y − X)`` and every site's update is ``ΔW_s = W_s T`` with one shared ``T = Z down``
+(:meth:`ConstraintSystem.map_targets`): the per-site cost is one ``out × in × r`` product.
 
 Every update is returned as an exact low-rank product ``ΔW = up @ down`` with
 ``rank ≤ rank X``. Deep sites share ``X`` and ``C``: build a :class:`ConstraintSystem` once and
@@ -148,15 +154,15 @@ class ConstraintSystem:
             if group_ids.shape != (n,):
                 raise ValueError(f"groups must give one priority per column ({n}), got {tuple(group_ids.shape)}")
 
-        cis = None
+        cis, c_max = None, 1.0
         if preserve is not None and alpha > 0:
             if preserve.shape[0] != width:
                 raise ValueError(f"preserve features have width {preserve.shape[0]}, the site has {width}")
             check_finite("preserve features", preserve)
-            cis = inverse_sqrt_psd(preservation_weighting(preserve.to(device), lam, alpha))
+            cis, c_max = inverse_sqrt_psd(preservation_weighting(preserve.to(device), lam, alpha))
         xt = x64 if cis is None else cis @ x64
 
-        threshold = rtol * spectral_norm_estimate(xt)
+        threshold = rtol * spectral_norm_estimate(x64) / c_max**0.5
         steps: list[_Step] = []
         downs_t: list[torch.Tensor] = []
         basis = xt.new_zeros(width, 0)
@@ -198,6 +204,52 @@ class ConstraintSystem:
         up = torch.cat(ups, dim=1) if ups else w.new_zeros(w.shape[0], 0)
         update = LowRankUpdate(up, self.down)
         return _residual_solution(update, r, up @ self.down_x)
+
+
+    def map_targets(self, y: torch.Tensor) -> "SharedUpdate":
+        """The shared update for sites whose targets are ``V*_s = W_s Y`` (``Y``: in × N).
+
+        With ``D = Y − X`` and ``R_s = W_s D``, step ``g`` gives ``up_g = W_s Z_g`` where
+        ``Z_g = D_g coef_g − Σ_{h<g} Z_h (cross_h coef_g)`` does not depend on the site.
+        """
+        d = y.to(device=self.x.device, dtype=torch.float64) - self.x
+        check_finite("anchor features Y", d)
+        zs: list[torch.Tensor] = []
+        for step in self.steps:
+            z_g = d[:, step.columns] @ step.coef
+            for z_h, cross_h in zip(zs, step.cross):
+                z_g = z_g - z_h @ (cross_h @ step.coef)
+            zs.append(z_g)
+        z = torch.cat(zs, dim=1) if zs else d.new_zeros(d.shape[0], 0)
+        return SharedUpdate.from_parts(z, self.down, d, d - z @ self.down_x)
+
+
+@dataclass(frozen=True)
+class SharedUpdate:
+    """Updates ``ΔW_s = (W_s z) @ down`` for every site reading the same ``X`` with ``V*_s = W_s Y``.
+
+    Residuals come from ``‖W_s F‖_F² = tr(W_s F Fᵀ W_sᵀ)`` with ``F = D − z down X`` (after)
+    and ``F = D`` (before), so no site ever forms an ``out × N`` matrix.
+    """
+
+    z: torch.Tensor  # in × r
+    down: torch.Tensor  # r × in
+    gram_before: torch.Tensor  # D Dᵀ
+    gram_after: torch.Tensor  # F Fᵀ
+
+    @classmethod
+    def from_parts(cls, z, down, d, f) -> "SharedUpdate":
+        return cls(z, down, d @ d.T, f @ f.T)
+
+    def solve(self, weight: torch.Tensor) -> SiteSolution:
+        w = weight.to(device=self.z.device, dtype=torch.float64)
+        check_finite("site weight", w)
+        if w.shape[1] != self.z.shape[0]:
+            raise ValueError(f"site weight has input width {w.shape[1]}, features have {self.z.shape[0]}")
+        before = float(((w @ self.gram_before) * w).sum())
+        after = float(((w @ self.gram_after) * w).sum().clamp_min(0))
+        residual = (after / before) ** 0.5 if before > 0 else 0.0
+        return SiteSolution(LowRankUpdate(w @ self.z, self.down), residual, after, before)
 
 
 def zero_residual_update(
@@ -252,6 +304,20 @@ class UCESystem:
         r = v - w @ self.x
         update = LowRankUpdate(r, self.down)
         return _residual_solution(update, r, r @ self.down_x)
+
+    def map_targets(self, y: torch.Tensor) -> SharedUpdate:
+        """Shared form for ``V*_s = W_s Y``: ``ΔW_s = W_s D down`` with ``D = Y − X``.
+
+        Kept as ``(W_s D) @ down`` (rank N) when ``N ≤ in``, else as ``(W_s D down) @ I``.
+        """
+        d = y.to(device=self.x.device, dtype=torch.float64) - self.x
+        check_finite("anchor features Y", d)
+        n, width = self.down.shape
+        if n <= width:
+            z, down = d, self.down
+        else:
+            z, down = d @ self.down, torch.eye(width, dtype=d.dtype, device=d.device)
+        return SharedUpdate.from_parts(z, down, d, d - (d @ self.down) @ self.x)
 
 
 def uce_update(weight, x, target, preserve=None, **kwargs) -> SiteSolution:

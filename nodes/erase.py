@@ -211,9 +211,13 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "warnings": [],
     }
     if train > 1e-3 and request.method == "erasepro":
-        summary["warnings"].append(
-            f"constraints exceed the deep sites' rank budget ({summary['deep_rank']} of {x.shape[0]}): "
-            f"least-squares residual {train:.2e}; erase fewer concepts per solve for exact alignment")
+        if summary["deep_rank"] >= x.shape[0]:
+            why = (f"the constraints exceed the deep sites' rank budget ({x.shape[0]}); "
+                   "erase fewer concepts per solve for exact alignment")
+        else:
+            why = ("some constraints contradict each other (the same features are asked for different "
+                   "outputs); check the anchors and custom prompts")
+        summary["warnings"].append(f"least-squares residual {train:.2e}: {why}")
     settings_record = {
         "concepts": [{"target": p.target, "anchor": p.anchor, "concept_type": p.concept_type, "prompts": list(p.prompts)}
                      for p in request.concepts],

@@ -223,3 +223,30 @@ def test_shared_system_solves_many_sites_like_single_solves():
         v = torch.randn(out, 30, generator=g)
         assert torch.allclose(system.solve(w, v).update.dense(), zero_residual_update(w, x, v).update.dense())
         assert torch.allclose(uce.solve(w, v).update.dense(), uce_update(w, x, v).update.dense())
+
+
+@pytest.mark.parametrize("n", [30, 140])
+def test_shared_map_for_linear_targets_equals_per_site_solves(n):
+    """Deep sites ask V*_s = W_s Y: the shared form must match solving each site on its own."""
+    g = torch.Generator().manual_seed(16)
+    x, y = torch.randn(96, n, generator=g), torch.randn(96, n, generator=g)
+    k = torch.randn(96, 50, generator=g)
+    groups = torch.arange(n) % 3
+    for system in (ConstraintSystem.build(x, groups), ConstraintSystem.build(x, groups, preserve=k, alpha=5.0),
+                   UCESystem.build(x, k)):
+        shared = system.map_targets(y)
+        for out in (32, 80):
+            w = torch.randn(out, 96, generator=g)
+            one = system.solve(w, w @ y)
+            mapped = shared.solve(w)
+            assert rel(mapped.update.dense(), one.update.dense()) <= 1e-6  # same algebra, other rounding order
+            assert mapped.residual == pytest.approx(one.residual, rel=1e-6, abs=1e-12)
+
+
+def test_preservation_weighting_keeps_exact_alignment_however_strong():
+    w, x, v, k = sd_like_problem(256, 64, 120, seed=17, m=200)
+    for alpha in (1.0, 1e2, 1e4):
+        sol = zero_residual_update(w, x, v, preserve=k, lam=1.0, alpha=alpha)
+        print(f"alpha {alpha:g}: rank {sol.update.rank}, residual {sol.residual:.2e}")
+        assert sol.update.rank == 120
+        assert sol.residual <= 1e-8
