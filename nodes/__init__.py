@@ -2,16 +2,21 @@
 
 from .apply import ApplyErasedUNet
 from .concept_pair import ConceptPairNode
+from .edit_io import LoadEraseProEdit, SaveEraseProEdit
 from .solver import ProgressiveSolver
 
 NODE_CLASS_MAPPINGS = {
     "ErasePro_ConceptPair": ConceptPairNode,
     "ErasePro_ProgressiveSolver": ProgressiveSolver,
     "ErasePro_ApplyErasedUNet": ApplyErasedUNet,
+    "ErasePro_SaveEdit": SaveEraseProEdit,
+    "ErasePro_LoadEdit": LoadEraseProEdit,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ErasePro_ConceptPair": "ErasePro Concept Pair",
     "ErasePro_ProgressiveSolver": "ErasePro Progressive Solver",
     "ErasePro_ApplyErasedUNet": "Apply Erased UNet",
+    "ErasePro_SaveEdit": "Save ErasePro Edit",
+    "ErasePro_LoadEdit": "Load ErasePro Edit",
 }
