@@ -159,8 +159,9 @@ def to_state_dict(edit: ErasureEdit, dtype: str = "float32") -> tuple[dict[str, 
                 up32, down32 = u.to(tdtype), d.to(tdtype)
                 if not (torch.isfinite(up32).all() and torch.isfinite(down32).all()):
                     raise EditFileError(f"{s.key}: the factors overflow {dtype}; save as float32")
-            tensors[f"{name}.lora_up.weight"] = up32.to(tdtype).contiguous()
-            tensors[f"{name}.lora_down.weight"] = down32.to(tdtype).contiguous()
+            # copies: the returned tensors never alias the edit's factors
+            tensors[f"{name}.lora_up.weight"] = up32.to(tdtype).contiguous().clone()
+            tensors[f"{name}.lora_down.weight"] = down32.to(tdtype).contiguous().clone()
             tensors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
         sites.append({"name": name, "key": s.key, "part": s.part, "stage": s.stage, "rank": rank,
                       "solver_rank": solver_rank,

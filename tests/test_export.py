@@ -1,0 +1,414 @@
+"""Sharing an erasure: the LoRA export, Load/Save ErasePro Edit, baking and the batch command.
+
+Tiny SD1.5 / SDXL models built from ComfyUI's classes (comfy_host); ComfyUI's own LoraLoader,
+checkpoint loader and sampler check what the files do. The batch test runs the real command
+(``python -m erasepro_ops erase``) on the tiny test checkpoint (full-size CLIP-L).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_host as H
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ["sd15", "sdxl"]
+TARGET, ANCHOR = "van gogh", "claude monet"
+FP16_TOL = 1e-3  # sampler output: relative difference allowed between the LoRA path and Apply
+
+
+# ----------------------------------------------------------------------------------------
+# fixtures
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pack():
+    return H.load_pack()
+
+
+@pytest.fixture(scope="module")
+def eio(pack):
+    return sys.modules[f"{H.PACK_MODULE}.nodes.edit_io"]
+
+
+@pytest.fixture(scope="module")
+def export():
+    from erasepro_ops import export
+    return export
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """A temporary folder as ComfyUI's (only) loras folder for this module."""
+    import folder_paths
+    d = tmp_path_factory.mktemp("loras")
+    old = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(d)], old[1])
+    folder_paths.filename_list_cache.clear()
+    yield d
+    folder_paths.folder_names_and_paths["loras"] = old
+    folder_paths.filename_list_cache.clear()
+
+
+_SOLVED = {}
+
+
+def solved(pack, kind):
+    """(model, clip, edit) for a one-concept erasure with a shallow CLIP site (cached)."""
+    if kind not in _SOLVED:
+        m = pack.NODE_CLASS_MAPPINGS
+        model, clip = H.build(kind)
+        (concepts,) = m["ErasePro_ConceptPair"]().build(TARGET, ANCHOR, "custom", "a painting by {}")
+        out = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "erasepro", preserve="a photo of a dog")
+        _SOLVED[kind] = (model, clip, out["result"][0])
+    return _SOLVED[kind]
+
+
+def save_node(pack, edit, prefix, dtype="float32"):
+    out = pack.NODE_CLASS_MAPPINGS["ErasePro_SaveEdit"]().save(edit, prefix, dtype)
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def load_node(pack, name, model, clip=None, ignore=False):
+    return pack.NODE_CLASS_MAPPINGS["ErasePro_LoadEdit"]().load(name, model, ignore, clip)
+
+
+def apply_node(pack, model, edit, clip, strength=1.0):
+    return pack.NODE_CLASS_MAPPINGS["ErasePro_ApplyErasedUNet"]().apply(model, edit, strength, clip)
+
+
+def site_weights(eio, model, clip, edit):
+    from_host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    w = from_host.effective_weights(model, [s.key for s in edit.part("model")])
+    if edit.part("clip"):
+        w.update(from_host.effective_weights(clip.patcher, [s.key for s in edit.part("clip")]))
+    return w
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *a):
+        logging.getLogger().removeHandler(self)
+
+
+# ----------------------------------------------------------------------------------------
+# pure module
+# ----------------------------------------------------------------------------------------
+def test_erasepro_ops_never_imports_comfyui():
+    code = ("import sys, erasepro_ops, erasepro_ops.export, erasepro_ops.__main__\n"
+            "bad = [m for m in sys.modules if m == 'comfy' or m.startswith('comfy.') or m == 'folder_paths']\n"
+            "assert not bad, bad\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_lora_keys_are_kohya_and_comfyui_maps_every_site(pack, eio, export, kind):
+    model, clip, edit = solved(pack, kind)
+    tensors, meta = export.to_state_dict(edit)
+    key_map = eio.comfy_key_map(model, clip)
+    prefixes = {"sd15": ("lora_unet_", "lora_te_"), "sdxl": ("lora_unet_", "lora_te1_", "lora_te2_")}[kind]
+    report = {}
+    for s in edit.sites:
+        name = export.lora_name(s.key, kind)
+        assert name.startswith(prefixes), name
+        assert key_map.get(name) == s.key, f"ComfyUI maps {name} to {key_map.get(name)}, not {s.key}"
+        up, down, alpha = (tensors[name + x] for x in (".lora_up.weight", ".lora_down.weight", ".alpha"))
+        assert up.shape[1] == down.shape[0] == float(alpha) <= min(s.shape)
+        assert (up.double() @ down.double()).shape == s.shape
+        report[name] = (s.rank, int(alpha))
+    if kind == "sdxl":
+        assert "lora_unet_label_emb_0_0" in report  # the pooled site: a normal kohya name ComfyUI maps
+        assert any(n.startswith("lora_te2_") for n in report)
+    for k in ("concepts", "method", "progressive_layers", "lambda", "preserve", "version", "fingerprint",
+              "summary", "family", "storage_dtype", "train_residual"):
+        assert f"erasepro.{k}" in meta, k
+    assert json.loads(meta["erasepro.preserve"]) == ["a photo of a dog"]
+    assert json.loads(meta["erasepro.concepts"])[0]["target"] == TARGET
+    assert meta["erasepro.fingerprint"] == edit.fingerprint and len(edit.fingerprint) == 64
+    print(f"\n[{kind}] {len(report)} LoRA modules, (solver rank, stored rank): "
+          + ", ".join(f"{n}: {r}" for n, r in list(report.items())[:3]) + ", ...")
+
+
+# ----------------------------------------------------------------------------------------
+# stock LoraLoader vs Apply Erased UNet
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_stock_lora_loader_reproduces_apply(pack, eio, loras, kind, dtype):
+    nodes = H.comfy_nodes()
+    model, clip, edit = solved(pack, kind)
+    name, text = save_node(pack, edit, f"test/{kind}_{dtype}", dtype)
+    path = loras / name
+    assert path.is_file(), text
+    with Warnings() as w:
+        lora_model, lora_clip = nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    bad = [m for m in w.messages if "lora key not loaded" in m or "NOT LOADED" in m]
+    assert not bad, bad
+    assert {s.key for s in edit.part("model")} <= set(lora_model.patches)
+    assert {s.key for s in edit.part("clip")} <= set(lora_clip.patcher.patches)
+    ap_model, ap_clip = apply_node(pack, model, edit, clip)
+
+    w_lora = site_weights(eio, lora_model, lora_clip, edit)
+    w_apply = site_weights(eio, ap_model, ap_clip, edit)
+    # The erased weight W' = W + dW is itself float32: both paths round it (|W| >> |dW| at the deep
+    # sites), plus the LoRA's own error: factors rounded to the storage dtype, summed over the rank.
+    eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(getattr(torch, dtype)).eps
+    worst = worst_ulp = 0.0
+    for s in edit.sites:
+        delta = s.delta()
+        err = float((w_lora[s.key] - w_apply[s.key]).abs().max())
+        tol = 2 * eps32 * float(w_apply[s.key].abs().max()) + 4 * eps * s.rank ** 0.5 * float(delta.abs().max())
+        assert err <= tol, (s.key, err, tol)
+        worst = max(worst, err / float(delta.abs().max()))
+        worst_ulp = max(worst_ulp, err / (eps32 * float(w_apply[s.key].abs().max())))
+
+    pos_t, neg = "a painting by van gogh", ""
+    lat = {}
+    for tag, (m, c) in {"lora": (lora_model, lora_clip), "apply": (ap_model, ap_clip), "orig": (model, clip)}.items():
+        lat[tag] = H.ksample(m, H.conditioning(c, pos_t), H.conditioning(c, neg), H.empty_latent(64, 64),
+                             seed=0, steps=2)["samples"]
+    diff = float((lat["lora"] - lat["apply"]).norm() / lat["apply"].norm())
+    moved = float((lat["apply"] - lat["orig"]).norm() / lat["orig"].norm())
+    size = path.stat().st_size
+    print(f"\n[{kind} {dtype}] LoRA {size / 1e6:.2f} MB; stock LoraLoader vs Apply: weights max err {worst:.2e} of max |dW| "
+          f"({worst_ulp:.1f} float32 ulps of max |W'|), sample rel diff {diff:.2e} (tolerance {FP16_TOL:g}); erasure moved the sample by {moved:.2e}")
+    assert diff <= FP16_TOL
+    assert moved > 100 * max(diff, 1e-7)
+
+
+# ----------------------------------------------------------------------------------------
+# Save -> Load -> Apply
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_load_apply_round_trip_is_bit_exact(pack, eio, loras, kind):
+    model, clip, edit = solved(pack, kind)
+    name, _ = save_node(pack, edit, f"rt/{kind}")
+    loaded, info = load_node(pack, name, model, clip)
+    assert "fingerprint OK" in info and TARGET in info
+    assert [s.key for s in loaded.sites] == [s.key for s in edit.sites]
+    assert loaded.fingerprint == edit.fingerprint
+    assert loaded.settings["concepts"] == edit.settings["concepts"]
+    assert loaded.summary["train_residual"] == edit.summary["train_residual"]
+    for a, b in zip(edit.sites, loaded.sites):
+        assert torch.equal(a.delta(), b.delta()), a.key
+        assert (a.part, a.stage, a.relative_change, a.residual) == (b.part, b.stage, b.relative_change, b.residual)
+    w1 = site_weights(eio, *apply_node(pack, model, edit, clip), edit)
+    w2 = site_weights(eio, *apply_node(pack, model, loaded, clip), edit)
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    print(f"\n[{kind}] Save -> Load -> Apply: max |difference| {worst} over {len(w1)} weights (float32)")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+# ----------------------------------------------------------------------------------------
+# refusals
+# ----------------------------------------------------------------------------------------
+def _tamper(export, edit, path, fn):
+    from safetensors.torch import save_file
+    tensors, meta = export.to_state_dict(edit)
+    fn(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_bad_files_are_refused_and_apply_nothing(pack, eio, export, loras):
+    model, clip, edit = solved(pack, "sd15")
+    good, _ = save_node(pack, edit, "bad/good")
+    data = (loras / good).read_bytes()
+    d = loras / "bad"
+    first = export.lora_name(edit.part("model")[0].key, "sd15")
+    cases = {}
+
+    def case(label, fname, expect):
+        cases[label] = (f"bad/{fname}", expect)
+
+    (d / "truncated.safetensors").write_bytes(data[: len(data) - 1000]); case("truncated", "truncated.safetensors", "truncated")
+    (d / "cut_header.safetensors").write_bytes(data[:100]); case("truncated header", "cut_header.safetensors", "truncated")
+    _tamper(export, edit, d / "shape.safetensors",
+            lambda t, m: t.__setitem__(f"{first}.lora_down.weight", torch.cat([t[f"{first}.lora_down.weight"]] * 2, 1)))
+    case("wrong shape", "shape.safetensors", "wrong shapes")
+    _tamper(export, edit, d / "rank.safetensors",
+            lambda t, m: t.__setitem__(f"{first}.lora_up.weight", t[f"{first}.lora_up.weight"][:, :-1].contiguous()))
+    case("inconsistent pair", "rank.safetensors", "wrong shapes")
+
+    def nan(t, m):
+        t[f"{first}.lora_up.weight"][0, 0] = float("nan")
+    _tamper(export, edit, d / "nan.safetensors", nan); case("NaN", "nan.safetensors", "NaN")
+    _tamper(export, edit, d / "alpha.safetensors", lambda t, m: t.__setitem__(f"{first}.alpha", torch.tensor(1.0)))
+    case("alpha", "alpha.safetensors", "alpha")
+    _tamper(export, edit, d / "extra.safetensors", lambda t, m: t.__setitem__("lora_unet_x.lora_up.weight", torch.zeros(2, 2)))
+    case("extra tensor", "extra.safetensors", "unexpected tensor")
+    tensors, _ = export.to_state_dict(edit)
+    torch.save(tensors, d / "torch_save.safetensors"); case("torch.save renamed", "torch_save.safetensors", "pickle")
+    (d / "pickle.safetensors").write_bytes(pickle.dumps({"a": 1})); case("pickle renamed", "pickle.safetensors", "pickle")
+    (d / "text.safetensors").write_text("hello, this is not a model"); case("text", "text.safetensors", "not a safetensors")
+    (d / "empty.safetensors").write_bytes(b""); case("empty", "empty.safetensors", "too short")
+    from safetensors.torch import save_file
+    save_file({"lora_unet_a.lora_up.weight": torch.zeros(4, 1)}, str(d / "plain.safetensors"))
+    case("plain LoRA", "plain.safetensors", "not an ErasePro edit")
+
+    from_host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    before = (len(model.patches), len(clip.patcher.patches))
+    for label, (name, expect) in cases.items():
+        with pytest.raises(from_host.EraseProError) as e:
+            load_node(pack, name, model, clip)
+        assert expect.lower() in str(e.value).lower(), (label, str(e.value))
+        print(f"\n  {label}: {e.value}")
+    assert (len(model.patches), len(clip.patcher.patches)) == before
+
+    # an edit made for another base model (same architecture, other weights)
+    other_model, other_clip = H.build("sd15", seed=1)
+    with pytest.raises(from_host.EraseProError, match="another base model") as e:
+        load_node(pack, good, other_model, other_clip)
+    print(f"\n  another base model: {e.value}")
+    assert not other_model.patches and not other_clip.patcher.patches
+    loaded, info = load_node(pack, good, other_model, other_clip, ignore=True)  # the explicit override
+    assert "not checked" in info and len(loaded.sites) == len(edit.sites)
+    # clip sites present but no CLIP to check against
+    with pytest.raises(from_host.EraseProError, match="connect the CLIP"):
+        load_node(pack, good, model, None)
+    # another architecture: shapes are checked even with the override
+    sx_model, sx_clip, sx_edit = solved(pack, "sdxl")
+    sx_name, _ = save_node(pack, sx_edit, "bad/sdxl")
+    with pytest.raises(from_host.EraseProError, match="another model"):
+        load_node(pack, sx_name, model, clip, ignore=True)
+
+
+# ----------------------------------------------------------------------------------------
+# batch command + baked checkpoint
+# ----------------------------------------------------------------------------------------
+CONCEPTS_20 = [
+    ("van gogh", "a painter"), ("claude monet", "a painter"), ("pablo picasso", "a painter"),
+    ("salvador dali", "a painter"), ("rembrandt", "a painter"), ("frida kahlo", "a painter"),
+    ("andy warhol", "a painter"), ("greg rutkowski", "a painter"), ("hokusai", "a painter"),
+    ("gustav klimt", "a painter"), ("mickey mouse", "a cartoon character"), ("pikachu", "a cartoon character"),
+    ("darth vader", "a man"), ("spider man", "a man"), ("iron man", "a man"), ("superman", "a man"),
+    ("batman", "a man"), ("homer simpson", "a cartoon character"), ("snoopy", "a dog"), ("garfield", "a cat"),
+]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_checkpoint, tmp_path_factory, artifacts_dir):
+    """Run ``python -m erasepro_ops erase`` on the tiny checkpoint with 20 concepts (one prompt each)."""
+    d = tmp_path_factory.mktemp("batch")
+    csv_path = d / "pairs.csv"
+    csv_path.write_text("target,anchor,concept_type,prompts\n"
+                        + "".join(f"{t},{a},custom,{{}}\n" for t, a in CONCEPTS_20), encoding="utf-8")
+    out, baked = d / "edit.safetensors", d / "baked.safetensors"
+    cmd = [sys.executable, "-m", "erasepro_ops", "erase", "--ckpt", str(tiny_checkpoint), "--pairs", str(csv_path),
+           "--out", str(out), "--bake", str(baked), "--progressive-layers", "1"]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    wall = time.time() - t0
+    (artifacts_dir / "batch_cli.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"csv": csv_path, "out": out, "baked": baked, "log": r.stderr, "wall": wall, "ckpt": tiny_checkpoint}
+
+
+_RESIDUALS = {}
+
+
+def deep_residuals(batch):
+    """Deep train residual of the *reloaded baked* checkpoint, over all constrained columns and over
+    the concept / template-suffix / end-token columns only (padding excluded)."""
+    if _RESIDUALS:
+        return _RESIDUALS
+    import comfy.sd
+    from erasepro_ops import export
+    from erasepro_ops.chain import Columns, inputs_with_partners
+    erase = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
+    host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    edit = export.load(batch["out"])
+    orig_model, orig_clip = comfy.sd.load_checkpoint_guess_config(str(batch["ckpt"]), output_vae=False)[:2]
+    baked_model, baked_clip = comfy.sd.load_checkpoint_guess_config(str(batch["baked"]), output_vae=False)[:2]
+    from erasepro_ops.concepts import ConceptPair
+    concepts = tuple(ConceptPair(**{k: c[k] for k in ("target", "anchor", "concept_type", "prompts")})
+                     for c in edit.settings["concepts"])
+    arch = host.detect(orig_model, orig_clip)
+    fp = host.fingerprint({**host.effective_weights(orig_model, [s.key for s in edit.part("model")]),
+                           **host.effective_weights(orig_clip.patcher, [s.key for s in edit.part("clip")])})
+    alignments, target_ids, anchor_ids = erase._align_all(orig_clip, arch, concepts)
+    columns = Columns.from_alignments(alignments, erase.CONTEXT)
+    x_cond = host.encode_batch(baked_clip, arch.encoders, target_ids)[0]
+    y_cond = host.encode_batch(orig_clip, arch.encoders, anchor_ids)[0]
+    x, y = inputs_with_partners(x_cond, y_cond, columns)
+    x, y = x.double(), y.double()
+    w_o = host.effective_weights(orig_model, arch.deep_keys)
+    w_b = host.effective_weights(baked_model, arch.deep_keys)
+    sel = columns.groups <= 2  # keep, concept, suffix, end (not padding)
+    num = den = num_c = den_c = 0.0
+    for k in arch.deep_keys:
+        wo, wb = w_o[k].double(), w_b[k].double()
+        target = wo @ y
+        r1, r0 = wb @ x - target, wo @ x - target
+        num += float((r1 ** 2).sum()); den += float((r0 ** 2).sum())
+        num_c += float((r1[:, sel] ** 2).sum()); den_c += float((r0[:, sel] ** 2).sum())
+    _RESIDUALS.update(all=(num / den) ** 0.5, concept=(num_c / den_c) ** 0.5, edit=edit, fingerprint=fp,
+                      columns=len(columns.groups), concept_columns=int(sel.sum()),
+                      changed=max(float((w_b[k] - w_o[k]).abs().max()) for k in arch.deep_keys))
+    return _RESIDUALS
+
+
+def test_batch_command_erases_20_concepts_and_bakes(batch):
+    res = deep_residuals(batch)
+    edit = res["edit"]
+    assert len(edit.settings["concepts"]) == 20
+    assert res["fingerprint"] == edit.fingerprint  # the edit fits the checkpoint it was made from
+    assert "erasing" in batch["log"] and "100%" in batch["log"]  # the progress bar
+    ckpt, lora, baked = (batch[k].stat().st_size for k in ("ckpt", "out", "baked"))
+    with open(batch["baked"], "rb") as f:
+        pass
+    from erasepro_ops import export
+    meta = export.read_metadata(batch["baked"])
+    assert meta.get("erasepro.fingerprint") == edit.fingerprint
+    s = edit.summary
+    print(f"\n[batch] 20 concepts, wall {batch['wall']:.1f} s (solve {s['solve_seconds']:.1f} s), "
+          f"{res['columns']} constrained columns ({res['concept_columns']} concept/suffix/end), deep rank {s['deep_rank']} of 768")
+    print(f"[batch] LoRA {lora / 1e6:.2f} MB vs checkpoint {ckpt / 1e6:.2f} MB ({lora / ckpt:.2%}); baked checkpoint {baked / 1e6:.2f} MB")
+    print(f"[batch] reloaded baked checkpoint: deep train residual {res['all']:.3e} over all columns "
+          f"(solve reported {s['train_residual']:.3e}), {res['concept']:.3e} over concept/suffix/end columns")
+    assert res["changed"] > 0
+    # the baked checkpoint carries the edit: same residual as the solve reported
+    assert abs(res["all"] - s["train_residual"]) <= 1e-4 + 1e-2 * s["train_residual"]
+    # and the concepts themselves (every non-padding column) are aligned exactly
+    assert res["concept"] <= 1e-4
+
+
+def test_batch_20_concepts_fit_the_rank_budget(batch):
+    """All columns, padding included, at <= 1e-4: impossible when they exceed the deep sites' width."""
+    res = deep_residuals(batch)
+    if res["all"] > 1e-4 and res["edit"].summary.get("deep_rank", 0) >= 767:
+        pytest.xfail(f"20 concepts x 77 positions = {res['columns']} constraints > 768 = SD1.5's deep input width "
+                     f"(DESIGN §3 rank budget): least-squares on the padding, residual {res['all']:.2e}")
+    assert res["all"] <= 1e-4
+
+
+def test_info_command(batch):
+    r = subprocess.run([sys.executable, "-m", "erasepro_ops", "info", str(batch["out"])], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "van gogh" in r.stdout and "sd15" in r.stdout
+    bad = batch["out"].with_name("bad.safetensors")
+    bad.write_bytes(batch["out"].read_bytes()[:5000])
+    r = subprocess.run([sys.executable, "-m", "erasepro_ops", "info", str(bad)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "truncated" in r.stderr, r.stderr
