@@ -2,15 +2,22 @@
 //
 // ErasePro_ProgressiveSolver: the server sends `message.erasepro_report = [report]` with the node's
 //   "executed" message (the node returns {"ui": {"erasepro_report": [report]}, "result": ...}).
-//   The report is stored in node.properties.erasepro_report (serialised with the workflow) and
-//   drawn under the widgets: per-site relative dW bars (shallow text-encoder vs deep cross-attn)
-//   and a badge "residual 3.1e-7 · burden 0.41% · 0.52 s".
-// ErasePro_ConceptPair: after target / anchor / concept_type change (300 ms debounce) it asks
-//   GET /erasepro/tokens?target=..&anchor=..&concept_type=.. ->
+//   The report is stored in node.properties.erasepro_report (serialised with the workflow, so it
+//   is re-drawn after a page reload or when the workflow is reopened) and drawn in a canvas
+//   widget under the other widgets: per-site relative dW bars (shallow text-encoder vs deep
+//   cross-attn) and a badge "residual 3.1e-7 · burden 0.41% · 0.52 s".
+//   A custom widget (not onDrawForeground) because the front end hands all free node height to
+//   multiline text widgets ("preserve", "prompts"): a widget with a fixed computeSize gets its
+//   own row. It is never serialised (serialize: false, last in the list), so widgets_values and
+//   the API prompt are unchanged.
+// ErasePro_ConceptPair: after target / anchor / concept_type / prompts change (300 ms debounce) it
+//   POSTs {target, anchor, concept_type, prompts} to /api/erasepro/tokens (nodes/routes.py; GET
+//   with the same query parameters works too) ->
 //   {"target_tokens": n, "anchor_tokens": m, "overflow": ["template", ...], "error": null}
-//   and draws "target n tokens · anchor m tokens" plus an orange overflow warning.
+//   and draws "target n tokens · anchor m tokens" plus an orange overflow warning (also a widget).
 //   Any failure (route missing, bad JSON) shows no readout.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const SOLVER = "ErasePro_ProgressiveSolver";
 const PAIR = "ErasePro_ConceptPair";
@@ -25,8 +32,14 @@ const BADGE_FONT = "11px Arial, sans-serif";
 const PAD = 6;
 const CHART_H = 110;
 const LINE_H = 15;
+const REPORT_H = CHART_H + PAD + LINE_H + 2;
 const MIN_W = 300;
+const REPORT_WIDGET = "erasepro_report_view";
+const TOKENS_WIDGET = "erasepro_tokens_view";
 const DEBOUNCE_MS = 300;
+const TOKENS_ROUTE = "/erasepro/tokens";
+const MAX_CHARS = 1000; // the route's caps (nodes/routes.py)
+const MAX_PROMPTS_CHARS = 8000;
 
 // ----------------------------------------------------------------------------- formatting
 // Same rules as erasepro_ops/report.py (format_sci / format_percent / format_seconds).
@@ -63,8 +76,6 @@ function badgeText(r) {
 }
 
 // ----------------------------------------------------------------------------- layout helpers
-const LG = () => globalThis.LiteGraph || {};
-
 function fit(ctx, text, maxW) {
   text = String(text ?? "");
   if (maxW <= 0) return "";
@@ -79,28 +90,6 @@ function fit(ctx, text, maxW) {
   return lo > 0 ? text.slice(0, lo) + "…" : "";
 }
 
-// y (node-local, below the title) where the slots and visible widgets end.
-function contentBottom(node) {
-  const slotH = LG().NODE_SLOT_HEIGHT || 20;
-  const widgetH = LG().NODE_WIDGET_HEIGHT || 20;
-  const inputs = (node.inputs || []).filter((i) => i && !i.widget).length;
-  const outputs = (node.outputs || []).length;
-  let y = Math.max(inputs, outputs) * slotH + 4;
-  if (typeof node.widgets_start_y === "number") y = Math.max(y, node.widgets_start_y);
-  const width = (node.size && node.size[0]) || MIN_W;
-  for (const w of node.widgets || []) {
-    if (!w || w.hidden || w.type === "converted-widget" || String(w.type || "").startsWith("converted")) continue;
-    let h = widgetH;
-    try {
-      if (typeof w.computeSize === "function") h = w.computeSize(width)[1] ?? h;
-      else if (typeof w.computedHeight === "number") h = w.computedHeight;
-    } catch (e) { /* keep default */ }
-    const top = typeof w.last_y === "number" ? w.last_y : typeof w.y === "number" ? w.y : y;
-    y = Math.max(y, top + h + 4);
-  }
-  return y;
-}
-
 function dirty(node) {
   try {
     if (typeof node.setDirtyCanvas === "function") node.setDirtyCanvas(true, true);
@@ -108,7 +97,7 @@ function dirty(node) {
   } catch (e) { /* ignore */ }
 }
 
-// Grow the node so the extra area fits, never shrinking a user's larger size.
+// Grow the node so its widgets fit, never shrinking a user's larger size.
 function ensureSize(node) {
   try {
     if (!node.size || typeof node.computeSize !== "function") return;
@@ -123,43 +112,73 @@ function ensureSize(node) {
   dirty(node);
 }
 
-function wrapComputeSize(nodeType, extraFn) {
-  const orig = nodeType.prototype.computeSize;
-  nodeType.prototype.computeSize = function (out) {
-    const s = orig ? orig.apply(this, arguments) : [MIN_W, 60];
-    try {
-      const extra = extraFn(this);
-      if (extra > 0) {
-        s[0] = Math.max(s[0], MIN_W);
-        s[1] += extra;
-      }
-    } catch (e) { /* ignore */ }
-    return s;
-  };
+const warned = new Set();
+function guard(name, fn) {
+  try {
+    return fn();
+  } catch (e) {
+    if (!warned.has(name)) { warned.add(name); console.warn("[ErasePro]", name, e); } // once, not per frame
+  }
+  return undefined;
 }
 
-const warned = new Set();
 function chain(proto, name, fn) {
   const orig = proto[name];
   proto[name] = function () {
     const r = orig ? orig.apply(this, arguments) : undefined;
-    try {
-      fn.apply(this, arguments);
-    } catch (e) {
-      if (!warned.has(name)) { warned.add(name); console.warn("[ErasePro]", name, e); } // once, not per frame
-    }
+    guard(name, () => fn.apply(this, arguments));
     return r;
   };
+}
+
+function findWidget(node, name) {
+  return (node.widgets || []).find((w) => w && w.name === name) || null;
+}
+
+// A canvas-drawn, never-serialised widget, appended last. height(node) -> px; paint(node, ctx, y, width, h).
+function addViewWidget(node, name, height, paint) {
+  const existing = findWidget(node, name);
+  if (existing) return existing;
+  const widget = {
+    name,
+    type: name,
+    value: "",
+    serialize: false, // not in widgets_values
+    options: { serialize: false }, // not in the API prompt
+    computeSize(width) {
+      let h = 0;
+      guard(`${name}.computeSize`, () => { h = height(node); });
+      return [Math.max(MIN_W, Number(width) || 0), Math.max(0, h)];
+    },
+    draw(ctx, n, width, y) {
+      const target = n || node;
+      if (!target || target.flags?.collapsed || !target.size) return;
+      const h = Math.min(height(target), target.size[1] - y);
+      if (h <= 0) return;
+      guard(`${name}.draw`, () => {
+        ctx.save();
+        try { paint(target, ctx, y, Number(width) || target.size[0], h); } finally { ctx.restore(); }
+      });
+    },
+    mouse() { return false; },
+  };
+  if (typeof node.addCustomWidget === "function") node.addCustomWidget(widget);
+  else (node.widgets ||= []).push(widget);
+  return findWidget(node, name) || widget;
+}
+
+function removeWidget(node, name) {
+  const i = (node.widgets || []).findIndex((w) => w && w.name === name);
+  if (i >= 0) {
+    const [w] = node.widgets.splice(i, 1);
+    try { w?.onRemove?.(); } catch (e) { /* ignore */ }
+  }
 }
 
 // ----------------------------------------------------------------------------- solver report
 function getReport(node) {
   const r = node.properties && node.properties[REPORT_KEY];
   return r && typeof r === "object" && !Array.isArray(r) ? r : null;
-}
-
-function reportExtra(node) {
-  return getReport(node) ? PAD + CHART_H + PAD + LINE_H + PAD : 0;
 }
 
 function stageOf(site) {
@@ -173,6 +192,7 @@ function drawChart(ctx, report, x, y, w, h) {
   ctx.fillRect(x, y, w, h);
   ctx.font = FONT;
   ctx.textBaseline = "top";
+  ctx.textAlign = "left";
 
   const values = sites.map((s) => num(s.relative_change));
   const finite = values.filter((v) => v !== null).map((v) => Math.max(0, v));
@@ -189,10 +209,12 @@ function drawChart(ctx, report, x, y, w, h) {
     ctx.fillRect(lx, y + 4, 7, 7);
     lx += 10;
     ctx.fillStyle = MUTED;
-    ctx.fillText(legend[st], lx, y + 3);
-    lx += ctx.measureText(legend[st]).width + 8;
+    const count = sites.filter((s) => stageOf(s) === st).length;
+    const label = `${legend[st]} ×${count}`;
+    ctx.fillText(label, lx, y + 3);
+    lx += ctx.measureText(label).width + 8;
   }
-  const maxLabel = `max ΔW ${finite.length ? fmtSci(vmax) : "n/a"}`;
+  const maxLabel = `max ΔW/W ${finite.length ? fmtPercent(vmax) : "n/a"}`;
   const mw = ctx.measureText(maxLabel).width;
   if (lx + mw < x + w - 4) {
     ctx.fillStyle = TEXT;
@@ -236,37 +258,42 @@ function drawChart(ctx, report, x, y, w, h) {
   }
 }
 
-function drawSolver(node, ctx) {
-  if (!node || node.flags?.collapsed || !node.size) return;
+function paintSolver(node, ctx, top, width, avail) {
   const report = getReport(node);
   if (!report) return;
-  const top = contentBottom(node) + PAD;
-  const w = node.size[0] - 2 * PAD;
-  const avail = node.size[1] - top - PAD;
+  const w = width - 2 * PAD;
   if (w < 40 || avail < LINE_H) return;
-  ctx.save();
-  try {
-    const chartH = Math.min(CHART_H, avail - LINE_H - PAD);
-    let by = top;
-    if (chartH >= 30) {
-      drawChart(ctx, report, PAD, top, w, chartH);
-      by = top + chartH + PAD;
-    }
-    ctx.font = BADGE_FONT;
-    ctx.textBaseline = "top";
-    ctx.textAlign = "left";
-    const nWarn = Array.isArray(report.warnings) ? report.warnings.length : 0;
-    const warnText = nWarn ? `⚠ ${nWarn}` : "";
-    const ww = warnText ? ctx.measureText(warnText).width + 6 : 0;
-    const prefix = String(report.method || "").toLowerCase() === "uce" ? "UCE · " : "";
-    ctx.fillStyle = TEXT;
-    ctx.fillText(fit(ctx, prefix + badgeText(report), w - ww), PAD, by);
-    if (warnText) {
-      ctx.fillStyle = WARN;
-      ctx.fillText(warnText, PAD + w - ww + 6, by);
-    }
-  } finally {
-    ctx.restore();
+  const chartH = Math.min(CHART_H, avail - LINE_H - PAD);
+  let by = top;
+  if (chartH >= 30) {
+    drawChart(ctx, report, PAD, top, w, chartH);
+    by = top + chartH + PAD;
+  }
+  ctx.font = BADGE_FONT;
+  ctx.textBaseline = "top";
+  ctx.textAlign = "left";
+  const nWarn = Array.isArray(report.warnings) ? report.warnings.length : 0;
+  const warnText = nWarn ? `⚠ ${nWarn}` : "";
+  const ww = warnText ? ctx.measureText(warnText).width + 6 : 0;
+  const prefix = String(report.method || "").toLowerCase() === "uce" ? "UCE · " : "";
+  ctx.fillStyle = TEXT;
+  const badge = fit(ctx, prefix + badgeText(report), w - ww);
+  ctx.fillText(badge, PAD, by);
+  if (warnText) {
+    ctx.fillStyle = WARN;
+    ctx.fillText(warnText, PAD + w - ww + 6, by);
+  }
+  // What was drawn last, for tests and debugging (not serialised: not in properties).
+  node._eraseproDrawn = { badge, chart: chartH >= 30, sites: Array.isArray(report.sites) ? report.sites.length : 0, top, chartH, width: w, t: Date.now() };
+}
+
+function showReport(node) {
+  if (getReport(node)) {
+    addViewWidget(node, REPORT_WIDGET, (n) => (getReport(n) ? REPORT_H : 0), paintSolver);
+    ensureSize(node);
+  } else {
+    removeWidget(node, REPORT_WIDGET);
+    dirty(node);
   }
 }
 
@@ -277,126 +304,120 @@ function setupSolver(nodeType) {
     if (!r || typeof r !== "object") return;
     if (!this.properties) this.properties = {};
     this.properties[REPORT_KEY] = r;
-    ensureSize(this);
+    showReport(this);
   });
   chain(nodeType.prototype, "onConfigure", function () {
-    if (getReport(this)) ensureSize(this);
-  });
-  chain(nodeType.prototype, "onDrawForeground", function (ctx) {
-    drawSolver(this, ctx);
+    if (getReport(this)) showReport(this); // reopened workflow / page reload: draw the last report
   });
   chain(nodeType.prototype, "getExtraMenuOptions", function (canvas, options) {
     if (!getReport(this) || !Array.isArray(options)) return;
     const node = this;
     options.push({
       content: "Clear ErasePro report",
-      callback: () => { try { delete node.properties[REPORT_KEY]; dirty(node); } catch (e) { /* ignore */ } },
+      callback: () => guard("clear", () => { delete node.properties[REPORT_KEY]; showReport(node); }),
     });
   });
-  wrapComputeSize(nodeType, reportExtra);
 }
 
 // ----------------------------------------------------------------------------- concept pair tokens
 function widgetValue(node, name) {
-  const w = (node.widgets || []).find((x) => x && x.name === name);
+  const w = findWidget(node, name);
   return w ? String(w.value ?? "") : "";
 }
 
-function tokenExtra(node) {
+function tokenLines(node) {
   const t = node._eraseproTokens;
   if (!t) return 0;
-  return PAD + LINE_H + (Array.isArray(t.overflow) && t.overflow.length ? LINE_H : 0) + (t.error ? LINE_H : 0) + PAD;
+  return 1 + (Array.isArray(t.overflow) && t.overflow.length ? 1 : 0) + (t.error ? 1 : 0);
 }
 
 async function fetchTokens(node, key) {
   const seq = (node._eraseproTokSeq = (node._eraseproTokSeq || 0) + 1);
-  const target = widgetValue(node, "target");
-  const anchor = widgetValue(node, "anchor");
-  const conceptType = widgetValue(node, "concept_type");
+  const body = {
+    target: widgetValue(node, "target").slice(0, MAX_CHARS),
+    anchor: widgetValue(node, "anchor").slice(0, MAX_CHARS),
+    concept_type: widgetValue(node, "concept_type"),
+    prompts: widgetValue(node, "prompts").slice(0, MAX_PROMPTS_CHARS),
+  };
   let data = null;
-  if (target.trim() || anchor.trim()) {
+  if (body.target.trim() || body.anchor.trim()) {
     try {
-      const q = new URLSearchParams({ target, anchor, concept_type: conceptType });
-      const base = typeof app?.api?.api_base === "string" ? app.api.api_base : "";
-      const res = await fetch(`${base}/erasepro/tokens?${q.toString()}`);
-      if (res.ok) {
-        const d = await res.json();
-        if (d && typeof d === "object" && (num(d.target_tokens) !== null || num(d.anchor_tokens) !== null || d.error)) data = d;
-      }
+      const init = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+      // api.fetchApi adds the server's /api prefix (and any user header); plain fetch as fallback.
+      const res = typeof api?.fetchApi === "function" ? await api.fetchApi(TOKENS_ROUTE, init) : await fetch(`/api${TOKENS_ROUTE}`, init);
+      const d = await res.json().catch(() => null);
+      if (d && typeof d === "object" && (num(d.target_tokens) !== null || num(d.anchor_tokens) !== null || d.error)) data = d;
     } catch (e) {
       data = null; // route missing / network error: no readout
     }
   }
   if (seq !== node._eraseproTokSeq || key !== node._eraseproTokKey) return; // a newer request owns the readout
   node._eraseproTokens = data;
-  if (data) ensureSize(node);
-  else dirty(node);
+  ensureSize(node);
 }
 
 function scheduleTokens(node) {
-  const key = [widgetValue(node, "target"), widgetValue(node, "anchor"), widgetValue(node, "concept_type")].join("\u0000");
+  const key = ["target", "anchor", "concept_type", "prompts"].map((n) => widgetValue(node, n)).join("\u0000");
   if (key === node._eraseproTokKey) return;
   node._eraseproTokKey = key;
   clearTimeout(node._eraseproTokTimer);
   node._eraseproTokTimer = setTimeout(() => { fetchTokens(node, key); }, DEBOUNCE_MS);
 }
 
-function drawPair(node, ctx) {
-  if (!node || !node.size || node.flags?.collapsed) return;
-  scheduleTokens(node); // catches edits that bypass widget callbacks, and workflow loads (cheap compare)
+function paintPair(node, ctx, top, width, avail) {
   const t = node._eraseproTokens;
   if (!t) return;
-  const w = node.size[0] - 2 * PAD;
-  let y = contentBottom(node) + PAD;
-  if (w < 40 || y + LINE_H > node.size[1]) return;
-  ctx.save();
-  try {
-    ctx.font = BADGE_FONT;
-    ctx.textBaseline = "top";
-    ctx.textAlign = "left";
-    const tt = num(t.target_tokens);
-    const at = num(t.anchor_tokens);
-    const tok = (n) => (n === null ? "n/a" : `${n} token${n === 1 ? "" : "s"}`);
-    ctx.fillStyle = TEXT;
-    ctx.fillText(fit(ctx, `target ${tok(tt)} · anchor ${tok(at)}`, w), PAD, y);
+  const w = width - 2 * PAD;
+  if (w < 40) return;
+  let y = top + 2;
+  const bottom = top + avail;
+  ctx.font = BADGE_FONT;
+  ctx.textBaseline = "top";
+  ctx.textAlign = "left";
+  const tt = num(t.target_tokens);
+  const at = num(t.anchor_tokens);
+  const tok = (n) => (n === null ? "n/a" : `${n} token${n === 1 ? "" : "s"}`);
+  const lines = [`target ${tok(tt)} · anchor ${tok(at)}`];
+  ctx.fillStyle = TEXT;
+  ctx.fillText(fit(ctx, lines[0], w), PAD, y);
+  y += LINE_H;
+  const overflow = Array.isArray(t.overflow) ? t.overflow : [];
+  if (overflow.length && y + LINE_H <= bottom + 2) {
+    ctx.fillStyle = WARN;
+    const msg = `⚠ ${overflow.length} template${overflow.length === 1 ? "" : "s"} over 77 tokens: ${String(overflow[0])}`;
+    lines.push(msg);
+    ctx.fillText(fit(ctx, msg, w), PAD, y);
     y += LINE_H;
-    const overflow = Array.isArray(t.overflow) ? t.overflow : [];
-    if (overflow.length && y + LINE_H <= node.size[1]) {
-      ctx.fillStyle = WARN;
-      const msg = `⚠ ${overflow.length} template${overflow.length === 1 ? "" : "s"} over 77 tokens: ${String(overflow[0])}`;
-      ctx.fillText(fit(ctx, msg, w), PAD, y);
-      y += LINE_H;
-    }
-    if (t.error && y + LINE_H <= node.size[1]) {
-      ctx.fillStyle = WARN;
-      ctx.fillText(fit(ctx, `⚠ ${String(t.error)}`, w), PAD, y);
-    }
-  } finally {
-    ctx.restore();
   }
+  if (t.error && y + LINE_H <= bottom + 2) {
+    ctx.fillStyle = WARN;
+    lines.push(`⚠ ${String(t.error)}`);
+    ctx.fillText(fit(ctx, `⚠ ${String(t.error)}`, w), PAD, y);
+  }
+  node._eraseproDrawn = { lines, t: Date.now() }; // for tests and debugging
 }
 
 function setupPair(nodeType) {
   chain(nodeType.prototype, "onNodeCreated", function () {
     const node = this;
     for (const w of node.widgets || []) {
-      if (!w || !["target", "anchor", "concept_type"].includes(w.name)) continue;
+      if (!w || !["target", "anchor", "concept_type", "prompts"].includes(w.name)) continue;
       const orig = w.callback;
       w.callback = function () {
         const r = orig ? orig.apply(this, arguments) : undefined;
-        try { scheduleTokens(node); } catch (e) { /* ignore */ }
+        guard("tokens", () => scheduleTokens(node));
         return r;
       };
     }
+    addViewWidget(node, TOKENS_WIDGET, (n) => { const k = tokenLines(n); return k ? k * LINE_H + 4 : 0; }, paintPair);
   });
-  chain(nodeType.prototype, "onDrawForeground", function (ctx) {
-    drawPair(this, ctx);
+  chain(nodeType.prototype, "onDrawForeground", function () {
+    if (!this.flags?.collapsed) scheduleTokens(this); // edits that bypass widget callbacks, workflow loads (cheap compare)
   });
   chain(nodeType.prototype, "onRemoved", function () {
     clearTimeout(this._eraseproTokTimer);
     this._eraseproTokSeq = (this._eraseproTokSeq || 0) + 1;
   });
-  wrapComputeSize(nodeType, tokenExtra);
 }
 
 // ----------------------------------------------------------------------------- registration

@@ -1,0 +1,425 @@
+"""The pack in a real browser: headless Chromium (Debian's /usr/bin/chromium, driven by the
+Playwright Python package; no browser download) against the live ComfyUI server and its real
+front end (comfyui-frontend-package).
+
+- every workflow in workflows/ appears in the front end's template browser (Templates ->
+  Extensions -> ComfyUI-ErasePro), loads from there with every node type known (no missing-node
+  dialog), is queued with the Run button and finishes; the solver node then holds the report the
+  server returned (/history ui output), and draws it: the badge text matches the numbers, and the
+  chart's shallow (blue) and deep (orange) bar colours are on the canvas inside the node;
+- the report survives a page reload, a save / reopen of the workflow (serialised JSON), collapsing
+  and resizing the node;
+- the Concept Pair node shows the token readout from /erasepro/tokens, with the overflow warning;
+- no page error and no console error / warning from the extension, across the whole module.
+
+Screenshots go to test-artifacts/browser/. CPU only: the shipped 64x64, 2-step workflows on the
+tiny random-weight SD1.5 checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from erasepro_ops.report import STAGE_COLORS, format_percent, format_sci, format_seconds
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+PACK_DIR_NAME = "ComfyUI-ErasePro"  # the folder name under custom_nodes (the template browser's group)
+SOLVER = "ErasePro_ProgressiveSolver"
+PAIR = "ErasePro_ConceptPair"
+CHROMIUM = os.environ.get("ERASEPRO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+RUN_TIMEOUT_S = 300
+# An error or warning is the extension's when it carries its log prefix, comes from its script,
+# or is about its route. (The front end itself also logs errors here: 404s for optional user
+# files and template thumbnails, and registry look-ups of every node type, api.comfy.org, which
+# the closed network refuses. Those are written to console-errors.txt, not failed on.)
+OUR_MARKERS = ("[erasepro]", f"/extensions/{PACK_DIR_NAME.lower()}/", "/erasepro/tokens")
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+
+def _chromium_or_skip() -> str:
+    if Path(CHROMIUM).is_file():
+        return CHROMIUM
+    msg = f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; `playwright install` is not used)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)  # CI installs it (.ci/run): a missing browser must not pass silently
+    pytest.skip(msg)
+
+
+def _get(base: str, path: str):
+    with urllib.request.urlopen(base + path, timeout=30) as r:
+        return json.loads(r.read().decode())
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures: one browser page for the module, errors collected across all tests
+# ---------------------------------------------------------------------------------------
+class PageErrors:
+    def __init__(self):
+        self.all: list[str] = []   # every page error / console error (the front end has its own)
+        self.ours: list[str] = []  # those from this pack's extension
+
+    def add(self, kind: str, text: str, location: str = ""):
+        line = f"{kind}: {text} {location}".strip()
+        self.all.append(line)
+        if any(m in line.lower() for m in OUR_MARKERS):
+            self.ours.append(line)
+
+
+@pytest.fixture(scope="module")
+def shots(artifacts_dir) -> Path:
+    d = artifacts_dir / "browser"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def errors() -> PageErrors:
+    return PageErrors()
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server, tiny_checkpoint, errors, shots):
+    exe = _chromium_or_skip()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            ctx = browser.new_context(viewport={"width": 1400, "height": 900}, device_scale_factor=1)
+            pg = ctx.new_page()
+            pg.on("pageerror", lambda e: errors.add("pageerror", f"{e}\n{getattr(e, 'stack', '') or ''}"))
+
+            def on_console(m):
+                if m.type == "error" or (m.type == "warning" and "[erasepro]" in m.text.lower()):
+                    loc = m.location or {}
+                    errors.add(f"console.{m.type}", m.text, str(loc.get("url", "")))
+            pg.on("console", on_console)
+            t0 = time.time()
+            _open(pg, comfy_server)
+            print(f"\n[browser] front end ready in {time.time() - t0:.1f} s")
+            yield pg
+            (shots / "console-errors.txt").write_text("\n".join(errors.all) + "\n", encoding="utf-8")
+        finally:
+            browser.close()
+
+
+def _open(pg, base_url: str):
+    pg.goto(base_url + "/", wait_until="domcontentloaded")
+    pg.wait_for_function(
+        "() => window.app && window.app.graph && window.app.canvas && window.LiteGraph"
+        f" && LiteGraph.registered_node_types && '{SOLVER}' in LiteGraph.registered_node_types",
+        timeout=120_000)
+    try:  # custom extensions load before node types register: missing now = web/erasepro.js failed
+        pg.wait_for_function("() => app.extensions.some(e => e.name === 'ErasePro.Report')", timeout=5_000)
+    except sync_api.TimeoutError:
+        pytest.fail("the ErasePro.Report extension did not load (web/erasepro.js); see test-artifacts/browser/console-errors.txt")
+
+
+# ---------------------------------------------------------------------------------------
+# Page helpers
+# ---------------------------------------------------------------------------------------
+JS_NODE = f"""(type) => {{
+  const n = app.graph._nodes.find(n => n.type === type);
+  return n ? {{ id: n.id, pos: [...n.pos], size: [...n.size], collapsed: !!n.flags?.collapsed,
+               report: n.properties?.erasepro_report ?? null, drawn: n._eraseproDrawn ?? null,
+               tokens: n._eraseproTokens ?? null }} : null;
+}}"""
+
+
+def node_state(pg, type_: str):
+    return pg.evaluate(JS_NODE, type_)
+
+
+def focus_node(pg, type_: str, front: bool = True) -> dict:
+    """Zoom 1, the node near the canvas' top-left corner, clicked on its title (selected and
+    brought to the front, as a user would: the shipped layouts put other nodes right under the
+    solver), redrawn; returns its screen box (CSS px in the page, title bar included)."""
+    box = _place(pg, type_)
+    if front:
+        b = box["page"]
+        pg.mouse.click(b["x"] + min(60, b["width"] / 2), b["y"] + 12)
+        box = _place(pg, type_)
+    return box
+
+
+def _place(pg, type_: str) -> dict:
+    return pg.evaluate("""async (type) => {
+      const node = app.graph._nodes.find(n => n.type === type);
+      const c = app.canvas;
+      c.ds.scale = 1;
+      c.ds.offset[0] = 320 - node.pos[0];
+      c.ds.offset[1] = 220 - node.pos[1];
+      node._eraseproDrawn = null;
+      c.setDirty(true, true);
+      c.draw(true, true);
+      await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+      const rect = c.canvas.getBoundingClientRect();
+      const titleH = LiteGraph.NODE_TITLE_HEIGHT || 30;
+      const [x, y] = c.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
+      const sizeH = node.flags?.collapsed ? 0 : node.size[1];
+      const sizeW = node.flags?.collapsed ? (node._collapsed_width || 120) : node.size[0];
+      return { page: { x: rect.left + x, y: rect.top + y - titleH, width: sizeW, height: sizeH + titleH },
+               canvas: { x, y, ratio: c.canvas.width / rect.width } };
+    }""", type_)
+
+
+def count_colors(pg, type_: str, region: tuple[float, float, float, float], colors: dict, tol: int = 6) -> dict:
+    """Pixels of each colour on the LiteGraph canvas in node-local ``region`` (x, y, w, h)."""
+    return pg.evaluate("""([type, region, colors, tol]) => {
+      const node = app.graph._nodes.find(n => n.type === type);
+      const c = app.canvas;
+      const cv = c.canvas;
+      const ratio = cv.width / cv.getBoundingClientRect().width;
+      const [x0, y0] = c.ds.convertOffsetToCanvas([node.pos[0] + region[0], node.pos[1] + region[1]]);
+      const w = Math.max(1, Math.round(region[2] * c.ds.scale * ratio));
+      const h = Math.max(1, Math.round(region[3] * c.ds.scale * ratio));
+      const data = cv.getContext("2d").getImageData(Math.round(x0 * ratio), Math.round(y0 * ratio), w, h).data;
+      const out = {};
+      for (const [name, rgb] of Object.entries(colors)) out[name] = 0;
+      for (let i = 0; i < data.length; i += 4) {
+        for (const [name, rgb] of Object.entries(colors)) {
+          if (Math.abs(data[i] - rgb[0]) <= tol && Math.abs(data[i + 1] - rgb[1]) <= tol && Math.abs(data[i + 2] - rgb[2]) <= tol) out[name]++;
+        }
+      }
+      return out;
+    }""", [type_, list(region), colors, tol])
+
+
+def expected_badge(report: dict) -> str:
+    prefix = "UCE · " if str(report.get("method", "")).lower() == "uce" else ""
+    return (f"{prefix}residual {format_sci(report.get('train_residual'))} · burden "
+            f"{format_percent(report.get('deep_burden'))} · {format_seconds(report.get('solve_seconds'))}")
+
+
+def assert_report_drawn(pg, report: dict, shots: Path | None = None, name: str = "") -> dict:
+    """The solver node draws ``report``: badge text and the chart's stage colours in its plot area."""
+    box = focus_node(pg, SOLVER)
+    pg.wait_for_function(f"() => app.graph._nodes.find(n => n.type === '{SOLVER}')?._eraseproDrawn",
+                         timeout=10_000)
+    st = node_state(pg, SOLVER)
+    drawn = st["drawn"]
+    assert drawn["badge"] == expected_badge(report), (drawn["badge"], expected_badge(report))
+    assert drawn["chart"] and drawn["sites"] == len(report.get("sites") or [])
+    stages = {}
+    for s in report.get("sites") or []:
+        v = s.get("relative_change")
+        if isinstance(v, (int, float)) and v > 0:
+            stages[str(s.get("stage")).lower()] = True
+    colors = {k: list(STAGE_COLORS[k]) for k in ("shallow", "deep")}
+    # plot area only (below the legend row): bars, not the legend swatches
+    region = (6, drawn["top"] + 16, st["size"][0] - 12, drawn["chartH"] - 16)
+    counts = count_colors(pg, SOLVER, region, colors)
+    if shots is not None:  # before the checks: the picture is what to look at when one fails
+        b = box["page"]
+        pg.screenshot(path=str(shots / f"{name}.png"),
+                      clip={"x": max(0, b["x"] - 10), "y": max(0, b["y"] - 10),
+                            "width": b["width"] + 20, "height": b["height"] + 20})
+    for stage in ("shallow", "deep"):
+        if stages.get(stage):
+            assert counts[stage] > 0, f"no {stage} bars drawn in the solver node: {counts}, region {region}, {st}"
+    return counts
+
+
+def load_template(pg, stem: str):
+    """Templates dialog -> Extensions / ComfyUI-ErasePro -> the workflow's card."""
+    dialog_card = pg.locator(f"[data-testid='template-workflow-{stem}']")
+    if not pg.get_by_text(PACK_DIR_NAME, exact=True).first.is_visible():
+        pg.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    pg.get_by_text(PACK_DIR_NAME, exact=True).first.click(timeout=30_000)
+    dialog_card.click(timeout=30_000)
+    pg.wait_for_function(f"() => app.graph._nodes.some(n => n.type === '{SOLVER}')"
+                         " && !document.querySelector(\"[data-testid^='template-workflow-']\")",
+                         timeout=30_000)
+
+
+def missing_node_types(pg) -> list[str]:
+    return pg.evaluate("() => [...new Set(app.graph._nodes.filter(n => !(n.type in LiteGraph.registered_node_types)"
+                       " || n.has_errors).map(n => n.type))]")
+
+
+def visible_dialog_text(pg) -> str:
+    return pg.evaluate("() => [...document.querySelectorAll('.p-dialog, [role=dialog]')]"
+                       ".filter(d => d.offsetParent !== null).map(d => d.innerText).join('\\n---\\n')")
+
+
+def queue_and_wait(pg, base_url: str) -> tuple[str, dict]:
+    """Click Run; wait for the new prompt in /history; returns (prompt_id, history entry)."""
+    before = set(_get(base_url, "/history?max_items=1000"))
+    pg.locator("[data-testid='queue-button']").first.click(timeout=30_000)
+    t_end = time.time() + RUN_TIMEOUT_S
+    while time.time() < t_end:
+        hist = _get(base_url, "/history?max_items=1000")
+        new = [pid for pid in hist if pid not in before]
+        if new:
+            entry = hist[new[0]]
+            st = entry.get("status") or {}
+            if st.get("status_str") == "error":
+                msgs = [m for m in st.get("messages", []) if m[0] == "execution_error"]
+                pytest.fail(f"workflow failed in the browser run: {json.dumps(msgs)[:3000]}")
+            if st.get("completed"):
+                return new[0], entry
+        time.sleep(0.25)
+    raise TimeoutError(f"the queued workflow did not finish within {RUN_TIMEOUT_S} s")
+
+
+def solver_ui_report(entry: dict, solver_id) -> dict:
+    out = (entry.get("outputs") or {}).get(str(solver_id)) or {}
+    reports = out.get("erasepro_report")
+    assert isinstance(reports, list) and reports, f"no erasepro_report in the solver's ui output: {out!r:.500}"
+    return reports[-1]
+
+
+def wait_node_report(pg, report: dict):
+    """The page's solver node holds the report the server sent (the websocket 'executed' message)."""
+    pg.wait_for_function(
+        """([type, want]) => { const r = app.graph._nodes.find(n => n.type === type)?.properties?.erasepro_report;
+             return r && r.train_residual === want.train_residual && r.deep_burden === want.deep_burden
+                    && r.solve_seconds === want.solve_seconds; }""",
+        arg=[SOLVER, {k: report.get(k) for k in ("train_residual", "deep_burden", "solve_seconds")}], timeout=30_000)
+
+
+# ---------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------
+def test_templates_listed(comfy_server):
+    """/api/workflow_templates lists every shipped workflow under the pack's folder name."""
+    listed = _get(comfy_server, "/api/workflow_templates")
+    assert sorted(listed.get(PACK_DIR_NAME, [])) == sorted(p.stem for p in WORKFLOWS), listed
+    for p in WORKFLOWS:
+        served = _get(comfy_server, f"/api/workflow_templates/{urllib.parse.quote(PACK_DIR_NAME)}/{p.name}")
+        assert served == json.loads(p.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_in_browser(path, page, comfy_server, tiny_checkpoint, shots, errors):
+    t0 = time.time()
+    load_template(page, path.stem)
+    assert missing_node_types(page) == [], "node types the front end does not know"
+    dialogs = visible_dialog_text(page)
+    assert not re.search(r"missing|not found|error", dialogs, re.I), f"dialog after loading: {dialogs[:1000]}"
+    # the tiny random-weight checkpoint (the workflows name it already; set it as a user would)
+    page.evaluate("""(name) => { for (const n of app.graph._nodes.filter(n => n.type === 'CheckpointLoaderSimple')) {
+        const w = n.widgets.find(w => w.name === 'ckpt_name'); w.value = name; w.callback?.(name); } }""",
+                  tiny_checkpoint.name)
+    solver_id = node_state(page, SOLVER)["id"]
+    t_load = time.time() - t0
+
+    pid, entry = queue_and_wait(page, comfy_server)
+    t_run = time.time() - t0 - t_load
+    report = solver_ui_report(entry, solver_id)
+    wait_node_report(page, report)
+    st = node_state(page, SOLVER)
+    for k in ("train_residual", "deep_burden", "solve_seconds", "method"):
+        assert st["report"].get(k) == report.get(k), (k, st["report"].get(k), report.get(k))
+    assert [s.get("relative_change") for s in st["report"]["sites"]] == [s.get("relative_change") for s in report["sites"]]
+    counts = assert_report_drawn(page, report, shots, f"solver-{path.stem}")
+    page.screenshot(path=str(shots / f"graph-{path.stem}.png"))
+    # A template-browser thumbnail candidate (the browser asks for workflows/<name>.jpg)
+    b = focus_node(page, SOLVER)["page"]
+    (shots / "thumbnails").mkdir(exist_ok=True)
+    page.screenshot(path=str(shots / "thumbnails" / f"{path.stem}.jpg"), type="jpeg", quality=85,
+                    clip={"x": b["x"] - 10, "y": b["y"] - 10, "width": b["width"] + 20, "height": b["height"] + 20})
+    print(f"\n[browser] {path.stem}: load {t_load:.1f} s, run {t_run:.1f} s (solve {report.get('solve_seconds'):.2f} s), "
+          f"badge {st['drawn']['badge']!r}, bar pixels {counts}")
+    assert errors.ours == [], errors.ours
+
+
+def test_report_survives_reload_save_collapse_resize(page, comfy_server, shots, errors):
+    """After the runs above: reload the page (the front end restores the open workflow), save and
+    reopen it, collapse and resize the solver: the report stays and is drawn, nothing throws."""
+    st = node_state(page, SOLVER)
+    assert st and st["report"], "run test_workflow_in_browser first (the page holds its last workflow)"
+    report = st["report"]
+
+    page.reload(wait_until="domcontentloaded")
+    _open(page, comfy_server)
+    page.wait_for_function(f"() => app.graph._nodes.some(n => n.type === '{SOLVER}')", timeout=30_000)
+    assert node_state(page, SOLVER)["report"] == report, "report lost on page reload"
+    assert_report_drawn(page, report, shots, "solver-after-reload")
+
+    # save (as a file would: JSON text) and reopen
+    saved = page.evaluate("() => JSON.stringify(app.graph.serialize())")
+    assert "erasepro_report" in saved
+    page.evaluate("async () => { await app.loadGraphData({nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4}); }")
+    assert node_state(page, SOLVER) is None
+    page.evaluate("async (text) => { await app.loadGraphData(JSON.parse(text)); }", saved)
+    assert node_state(page, SOLVER)["report"] == report, "report lost on save / reopen"
+    assert_report_drawn(page, report, shots, "solver-after-reopen")
+
+    # collapse, draw, expand
+    page.evaluate(f"() => {{ const n = app.graph._nodes.find(n => n.type === '{SOLVER}'); n.collapse(true);"
+                  " app.canvas.setDirty(true, true); app.canvas.draw(true, true); }")
+    assert node_state(page, SOLVER)["collapsed"]
+    box = focus_node(page, SOLVER)["page"]
+    page.screenshot(path=str(shots / "solver-collapsed.png"),
+                    clip={"x": box["x"] - 10, "y": box["y"] - 10, "width": 400, "height": 80})
+    page.evaluate(f"() => {{ const n = app.graph._nodes.find(n => n.type === '{SOLVER}'); n.collapse(true); }}")
+    assert not node_state(page, SOLVER)["collapsed"]
+    assert_report_drawn(page, report)
+
+    # resize: too small for the chart (must not throw), then wide
+    for size in ([120, 60], [200, 200], [700, 420]):
+        page.evaluate(f"(s) => {{ const n = app.graph._nodes.find(n => n.type === '{SOLVER}'); n.setSize(s);"
+                      " app.canvas.setDirty(true, true); app.canvas.draw(true, true); }", size)
+    assert_report_drawn(page, report, shots, "solver-resized-wide")
+    assert errors.ours == [], errors.ours
+
+
+def test_concept_pair_token_readout(page, comfy_server, shots, errors):
+    if node_state(page, PAIR) is None:
+        load_template(page, WORKFLOWS[0].stem)
+
+    def set_pair(target, anchor, concept_type="style"):
+        page.evaluate("""([type, vals]) => { const n = app.graph._nodes.find(n => n.type === type);
+            for (const [k, v] of Object.entries(vals)) { const w = n.widgets.find(w => w.name === k); w.value = v; w.callback?.(v); }
+            n._eraseproTokens = undefined; app.canvas.setDirty(true, true); }""",
+                      [PAIR, {"target": target, "anchor": anchor, "concept_type": concept_type}])
+        want = _get(comfy_server, "/erasepro/tokens?" + urllib.parse.urlencode(
+            {"target": target, "anchor": anchor, "concept_type": concept_type}))
+        focus_node(page, PAIR)
+        page.wait_for_function(
+            """([type, want]) => { const n = app.graph._nodes.find(n => n.type === type);
+                 app.canvas.setDirty(true, true);
+                 const t = n._eraseproTokens;
+                 return t && t.target_tokens === want.target_tokens && t.anchor_tokens === want.anchor_tokens
+                        && JSON.stringify(t.overflow) === JSON.stringify(want.overflow) && n._eraseproDrawn?.lines; }""",
+            arg=[PAIR, want], timeout=15_000)
+        focus_node(page, PAIR)
+        page.wait_for_function(f"() => app.graph._nodes.find(n => n.type === '{PAIR}')._eraseproDrawn?.lines",
+                               timeout=10_000)
+        return want, node_state(page, PAIR)["drawn"]["lines"]
+
+    want, lines = set_pair("Van Gogh", "a painting")
+    assert want["target_tokens"] >= 2 and want["overflow"] == [] and want["error"] is None, want
+    assert lines[0] == f"target {want['target_tokens']} tokens · anchor {want['anchor_tokens']} tokens", lines
+    assert len(lines) == 1, lines
+
+    long_target = " ".join(f"word{i}" for i in range(40))  # ~80 tokens: every template overflows
+    want, lines = set_pair(long_target, "a painting")
+    assert want["overflow"], want
+    assert any(line.startswith(f"⚠ {len(want['overflow'])} template") for line in lines), lines
+    box = focus_node(page, PAIR)["page"]
+    page.screenshot(path=str(shots / "concept-pair-overflow.png"),
+                    clip={"x": box["x"] - 10, "y": box["y"] - 10, "width": box["width"] + 20, "height": box["height"] + 20})
+
+    want, lines = set_pair("Van Gogh", "van gogh")
+    assert want["error"] and any("same concept" in line for line in lines), (want, lines)
+    set_pair("Van Gogh", "a painting")
+    assert errors.ours == [], errors.ours
+
+
+def test_no_errors_from_extension(page, errors):
+    """Across the module: no page error and no console error / warning names the extension."""
+    assert errors.ours == [], errors.ours
+    pageerrors = [e for e in errors.all if e.startswith("pageerror")]
+    assert not [e for e in pageerrors if "erasepro" in e.lower()], pageerrors
