@@ -75,14 +75,22 @@ class Columns:
     groups: torch.Tensor  # priority per column (ROLE_PRIORITY), keep columns included
 
     @classmethod
-    def from_alignments(cls, alignments: Sequence[PromptAlignment], context_length: int) -> "Columns":
+    def from_alignments(
+        cls, alignments: Sequence[PromptAlignment], context_length: int, *, last_token_only: bool = False
+    ) -> "Columns":
+        """All constrained columns (DESIGN §3), or with ``last_token_only`` just each template's last
+        concept token and no keep-constraints — the features the official UCE edits."""
         keep, move, partner, groups = [], [], [], []
         for p, al in enumerate(alignments):
             base = p * context_length
-            keep += [base + pos for pos in al.keep]
-            move += [base + pos for pos in al.move]
-            partner += [base + pos for pos in al.partner]
-            groups += [ROLE_PRIORITY[r] for r in al.role]
+            rows = list(zip(al.move, al.partner, al.role))
+            if last_token_only:
+                rows = [max((r for r in rows if r[2] == "concept"), key=lambda r: r[0])]
+            else:
+                keep += [base + pos for pos in al.keep]
+            move += [base + pos for pos, _, _ in rows]
+            partner += [base + pos for _, pos, _ in rows]
+            groups += [ROLE_PRIORITY[r] for _, _, r in rows]
         keep_groups = [ROLE_PRIORITY["keep"]] * len(keep)
         return cls(
             torch.tensor(keep + move, dtype=torch.long),

@@ -79,3 +79,33 @@ def eps_preservation(eps_edited: torch.Tensor, eps_original: torch.Tensor) -> fl
     base = eps_original.to(torch.float64)
     norm = float(base.norm())
     return float((eps_edited.to(torch.float64) - base).norm()) / norm if norm > 0 else 0.0
+
+
+def end_to_end_residual(
+    weights: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
+    x_edited: torch.Tensor,
+    x_original: torch.Tensor,
+    y: torch.Tensor,
+    max_columns: int = 4096,
+) -> float:
+    """Train / held-out residual of a whole edit (text encoder and deep sites together)::
+
+        sqrt(Σ_s ‖(W_s + ΔW_s) X' − W_s Y‖²) / sqrt(Σ_s ‖W_s X − W_s Y‖²)
+
+    ``X'`` the deep sites' input through the edited encoder, ``X`` through the original one,
+    ``Y`` the anchors' original features. 1 = as far from the anchor as the unedited model.
+    Beyond ``max_columns`` columns an evenly spaced subset is used (the figure is then an estimate).
+    """
+    dev = x_edited.device
+    n = x_edited.shape[1]
+    cols = torch.linspace(0, n - 1, max_columns).round().long() if n > max_columns else torch.arange(n)
+    xe, xo, yy = (_f64(t[:, cols.to(t.device)], dev) for t in (x_edited, x_original, y))
+    gap_after, gap_before = xe - yy, xo - yy
+    terms = []
+    for w, d in zip(weights, deltas):
+        w64 = _f64(w, dev)
+        after = w64 @ gap_after + _f64(d, dev) @ xe
+        before = w64 @ gap_before
+        terms.append((float((after * after).sum()), float((before * before).sum())))
+    return ratio(terms)

@@ -41,33 +41,38 @@ class Request:
     preserve: tuple[str, ...] = ()
     preserve_strength: float = 1.0
     rtol: float = DEFAULT_RTOL
+    features: str = "all"  # "all" (DESIGN §3) or "last_token" (official UCE: the last concept token only)
 
 
 def _chunks(clip, text: str, token_key: str) -> list[list[int]]:
     return token_chunks(clip.tokenize(text), token_key)
 
 
-def _align_all(clip, arch, concepts):
-    """Per template: the alignment (shared by all encoders) and each encoder's chunk ids."""
+def prompt_pairs(concepts) -> list[tuple[str, str, ConceptPair]]:
+    """Every concept's templates as ``(target prompt, anchor prompt, pair)``."""
+    return [(t, a, pair) for pair in concepts for t, a in expand(pair)]
+
+
+def align_prompts(clip, arch, pairs):
+    """Per prompt pair: the alignment (shared by all encoders) and each encoder's chunk ids."""
     alignments, target_ids, anchor_ids = [], [[] for _ in arch.encoders], [[] for _ in arch.encoders]
-    for pair in concepts:
-        for t_prompt, a_prompt in expand(pair):
-            found = None
-            for i, enc in enumerate(arch.encoders):
-                t_chunks = _chunks(clip, t_prompt, enc.token_key)
-                a_chunks = _chunks(clip, a_prompt, enc.token_key)
-                try:
-                    al = align_chunks(t_chunks, a_chunks, enc.special, anchor_empty=not pair.anchor,
-                                      target_prompt=t_prompt, anchor_prompt=a_prompt)
-                except ValueError as e:
-                    raise EraseProError(f"concept {pair.target!r} → {pair.anchor!r}: {e}") from e
-                if found is None:
-                    found = al
-                elif (al.keep, al.move, al.partner) != (found.keep, found.move, found.partner):
-                    raise EraseProError(f"the text encoders tokenise {t_prompt!r} differently; cannot align it")
-                target_ids[i].append(t_chunks[al.target_chunk])
-                anchor_ids[i].append(a_chunks[al.anchor_chunk])
-            alignments.append(found)
+    for t_prompt, a_prompt, pair in pairs:
+        found = None
+        for i, enc in enumerate(arch.encoders):
+            t_chunks = _chunks(clip, t_prompt, enc.token_key)
+            a_chunks = _chunks(clip, a_prompt, enc.token_key)
+            try:
+                al = align_chunks(t_chunks, a_chunks, enc.special, anchor_empty=not pair.anchor,
+                                  target_prompt=t_prompt, anchor_prompt=a_prompt)
+            except ValueError as e:
+                raise EraseProError(f"concept {pair.target!r} → {pair.anchor!r}: {e}") from e
+            if found is None:
+                found = al
+            elif (al.keep, al.move, al.partner) != (found.keep, found.move, found.partner):
+                raise EraseProError(f"the text encoders tokenise {t_prompt!r} differently; cannot align it")
+            target_ids[i].append(t_chunks[al.target_chunk])
+            anchor_ids[i].append(a_chunks[al.anchor_chunk])
+        alignments.append(found)
     return alignments, target_ids, anchor_ids
 
 
@@ -109,13 +114,13 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     device = solve_device()
     settings = SolverSettings(method=request.method, device=str(device), rtol=request.rtol)
 
-    alignments, target_ids, anchor_ids = _align_all(clip, arch, request.concepts)
-    columns = Columns.from_alignments(alignments, CONTEXT)
+    alignments, target_ids, anchor_ids = align_prompts(clip, arch, prompt_pairs(request.concepts))
+    columns = Columns.from_alignments(alignments, CONTEXT, last_token_only=request.features == "last_token")
     preserve_ids = _preserve_ids(clip, arch, request.preserve) if request.preserve else None
 
     # Original model: anchor and target features, first-layer inputs for the cached chain.
     y_cond, y_pooled, anchor_in = encode_batch(clip, arch.encoders, anchor_ids, capture=True)
-    _, _, target_in = encode_batch(clip, arch.encoders, target_ids, capture=True)
+    x0_cond, _, target_in = encode_batch(clip, arch.encoders, target_ids, capture=True)
     k_cond = None
     preserve_in = None
     if preserve_ids is not None:
@@ -184,7 +189,13 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
 
     seconds = time.perf_counter() - start
     kv_results = [r for r in deep_results if r.name != POOLED_SITE]
-    train = ratio((r.solution.residual_sq, r.solution.initial_sq) for r in kv_results)
+    # Relative to the unedited model's gap (‖W_o X_0 − V*‖, X_0 without shallow edits), so 1 means
+    # "as far from the anchor as the original model" whatever S is.
+    x0, _ = inputs_with_partners(x0_cond, y_cond, columns)
+    gap = (y - x0).to(torch.float64)
+    gap_gram = gap @ gap.T
+    train = ratio((r.solution.residual_sq, float(((deep_weights[r.name].to(gap) @ gap_gram) * deep_weights[r.name].to(gap)).sum()))
+                  for r in kv_results)
     burden = deep_burden([r.weight_norm for r in kv_results], [r.solution.update.norm() for r in kv_results])
     drift = None
     if k_cond is not None:

@@ -40,11 +40,12 @@ class ProgressiveSolver:
                 "preserve": ("STRING", {"multiline": True, "default": "", "tooltip": "Prompts that must keep working, one per line (they are weighted to stay still)."}),
                 "shallow_rule": (list(SHALLOW_RULES), {"default": "residual_schedule", "tooltip": "How shallow blocks move: residual_schedule closes the gap to the anchor step by step; anchor_features is the published rule."}),
                 "preserve_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "How strongly the preserve prompts are kept still (0 = ignore them)."}),
+                "features": (["all", "last_token"], {"default": "all", "tooltip": "Which token positions are constrained: all (the concept, every later position and the prefix) or only each template's last concept token, as the official UCE does."}),
             },
         }
 
     def solve(self, model, clip, concepts, progressive_layers, method, preserve="", shallow_rule="residual_schedule",
-              preserve_strength=1.0):
+              preserve_strength=1.0, features="all"):
         arch = detect(model, clip)
         total = sum(e.shallow_depth(progressive_layers) for e in arch.encoders) + len(arch.deep_keys) + (1 if arch.pooled_width else 0)
         bar = comfy.utils.ProgressBar(total)
@@ -54,7 +55,7 @@ class ProgressiveSolver:
             bar.update(1)
 
         request = Request(tuple(concepts or ()), int(progressive_layers), method, shallow_rule,
-                          preserve_lines(preserve), float(preserve_strength))
+                          preserve_lines(preserve), float(preserve_strength), features=features)
         edit = run_erasure(model, clip, request, on_site=step)
         report = {k: v for k, v in edit.summary.items()}
         image = report_to_image_tensor(draw_report(report))

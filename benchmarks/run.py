@@ -1,0 +1,302 @@
+"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (issue 6).
+
+    python -m benchmarks.run [--models sd15,sdxl] [--concepts 1,10,100] [--runs 3]
+
+Models are built from ComfyUI's own classes at full size with random weights (tests/comfy_host).
+Every configuration runs the real solver node on the same concepts and preserve set, in one
+process, models already loaded. Prints a table, writes output/bench/<model>.json and a PNG chart
+of the per-site relative ΔW. Metric definitions: DESIGN §7 (erasepro_ops.metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for extra in (REPO / "tests", REPO):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+import comfy_host as H  # noqa: E402
+
+STYLES = ["van gogh", "claude monet", "pablo picasso", "salvador dali", "rembrandt", "frida kahlo", "gustav klimt",
+          "edvard munch", "hokusai", "andy warhol", "georgia o'keeffe", "wassily kandinsky", "paul cezanne",
+          "henri matisse", "johannes vermeer", "caravaggio", "edward hopper", "rene magritte", "joan miro",
+          "jackson pollock", "michelangelo", "raphael", "titian", "el greco", "francisco goya", "william turner",
+          "john constable", "egon schiele", "amedeo modigliani", "marc chagall", "paul klee", "piet mondrian",
+          "roy lichtenstein", "keith haring", "jean-michel basquiat", "mary cassatt", "berthe morisot",
+          "camille pissarro", "edgar degas", "pierre-auguste renoir", "georges seurat", "paul gauguin",
+          "alphonse mucha", "gustave courbet", "eugene delacroix", "caspar david friedrich", "hieronymus bosch",
+          "pieter bruegel", "albrecht durer", "sandro botticelli"]
+OBJECTS = ["golden retriever", "parachute", "french horn", "church", "garbage truck", "chainsaw", "gas pump",
+           "golf ball", "cassette player", "tench", "airliner", "bicycle", "teapot", "violin", "lighthouse",
+           "umbrella", "tractor", "castle", "pizza", "sunflower", "motorcycle", "piano", "backpack", "helicopter",
+           "canoe", "skyscraper", "strawberry", "giraffe", "elephant", "penguin", "cactus", "windmill", "saxophone",
+           "typewriter", "hot air balloon", "submarine", "steam locomotive", "grand canyon", "eiffel tower",
+           "red fox", "snowman", "telescope", "accordion", "toaster", "wristwatch", "harmonica", "lawn mower",
+           "fire truck", "school bus", "ferris wheel"]
+ANCHORS = {"style": "a painting", "object": "an object"}
+PRESERVE = ["a photo of a dog", "a landscape painting", "a portrait of a woman", "a city street at night",
+            "a bowl of fruit", "a mountain lake at sunrise", "an astronaut riding a horse", "a cat sleeping on a sofa"]
+HELD_OUT = {
+    "style": ["an oil painting of a quiet harbour at dusk by {}, highly detailed",
+              "a museum catalogue photo of a framed work by {} hanging on a white wall"],
+    "object": ["a close-up photo of a {} lying on a wooden table next to a window",
+               "a child drawing a {} with crayons in a sunny classroom"],
+}
+UNRELATED = ["a red sports car parked by the sea", "a bowl of ramen on a kitchen counter",
+             "a snowy forest path in winter", "a lighthouse on a rocky coast at night", "a crowded concert hall"]
+CONFIGS = [
+    ("UCE", dict(method="uce", progressive_layers=0, features="last_token")),
+    ("ErasePro S=0", dict(method="erasepro", progressive_layers=0)),
+    ("ErasePro S=3 residual", dict(method="erasepro", progressive_layers=3, shallow_rule="residual_schedule")),
+    ("ErasePro S=3 anchor", dict(method="erasepro", progressive_layers=3, shallow_rule="anchor_features")),
+]
+
+
+def concept_set(n: int):
+    """n concepts, half styles and half objects (one style for n = 1)."""
+    styles = STYLES[: (n + 1) // 2]
+    objects = OBJECTS[: n // 2]
+    return [(t, "style") for t in styles] + [(t, "object") for t in objects]
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA allocator peak, or sampled process RSS on the CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+            self.proc = psutil.Process()
+            self.base = self.proc.memory_info().rss
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+
+
+def build_chain(pack, concepts):
+    pair_node = pack.NODE_CLASS_MAPPINGS["ErasePro_ConceptPair"]()
+    chain = None
+    for target, kind in concepts:
+        (chain,) = pair_node.build(target, ANCHORS[kind], kind, concepts=chain)
+    return chain
+
+
+def deep_features(erase, host, edited_clip, clip, arch, pairs):
+    """``(X', X, Y)`` at the deep sites for aligned prompt pairs, on all constrained columns:
+    the targets through the edited and the original encoder, the anchors through the original."""
+    from erasepro_ops.chain import Columns, inputs_with_partners
+    alignments, t_ids, a_ids = erase.align_prompts(clip, arch, pairs)
+    columns = Columns.from_alignments(alignments, erase.CONTEXT)
+    y_cond, _, _ = host.encode_batch(clip, arch.encoders, a_ids)
+    x_cond, _, _ = host.encode_batch(clip, arch.encoders, t_ids)
+    x_new, _, _ = host.encode_batch(edited_clip, arch.encoders, t_ids)
+    x, y = inputs_with_partners(x_cond, y_cond, columns)
+    return inputs_with_partners(x_new, y_cond, columns)[0], x, y
+
+
+def prompt_features(host, clip, arch, prompts):
+    ids = [[clip.tokenize(p)[enc.token_key][0] for p in prompts] for enc in arch.encoders]
+    ids = [[[t for t, *_ in chunk] for chunk in per] for per in ids]
+    cond, _, _ = host.encode_batch(clip, arch.encoders, ids)
+    return cond.reshape(-1, cond.shape[-1]).T
+
+
+def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full"):
+    import torch
+    from erasepro_ops.concepts import ConceptPair
+    from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, ratio
+
+    pack = H.load_pack()
+    erase = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
+    host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    solver = pack.NODE_CLASS_MAPPINGS["ErasePro_ProgressiveSolver"]()
+    t0 = time.perf_counter()
+    model, clip = H.build(kind, size)
+    print(f"[{kind}] built {size} random-weight model in {time.perf_counter() - t0:.1f} s", flush=True)
+    device = host.solve_device()
+    arch = host.detect(model, clip)
+    weights = host.effective_weights(model, arch.deep_keys)
+    width = next(iter(weights.values())).shape[1]
+    k_pre = prompt_features(host, clip, arch, PRESERVE)
+    k_unrel = prompt_features(host, clip, arch, UNRELATED)
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, eps_size, eps_size, generator=g)
+    timesteps = torch.tensor([300.0, 800.0])
+
+    def eps(m, c, text):
+        cond, pooled = H.encode(c, text)
+        pooled = pooled.expand(2, -1) if pooled is not None else None
+        return H.unet_eps(m, cond.expand(2, -1, -1), pooled, latents, timesteps).float()
+
+    rows = []
+    for n in counts:
+        concepts = concept_set(n)
+        chain = build_chain(pack, concepts)
+        first_t, first_kind = concepts[0]
+        first_a = ANCHORS[first_kind]
+        held = [(tmpl.format(t), tmpl.format(ANCHORS[k]), ConceptPair(t, ANCHORS[k], k))
+                for t, k in concepts[:10] for tmpl in HELD_OUT[k]]
+        solve_pairs = erase.prompt_pairs(tuple(chain))
+        solve_prompt = f"a painting by {first_t}"
+        held_prompt = HELD_OUT[first_kind][0]
+        base = {"t": eps(model, clip, solve_prompt), "a": eps(model, clip, f"a painting by {first_a}"),
+                "ht": eps(model, clip, held_prompt.format(first_t)), "ha": eps(model, clip, held_prompt.format(first_a)),
+                "u": eps(model, clip, UNRELATED[0])}
+        uce_time = None
+        for label, cfg in CONFIGS:
+            args = dict(model=model, clip=clip, concepts=chain, preserve="\n".join(PRESERVE), **cfg)
+            solver.solve(**args)  # warm-up: tokenizer caches, model load
+            times, peak = [], 0
+            for _ in range(runs if n < 100 else 1):
+                with PeakMemory(torch.device(device)) as mem:
+                    start = time.perf_counter()
+                    out = solver.solve(**args)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                peak = max(peak, mem.peak)
+            seconds = statistics.median(times)
+            edit = out["result"][0]
+            s = edit.summary
+            m2, c2 = erase.apply_edit(model, clip, edit, 1.0)
+            deltas = {site.key: site.delta() for site in edit.part("model")}
+            keys = list(arch.deep_keys)
+            w_list = [weights[k] for k in keys]
+            d_list = [deltas[k] for k in keys]
+            train_all = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, solve_pairs))
+            held_res = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, held))
+            drift = {}
+            for name, prompts, k_orig in (("preserve", PRESERVE, k_pre), ("unrelated", UNRELATED, k_unrel)):
+                k_new = prompt_features(host, c2, arch, prompts)
+                terms = []
+                for w, d in zip(w_list, d_list):
+                    after = (w.double() + d.double()) @ k_new.double()
+                    before = w.double() @ k_orig.double()
+                    terms.append((float(((after - before) ** 2).sum()), float((before ** 2).sum())))
+                drift[name] = ratio(terms)
+            if uce_time is None:
+                uce_time = seconds
+            row = {
+                "model": kind, "concepts": n, "config": label, **cfg,
+                "solve_seconds": seconds, "runs": len(times), "ratio_to_uce": seconds / uce_time,
+                "peak_extra_mib": peak / 2**20,
+                "train_residual": train_all, "own_columns_residual": s["train_residual"],
+                "held_out_residual": held_res,
+                "drift_preserve": drift["preserve"], "drift_unrelated": drift["unrelated"],
+                "deep_burden": s["deep_burden"], "constraints": s["constraints"], "deep_rank": s["deep_rank"],
+                "width": width, "warnings": s["warnings"],
+                "eps_erasure": eps_erasure(eps(m2, c2, solve_prompt), base["a"], base["t"]),
+                "eps_erasure_held_out": eps_erasure(eps(m2, c2, held_prompt.format(first_t)), base["ha"], base["ht"]),
+                "eps_preservation": eps_preservation(eps(m2, c2, UNRELATED[0]), base["u"]),
+                "sites": [(site["name"], site["stage"], site["relative_change"]) for site in s["sites"]],
+            }
+            rows.append(row)
+            print_row(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"device": device_name(device), "torch": torch.__version__, "rows": rows}
+    (out_dir / f"{kind}.json").write_text(json.dumps(info, indent=1))
+    draw_sites(rows, out_dir / f"{kind}_sites.png")
+    return rows
+
+
+def device_name(device) -> str:
+    import platform
+
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+HEADER = (f"{'model':5} {'n':>3} {'config':22} {'time s':>8} {'×UCE':>6} {'peak MiB':>8} {'train res':>9} "
+          f"{'held res':>9} {'drift pre':>9} {'drift unr':>9} {'burden':>8} {'rank/width':>11} {'eps er':>8} "
+          f"{'eps er ho':>9} {'eps pres':>8}")
+
+
+def print_row(r):
+    print(f"{r['model']:5} {r['concepts']:>3} {r['config']:22} {r['solve_seconds']:8.3f} {r['ratio_to_uce']:6.2f} "
+          f"{r['peak_extra_mib']:8.0f} {r['train_residual']:9.2e} {r['held_out_residual']:9.2e} "
+          f"{r['drift_preserve']:9.2e} {r['drift_unrelated']:9.2e} {r['deep_burden']:8.4f} "
+          f"{str(r['deep_rank']) + '/' + str(r['width']):>11} {r['eps_erasure']:8.2e} "
+          f"{r['eps_erasure_held_out']:9.2e} {r['eps_preservation']:8.2e}", flush=True)
+
+
+def draw_sites(rows, path: Path):
+    """Per-site relative ΔW for each configuration (one panel per concept count), PIL only."""
+    from PIL import Image, ImageDraw
+
+    counts = sorted({r["concepts"] for r in rows})
+    colours = [(200, 60, 60), (60, 120, 220), (40, 160, 90), (230, 150, 30)]
+    w, h, pad = 900, 260, 40
+    img = Image.new("RGB", (w, h * len(counts)), "white")
+    draw = ImageDraw.Draw(img)
+    for panel, n in enumerate(counts):
+        top = panel * h
+        subset = [r for r in rows if r["concepts"] == n]
+        peak = max((v for r in subset for *_, v in r["sites"]), default=1.0) or 1.0
+        draw.text((pad, top + 5), f"{subset[0]['model']}, {n} concept(s): per-site ||dW||/||W|| (max {peak:.3g})",
+                  fill="black")
+        for i, r in enumerate(subset):
+            values = [v for *_, v in r["sites"]]
+            if len(values) < 2:
+                continue
+            pts = [(pad + j * (w - 2 * pad) / (len(values) - 1), top + h - pad - v / peak * (h - 2 * pad))
+                   for j, v in enumerate(values)]
+            draw.line(pts, fill=colours[i % len(colours)], width=2)
+            draw.text((w - 220, top + 20 + 14 * i), r["config"], fill=colours[i % len(colours)])
+        draw.line([(pad, top + h - pad), (w - pad, top + h - pad)], fill="gray")
+    img.save(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB)")
+    parser.add_argument("--concepts", default="1,10,100")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median); 1 at 100 concepts")
+    parser.add_argument("--eps-size", type=int, default=16, help="latent size for the eps metrics")
+    parser.add_argument("--out", default=str(REPO / "output" / "bench"))
+    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a quick smoke run")
+    args = parser.parse_args(argv)
+    H.import_comfy()
+    counts = [int(c) for c in args.concepts.split(",")]
+    print(HEADER, flush=True)
+    for kind in args.models.split(","):
+        measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size)
+    print(f"JSON and charts in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
