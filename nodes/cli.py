@@ -160,8 +160,8 @@ def cmd_erase(args) -> int:
     arch = host.detect(model, clip)
     total = (sum(e.shallow_depth(args.progressive_layers) for e in arch.encoders) + len(arch.deep_keys)
              + (1 if arch.pooled_width else 0))
-    request = erase.Request(pairs, int(args.progressive_layers), args.method, args.rule, preserve,
-                            float(args.preserve_strength))
+    request = erase.Request(concepts=pairs, progressive_layers=int(args.progressive_layers), method=args.method,
+                            rule=args.rule, preserve=preserve, preserve_strength=float(args.preserve_strength))
     with tqdm(total=total, desc="erasing", unit="layer", file=sys.stderr, disable=args.quiet) as bar:
         def step(name):
             bar.set_postfix_str(name.split(".weight")[0][-40:], refresh=False)
