@@ -382,7 +382,7 @@ def test_concept_pair_token_readout(page, comfy_server, shots, errors):
     def set_pair(target, anchor, concept_type="style"):
         page.evaluate("""([type, vals]) => { const n = app.graph._nodes.find(n => n.type === type);
             for (const [k, v] of Object.entries(vals)) { const w = n.widgets.find(w => w.name === k); w.value = v; w.callback?.(v); }
-            n._eraseproTokens = undefined; app.canvas.setDirty(true, true); }""",
+            app.canvas.setDirty(true, true); }""",
                       [PAIR, {"target": target, "anchor": anchor, "concept_type": concept_type}])
         want = _get(comfy_server, "/erasepro/tokens?" + urllib.parse.urlencode(
             {"target": target, "anchor": anchor, "concept_type": concept_type}))
@@ -407,7 +407,7 @@ def test_concept_pair_token_readout(page, comfy_server, shots, errors):
     long_target = " ".join(f"word{i}" for i in range(40))  # ~80 tokens: every template overflows
     want, lines = set_pair(long_target, "a painting")
     assert want["overflow"], want
-    assert any(line.startswith(f"⚠ {len(want['overflow'])} template") for line in lines), lines
+    assert any(line.startswith(f"⚠ {len(want['overflow'])} template") and "77-token chunk" in line for line in lines), lines
     box = focus_node(page, PAIR)["page"]
     page.screenshot(path=str(shots / "concept-pair-overflow.png"),
                     clip={"x": box["x"] - 10, "y": box["y"] - 10, "width": box["width"] + 20, "height": box["height"] + 20})

@@ -384,7 +384,9 @@ function paintPair(node, ctx, top, width, avail) {
   const overflow = Array.isArray(t.overflow) ? t.overflow : [];
   if (overflow.length && y + LINE_H <= bottom + 2) {
     ctx.fillStyle = WARN;
-    const msg = `⚠ ${overflow.length} template${overflow.length === 1 ? "" : "s"} over 77 tokens: ${String(overflow[0])}`;
+    const named = overflow.map(String).find((x) => x.trim() !== "{}");
+    const example = named ? `e.g. "${named}"` : "the concept alone";
+    const msg = `⚠ ${overflow.length} template${overflow.length === 1 ? "" : "s"} over one 77-token chunk: ${example}`;
     lines.push(msg);
     ctx.fillText(fit(ctx, msg, w), PAD, y);
     y += LINE_H;
