@@ -141,15 +141,13 @@ def node_state(pg, type_: str):
 
 
 def focus_node(pg, type_: str, front: bool = True) -> dict:
-    """Zoom 1, the node near the canvas' top-left corner, clicked on its title (selected and
-    brought to the front, as a user would: the shipped layouts put other nodes right under the
-    solver), redrawn; returns its screen box (CSS px in the page, title bar included)."""
-    box = _place(pg, type_)
-    if front:
-        b = box["page"]
-        pg.mouse.click(b["x"] + min(60, b["width"] / 2), b["y"] + 12)
-        box = _place(pg, type_)
-    return box
+    """Zoom 1, the node at a fixed place on the canvas, selected and brought to the front (as a
+    click on it would; the shipped layouts put another node right under the solver), redrawn;
+    returns its screen box (CSS px in the page, title bar included)."""
+    if front:  # not a real click: two within the double-click time open the title editor
+        pg.evaluate("""(type) => { const n = app.graph._nodes.find(n => n.type === type);
+            app.canvas.bringToFront(n); app.canvas.selectNode?.(n); }""", type_)
+    return _place(pg, type_)
 
 
 def _place(pg, type_: str) -> dict:

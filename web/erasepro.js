@@ -287,6 +287,16 @@ function paintSolver(node, ctx, top, width, avail) {
   node._eraseproDrawn = { badge, chart: chartH >= 30, sites: Array.isArray(report.sites) ? report.sites.length : 0, top, chartH, width: w, t: Date.now() };
 }
 
+// Tell the front end the workflow changed (the report is in properties now), so its change
+// tracker records it and workflow persistence keeps it across a page reload.
+function persist() {
+  try {
+    const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+    if (tracker && typeof tracker.checkState === "function") tracker.checkState();
+    else app.graph?.change?.();
+  } catch (e) { /* older front ends: saved on the next edit */ }
+}
+
 function showReport(node) {
   if (getReport(node)) {
     addViewWidget(node, REPORT_WIDGET, (n) => (getReport(n) ? REPORT_H : 0), paintSolver);
@@ -305,6 +315,7 @@ function setupSolver(nodeType) {
     if (!this.properties) this.properties = {};
     this.properties[REPORT_KEY] = r;
     showReport(this);
+    persist();
   });
   chain(nodeType.prototype, "onConfigure", function () {
     if (getReport(this)) showReport(this); // reopened workflow / page reload: draw the last report
@@ -314,7 +325,7 @@ function setupSolver(nodeType) {
     const node = this;
     options.push({
       content: "Clear ErasePro report",
-      callback: () => guard("clear", () => { delete node.properties[REPORT_KEY]; showReport(node); }),
+      callback: () => guard("clear", () => { delete node.properties[REPORT_KEY]; showReport(node); persist(); }),
     });
   });
 }
