@@ -34,7 +34,7 @@ serve: setup checkpoint
 	$(PY) scripts/comfy_server.py serve --port $(PORT)
 
 bench: setup
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf test-artifacts output .pytest_cache

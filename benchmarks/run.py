@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 for extra in (REPO / "tests", REPO):
     if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
+        sys.path.append(str(extra))  # appended: ComfyUI's top-level `nodes` must win over this repo's nodes/
 
 import comfy_host as H  # noqa: E402
 

@@ -140,10 +140,14 @@ def effective_weights(patcher, keys) -> dict[str, torch.Tensor]:
 
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the edited sites' original weights (key, shape, float32 bytes), sorted by key."""
+    """SHA-256 over the edited sites' original weights (key, shape, float16 bytes), sorted by key.
+
+    Rounded to float16 so one checkpoint gives one fingerprint whether ComfyUI loads it in
+    float32 (CPU) or float16 (GPU, and its text encoders everywhere).
+    """
     h = hashlib.sha256()
     for key in sorted(weights):
-        w = weights[key].detach().to("cpu", torch.float32).contiguous()
+        w = weights[key].detach().to("cpu", torch.float16).contiguous()
         h.update(key.encode())
         h.update(str(tuple(w.shape)).encode())
         h.update(w.numpy().tobytes())

@@ -410,13 +410,17 @@ def test_batch_command_erases_20_concepts_and_bakes(batch):
     assert res["concept"] <= 1e-4
 
 
-def test_batch_20_concepts_fit_the_rank_budget(batch):
-    """All columns, padding included, at <= 1e-4: impossible when they exceed the deep sites' width."""
+def test_batch_20_concepts_over_the_rank_budget_are_least_squares_and_say_so(batch):
+    """20 concepts × 77 positions exceed SD1.5's 768-wide deep sites (DESIGN §3): the padding is
+    solved by least squares, the residual stays small and the summary says why."""
     res = deep_residuals(batch)
-    if res["all"] > 1e-4 and res["edit"].summary.get("deep_rank", 0) >= 767:
-        pytest.xfail(f"20 concepts x 77 positions = {res['columns']} constraints > 768 = SD1.5's deep input width "
-                     f"(DESIGN §3 rank budget): least-squares on the padding, residual {res['all']:.2e}")
-    assert res["all"] <= 1e-4
+    summary = res["edit"].summary
+    print(f"[batch] all-column residual {res['all']:.2e}, deep rank {summary['deep_rank']} of 768, "
+          f"warnings {summary['warnings']}")
+    assert res["columns"] > 768
+    assert res["all"] < 1e-2
+    assert summary["deep_rank"] >= 767
+    assert any("rank budget" in w for w in summary["warnings"])
 
 
 def test_info_command(batch):

@@ -52,7 +52,6 @@ SOLVER = "ErasePro_ProgressiveSolver"
 MAX_TRAIN_RESIDUAL = 1e-4
 # Known node bugs (reported, not fixed here): the run itself must still succeed and write its
 # images; only the residual check is an expected failure until the solver is fixed.
-KNOWN_RESIDUAL_BUGS: dict[str, str] = {}  # workflow stem -> reason (empty-anchor nudity fixed in 0cbf923)
 
 
 def _load(path: Path) -> dict:
@@ -182,7 +181,5 @@ def test_workflow_runs(path, comfy_server, comfy_server_handle, object_info, tin
           f"wall {wall:.1f} s; images: {', '.join(str(p.relative_to(comfy_server_handle.output_dir)) for p in pngs.values())}")
     assert report["sites"], "no edited sites in the report"
     if method == "erasepro":
-        if res > MAX_TRAIN_RESIDUAL and path.stem in KNOWN_RESIDUAL_BUGS:
-            pytest.xfail(f"known solver bug: {KNOWN_RESIDUAL_BUGS[path.stem]} (measured {res:.3e})")
         assert res <= MAX_TRAIN_RESIDUAL, f"train residual {res} > {MAX_TRAIN_RESIDUAL}: {report.get('warnings')}"
         assert not report.get("warnings"), report.get("warnings")
