@@ -14,6 +14,7 @@ import folder_paths
 
 from erasepro_ops import export
 
+from .erase import check_sites
 from .host import EraseProError, effective_weights, fingerprint, log
 
 DTYPES = list(export.STORAGE_DTYPES)
@@ -75,14 +76,14 @@ def check_against(edit, model, clip, ignore_fingerprint: bool = False) -> str:
     applied); the fingerprint check is skipped only with ``ignore_fingerprint``.
     """
     model_sites, clip_sites = edit.part("model"), edit.part("clip")
-    _check_sites(model.model_state_dict(), model_sites, "MODEL")
+    check_sites(model.model_state_dict(), model_sites, "MODEL")
     if clip_sites:
         if clip is None:
             if not ignore_fingerprint:
                 raise EraseProError("this edit also changes the text encoder: connect the CLIP so its fingerprint "
                                     "can be checked (and use the CLIP on Apply Erased UNet)")
         else:
-            _check_sites(clip.patcher.model_state_dict(), clip_sites, "CLIP")
+            check_sites(clip.patcher.model_state_dict(), clip_sites, "CLIP")
     if ignore_fingerprint:
         return "fingerprint not checked (ignore_fingerprint)"
     weights = effective_weights(model, [s.key for s in model_sites])
@@ -96,15 +97,6 @@ def check_against(edit, model, clip, ignore_fingerprint: bool = False) -> str:
             "Load the checkpoint (and any LoRAs applied before the erasure) the edit was made from, "
             "or set ignore_fingerprint to apply it anyway (the erasure is then no longer exact).")
     return f"fingerprint OK ({got[:16]}…)"
-
-
-def _check_sites(state, sites, what):
-    for s in sites:
-        if s.key not in state:
-            raise EraseProError(f"this edit was made for another model: the {what} has no weight {s.key}")
-        if tuple(state[s.key].shape) != s.shape:
-            raise EraseProError(f"this edit was made for another model: {s.key} is {tuple(state[s.key].shape)} "
-                                f"in the {what}, the edit expects {s.shape}")
 
 
 class SaveEraseProEdit:

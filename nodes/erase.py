@@ -257,19 +257,19 @@ def apply_edit(model, clip, edit: ErasureEdit, strength: float):
     new_clip = clip.clone() if clip is not None else None
     if strength == 0:
         return new_model, new_clip
-    _check_shapes(new_model, edit.part("model"), "MODEL")
+    check_sites(new_model.model_state_dict(), edit.part("model"), "MODEL")
     new_model.add_patches({s.key: (s.delta(),) for s in edit.part("model")}, strength)
     if edit.part("clip"):
         if new_clip is None:
             raise EraseProError("this edit also changes the text encoder (progressive_layers > 0): "
                                 "connect the CLIP to Apply Erased UNet and use its CLIP output")
-        _check_shapes(new_clip.patcher, edit.part("clip"), "CLIP")
+        check_sites(new_clip.patcher.model_state_dict(), edit.part("clip"), "CLIP")
         new_clip.add_patches({s.key: (s.delta(),) for s in edit.part("clip")}, strength)
     return new_model, new_clip
 
 
-def _check_shapes(patcher, sites: Sequence[SiteEdit], what: str):
-    state = patcher.model_state_dict()
+def check_sites(state, sites: Sequence[SiteEdit], what: str):
+    """Every site's weight exists in ``state`` (a model state dict) with the edit's shape."""
     for s in sites:
         if s.key not in state:
             raise EraseProError(f"this edit was made for another model: the {what} has no weight {s.key}")
