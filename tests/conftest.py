@@ -32,9 +32,6 @@ ARTIFACTS = REPO / "test-artifacts"
 def comfy_path() -> Path:
     """The ComfyUI folder, first on sys.path."""
     return comfy_host.ensure_comfy_path()
-# Import ComfyUI now (choosing --cpu when there is no GPU) so that whatever imports
-# comfy.model_management later, including the pack, finds it initialised.
-comfy_host.import_comfy()
 
 
 @pytest.fixture(scope="session")
