@@ -124,6 +124,7 @@ class SolverSettings:
     rtol: float = DEFAULT_RTOL
     lam: float = 1.0  # ErasePro: C = λI + α K Kᵀ / M
     alpha: float = 0.0
+    preserve_strength: float = 0.0  # scale-free α: preserve_strength / (mean squared entry of K)
     uce_lam: float = 0.5  # UCE's λ, erase and preserve scales (official defaults)
     erase_scale: float = 1.0
     preserve_scale: float = 1.0
@@ -140,8 +141,12 @@ class SolverSettings:
                 x, preserve, lam=self.uce_lam, erase_scale=self.erase_scale,
                 preserve_scale=self.preserve_scale, device=self.device,
             )
+        alpha = self.alpha
+        if preserve is not None and self.preserve_strength > 0:
+            mean_sq = float((preserve.to(torch.float64) ** 2).mean())
+            alpha = self.preserve_strength / max(mean_sq, 1e-12)
         return ConstraintSystem.build(
-            x, groups, preserve=preserve, lam=self.lam, alpha=self.alpha, rtol=self.rtol, device=self.device,
+            x, groups, preserve=preserve, lam=self.lam, alpha=alpha, rtol=self.rtol, device=self.device,
         )
 
 

@@ -39,7 +39,7 @@ class Request:
     method: str = "erasepro"
     rule: str = "residual_schedule"
     preserve: tuple[str, ...] = ()
-    preserve_strength: float = 1.0
+    preserve_strength: float = 100.0
     rtol: float = DEFAULT_RTOL
     features: str = "all"  # "all" (DESIGN §3) or "last_token" (official UCE: the last concept token only)
 
@@ -112,7 +112,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     arch = detect(model, clip)
     start = time.perf_counter()
     device = solve_device()
-    settings = SolverSettings(method=request.method, device=str(device), rtol=request.rtol)
+    settings = SolverSettings(method=request.method, device=str(device), rtol=request.rtol,
+                              preserve_strength=request.preserve_strength)
 
     alignments, target_ids, anchor_ids = align_prompts(clip, arch, prompt_pairs(request.concepts))
     columns = Columns.from_alignments(alignments, CONTEXT, last_token_only=request.features == "last_token")
@@ -163,12 +164,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
     x, y = inputs_with_partners(x_cond, y_cond, columns)
     preserve = flat(k_cond).T if k_cond is not None and request.preserve_strength > 0 else None
-    deep_settings = settings
-    if preserve is not None and request.method == "erasepro":
-        scale = float((preserve.double() ** 2).sum()) / preserve.shape[1] / preserve.shape[0]
-        deep_settings = SolverSettings(method="erasepro", device=str(device), rtol=request.rtol, lam=1.0,
-                                       alpha=request.preserve_strength / max(scale, 1e-12))
-    deep_results = _solve_with_fallback(deep_weights, x, y, columns.groups, deep_settings, preserve, on_site)
+    deep_results = _solve_with_fallback(deep_weights, x, y, columns.groups, settings, preserve, on_site)
     model_edits = [_site_edit(r.name, "model", "deep", r) for r in deep_results]
     model_weights = dict(deep_weights)
 

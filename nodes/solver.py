@@ -39,13 +39,13 @@ class ProgressiveSolver:
             "optional": {
                 "preserve": ("STRING", {"multiline": True, "default": "", "tooltip": "Prompts that must keep working, one per line (they are weighted to stay still)."}),
                 "shallow_rule": (list(SHALLOW_RULES), {"default": "residual_schedule", "tooltip": "How shallow blocks move: residual_schedule closes the gap to the anchor step by step; anchor_features is the published rule."}),
-                "preserve_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "How strongly the preserve prompts are kept still (0 = ignore them)."}),
+                "preserve_strength": ("FLOAT", {"default": 100.0, "min": 0.0, "max": 1000000.0, "step": 1.0, "tooltip": "How strongly the preserve prompts are kept still (0 = ignore them). The edit stays exact on the erased concepts; stronger values spend its remaining freedom on the preserve prompts."}),
                 "features": (["all", "last_token"], {"default": "all", "tooltip": "Which token positions are constrained: all (the concept, every later position and the prefix) or only each template's last concept token, as the official UCE does."}),
             },
         }
 
     def solve(self, model, clip, concepts, progressive_layers, method, preserve="", shallow_rule="residual_schedule",
-              preserve_strength=1.0, features="all"):
+              preserve_strength=100.0, features="all"):
         arch = detect(model, clip)
         total = sum(e.shallow_depth(progressive_layers) for e in arch.encoders) + len(arch.deep_keys) + (1 if arch.pooled_width else 0)
         bar = comfy.utils.ProgressBar(total)
