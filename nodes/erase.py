@@ -217,14 +217,17 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "deep_rank": max((r.rank for r in kv_results), default=0),
         "warnings": [],
     }
-    if train > 1e-3 and request.method == "erasepro":
-        if summary["deep_rank"] >= x.shape[0]:
-            why = (f"the constraints exceed the deep sites' rank budget ({x.shape[0]}); "
-                   "erase fewer concepts per solve for exact alignment")
-        else:
-            why = ("some constraints contradict each other (the same features are asked for different "
-                   "outputs); check the anchors and custom prompts")
-        summary["warnings"].append(f"least-squares residual {train:.2e}: {why}")
+    if request.method == "erasepro":
+        budget_full = summary["deep_rank"] >= x.shape[0] - 1
+        if budget_full and train > 1e-5:
+            summary["warnings"].append(
+                f"least-squares residual {train:.2e}: the {len(columns)} constraints exceed the deep sites' "
+                f"rank budget ({x.shape[0]}); concept tokens are exact, padding positions least-squares. "
+                "Erase fewer concepts per solve for exact alignment everywhere")
+        elif train > 1e-3:
+            summary["warnings"].append(
+                f"least-squares residual {train:.2e}: some constraints contradict each other (the same "
+                "features are asked for different outputs); check the anchors and custom prompts")
     settings_record = {
         "concepts": [{"target": p.target, "anchor": p.anchor, "concept_type": p.concept_type, "prompts": list(p.prompts)}
                      for p in request.concepts],
