@@ -413,7 +413,7 @@ def _pairing(
     residual 0.13 on a nudity solve). The last prefix position depends on the prefix alone.
     """
     target_end_token = _end_index(target_ids, special, "target")
-    anchor_end_token = _end_index(anchor_ids, special, "anchor")
+    _end_index(anchor_ids, special, "anchor")  # the anchor chunk must be well formed too
     target_stop = start + target_len
     anchor_stop = start + anchor_len
     last = context_length - 1

@@ -73,13 +73,34 @@ def spectral_norm_estimate(y: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
 
 
-def inverse_sqrt_psd(c: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``(C^{-1/2}, λ_max(C))`` of a symmetric positive-definite matrix via eigh.
+@dataclass(frozen=True)
+class PreserveWeighting:
+    """``C^{-1/2}`` for ``C = λI + α K Kᵀ / M`` without forming an ``in × in`` matrix.
 
-    Raises ValueError if ``C`` is not positive definite (the preservation weighting always
-    adds ``λI`` with ``λ > 0``, so this means a bad argument).
+    With ``K = U diag(s) Vᵀ`` (thin SVD), ``C`` has eigenvalues ``λ + α s² / M`` on ``span U`` and
+    ``λ`` elsewhere, so ``C^{-1/2} = λ^{-1/2} (I − U diag(d) Uᵀ)`` with
+    ``d = 1 − (1 + α s² / (M λ))^{-1/2}``. One ``M × M`` (or ``in × in``) eigh, however wide the site.
     """
-    evals, evecs = torch.linalg.eigh((c + c.T) / 2)
-    if not evals[0] > 0:
-        raise ValueError("the preservation weighting C must be positive definite (λ > 0)")
-    return (evecs * evals.rsqrt()) @ evecs.T, float(evals[-1])
+
+    u: torch.Tensor  # in × r
+    d: torch.Tensor  # r
+    scale: float  # λ^{-1/2}
+    c_max: float  # largest eigenvalue of C
+
+    @classmethod
+    def build(cls, k: torch.Tensor, lam: float, alpha: float) -> "PreserveWeighting":
+        if not lam > 0:
+            raise ValueError("the preservation weighting C must be positive definite (λ > 0)")
+        k64 = k.to(torch.float64)
+        m = max(k64.shape[1], 1)
+        rb = range_basis(k64, 1e-12 * spectral_norm_estimate(k64))
+        gain = alpha * rb.s**2 / (m * lam)
+        return cls(rb.u, 1 - (1 + gain).rsqrt(), lam**-0.5, lam + float(gain.max() * lam) if gain.numel() else lam)
+
+    def left(self, x: torch.Tensor) -> torch.Tensor:
+        """``C^{-1/2} @ x``."""
+        return self.scale * (x - self.u @ (self.d[:, None] * (self.u.T @ x)))
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ C^{-1/2}``."""
+        return self.scale * (x - ((x @ self.u) * self.d) @ self.u.T)

@@ -43,6 +43,18 @@ def alignment_residual(
     return ratio(residual_terms(w, d, x, v) for w, d, v in zip(weights, deltas, targets))
 
 
+def residual_against_gap(residual_sqs: Sequence[float], weights: Sequence[torch.Tensor], gap: torch.Tensor) -> float:
+    """``sqrt(Σ_s ‖W'_s X − V*_s‖²) / sqrt(Σ_s ‖W_s G‖²)``: residuals against another gap ``G``
+    (e.g. the unedited model's ``Y − X_0``), the denominator through ``G Gᵀ`` (in × in)."""
+    g = _f64(gap, gap.device)
+    gram = g @ g.T
+    before = []
+    for w in weights:
+        w64 = _f64(w, g.device)
+        before.append(float(((w64 @ gram) * w64).sum()))
+    return ratio(zip(residual_sqs, before))
+
+
 def preservation_drift(weights: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], k: torch.Tensor) -> float:
     """``‖W'K − W_o K‖_F / ‖W_o K‖_F`` over the given sites, for preserve or unrelated features ``K``."""
     terms = []

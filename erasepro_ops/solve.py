@@ -45,7 +45,7 @@ from typing import Sequence
 
 import torch
 
-from .linalg import DEFAULT_RTOL, check_finite, inverse_sqrt_psd, range_basis, spectral_norm_estimate
+from .linalg import DEFAULT_RTOL, PreserveWeighting, check_finite, range_basis, spectral_norm_estimate
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,9 @@ class ConstraintSystem:
             if preserve.shape[0] != width:
                 raise ValueError(f"preserve features have width {preserve.shape[0]}, the site has {width}")
             check_finite("preserve features", preserve)
-            cis, c_max = inverse_sqrt_psd(preservation_weighting(preserve.to(device), lam, alpha))
-        xt = x64 if cis is None else cis @ x64
+            cis = PreserveWeighting.build(preserve.to(device), lam, alpha)
+            c_max = cis.c_max
+        xt = x64 if cis is None else cis.left(x64)
 
         threshold = rtol * spectral_norm_estimate(x64) / c_max**0.5
         steps: list[_Step] = []
@@ -181,7 +182,7 @@ class ConstraintSystem:
         total = float((xt * xt).sum())
         outside = xt - basis @ (basis.T @ xt)
         unaligned = float((outside * outside).sum()) / total if total > 0 else 0.0
-        down = down_t if cis is None else down_t @ cis
+        down = down_t if cis is None else cis.right(down_t)
         return cls(x64, tuple(steps), down, down_t @ xt, unaligned, rtol)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:

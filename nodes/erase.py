@@ -15,7 +15,7 @@ from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, pr
 from erasepro_ops.concepts import ConceptPair, align_chunks, expand, token_chunks
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.linalg import DEFAULT_RTOL
-from erasepro_ops.metrics import deep_burden, preservation_drift, ratio
+from erasepro_ops.metrics import deep_burden, preservation_drift, residual_against_gap
 
 from .host import (
     POOLED_SITE,
@@ -188,10 +188,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     # Relative to the unedited model's gap (‖W_o X_0 − V*‖, X_0 without shallow edits), so 1 means
     # "as far from the anchor as the original model" whatever S is.
     x0, _ = inputs_with_partners(x0_cond, y_cond, columns)
-    gap = (y - x0).to(torch.float64)
-    gap_gram = gap @ gap.T
-    train = ratio((r.solution.residual_sq, float(((deep_weights[r.name].to(gap) @ gap_gram) * deep_weights[r.name].to(gap)).sum()))
-                  for r in kv_results)
+    train = residual_against_gap([r.solution.residual_sq for r in kv_results],
+                                 [deep_weights[r.name] for r in kv_results], y - x0)
     burden = deep_burden([r.weight_norm for r in kv_results], [r.solution.update.norm() for r in kv_results])
     drift = None
     if k_cond is not None:

@@ -7,7 +7,7 @@ from erasepro_ops.chain import METHODS, SHALLOW_RULES
 from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
 
 from .erase import Request, run_erasure
-from .host import EraseProError, detect
+from .host import detect
 
 
 def preserve_lines(text: str) -> tuple[str, ...]:

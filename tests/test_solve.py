@@ -250,3 +250,19 @@ def test_preservation_weighting_keeps_exact_alignment_however_strong():
         print(f"alpha {alpha:g}: rank {sol.update.rank}, residual {sol.residual:.2e}")
         assert sol.update.rank == 120
         assert sol.residual <= 1e-8
+
+
+@pytest.mark.parametrize("m", [20, 300])
+def test_preserve_weighting_operator_is_c_to_the_minus_half(m):
+    from erasepro_ops.linalg import PreserveWeighting
+
+    g = torch.Generator().manual_seed(18)
+    k = torch.randn(120, m, generator=g, dtype=torch.float64)
+    c = preservation_weighting(k, 0.7, 25.0)
+    evals, evecs = torch.linalg.eigh(c)
+    reference = (evecs * evals.rsqrt()) @ evecs.T
+    op = PreserveWeighting.build(k, 0.7, 25.0)
+    x = torch.randn(120, 30, generator=g, dtype=torch.float64)
+    assert rel(op.left(x), reference @ x) <= 1e-10
+    assert rel(op.right(x.T), x.T @ reference) <= 1e-10
+    assert op.c_max == pytest.approx(float(evals[-1]), rel=1e-10)
