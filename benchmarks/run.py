@@ -125,17 +125,16 @@ def deep_features(erase, host, edited_clip, clip, arch, pairs):
     return inputs_with_partners(x_new, y_cond, columns)[0], x, y
 
 
-def prompt_features(host, clip, arch, prompts):
-    ids = [[clip.tokenize(p)[enc.token_key][0] for p in prompts] for enc in arch.encoders]
-    ids = [[[t for t, *_ in chunk] for chunk in per] for per in ids]
-    cond, _, _ = host.encode_batch(clip, arch.encoders, ids)
+def prompt_features(erase, host, clip, arch, prompts):
+    """Deep-site input features (D × 77·P) of whole prompts, as the solver encodes preserve prompts."""
+    cond, _, _ = host.encode_batch(clip, arch.encoders, erase.preserve_ids(clip, arch, prompts))
     return cond.reshape(-1, cond.shape[-1]).T
 
 
 def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full"):
     import torch
     from erasepro_ops.concepts import ConceptPair
-    from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, ratio
+    from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, preservation_drift
 
     pack = H.load_pack()
     erase = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
@@ -148,8 +147,8 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
     arch = host.detect(model, clip)
     weights = host.effective_weights(model, arch.deep_keys)
     width = next(iter(weights.values())).shape[1]
-    k_pre = prompt_features(host, clip, arch, PRESERVE)
-    k_unrel = prompt_features(host, clip, arch, UNRELATED)
+    k_pre = prompt_features(erase, host, clip, arch, PRESERVE)
+    k_unrel = prompt_features(erase, host, clip, arch, UNRELATED)
 
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, eps_size, eps_size, generator=g)
@@ -197,15 +196,8 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
             d_list = [deltas[k] for k in keys]
             train_all = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, solve_pairs))
             held_res = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, held))
-            drift = {}
-            for name, prompts, k_orig in (("preserve", PRESERVE, k_pre), ("unrelated", UNRELATED, k_unrel)):
-                k_new = prompt_features(host, c2, arch, prompts)
-                terms = []
-                for w, d in zip(w_list, d_list):
-                    after = (w.double() + d.double()) @ k_new.double()
-                    before = w.double() @ k_orig.double()
-                    terms.append((float(((after - before) ** 2).sum()), float((before ** 2).sum())))
-                drift[name] = ratio(terms)
+            drift = {name: preservation_drift(w_list, d_list, k_orig, prompt_features(erase, host, c2, arch, prompts))
+                     for name, prompts, k_orig in (("preserve", PRESERVE, k_pre), ("unrelated", UNRELATED, k_unrel))}
             if uce_time is None:
                 uce_time = seconds
             row = {

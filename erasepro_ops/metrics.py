@@ -55,14 +55,21 @@ def residual_against_gap(residual_sqs: Sequence[float], weights: Sequence[torch.
     return ratio(zip(residual_sqs, before))
 
 
-def preservation_drift(weights: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], k: torch.Tensor) -> float:
-    """``‖W'K − W_o K‖_F / ‖W_o K‖_F`` over the given sites, for preserve or unrelated features ``K``."""
+def preservation_drift(
+    weights: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], k: torch.Tensor, k_edited: torch.Tensor | None = None
+) -> float:
+    """``‖W'K' − W_o K‖_F / ‖W_o K‖_F`` over the given sites, for preserve or unrelated features.
+
+    ``K`` are the features through the original text encoder; ``K'`` (default ``K``) through the
+    edited one, so a text-encoder edit (S > 0) counts too.
+    """
     terms = []
     for w, d in zip(weights, deltas):
         dev = d.device
         kk = _f64(k, dev)
-        change = _f64(d, dev) @ kk
-        base = _f64(w, dev) @ kk
+        w64 = _f64(w, dev)
+        base = w64 @ kk
+        change = _f64(d, dev) @ kk if k_edited is None else (w64 + _f64(d, dev)) @ _f64(k_edited, dev) - base
         terms.append((float((change * change).sum()), float((base * base).sum())))
     return ratio(terms)
 

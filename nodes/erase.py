@@ -76,7 +76,8 @@ def align_prompts(clip, arch, pairs):
     return alignments, target_ids, anchor_ids
 
 
-def _preserve_ids(clip, arch, prompts):
+def preserve_ids(clip, arch, prompts):
+    """Each encoder's first-chunk token ids for whole prompts (preserve or unrelated)."""
     ids = [[] for _ in arch.encoders]
     for text in prompts:
         for i, enc in enumerate(arch.encoders):
@@ -117,15 +118,15 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
 
     alignments, target_ids, anchor_ids = align_prompts(clip, arch, prompt_pairs(request.concepts))
     columns = Columns.from_alignments(alignments, CONTEXT, last_token_only=request.features == "last_token")
-    preserve_ids = _preserve_ids(clip, arch, request.preserve) if request.preserve else None
+    preserve_tokens = preserve_ids(clip, arch, request.preserve) if request.preserve else None
 
     # Original model: anchor and target features, first-layer inputs for the cached chain.
     y_cond, y_pooled, anchor_in = encode_batch(clip, arch.encoders, anchor_ids, capture=True)
     x0_cond, _, target_in = encode_batch(clip, arch.encoders, target_ids, capture=True)
     k_cond = None
     preserve_in = None
-    if preserve_ids is not None:
-        k_cond, _, preserve_in = encode_batch(clip, arch.encoders, preserve_ids, capture=True)
+    if preserve_tokens is not None:
+        k_cond, _, preserve_in = encode_batch(clip, arch.encoders, preserve_tokens, capture=True)
 
     # Shallow sites, per text encoder, shallow to deep.
     clip_edits: list[SiteEdit] = []
