@@ -37,7 +37,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 
 from .concepts import ROLE_PRIORITY, PromptAlignment
-from .linalg import DEFAULT_RTOL
+from .linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_RTOL
 from .solve import ConstraintSystem, SiteSolution, UCESystem
 
 SHALLOW_RULES = ("anchor_features", "residual_schedule")
@@ -122,6 +122,8 @@ class SolverSettings:
 
     method: str = "erasepro"
     rtol: float = DEFAULT_RTOL
+    overflow_damping: float = DEFAULT_OVERFLOW_DAMPING  # ρ for constraints beyond the rank budget
+    budget: int | None = None  # rank budget for the overflow rule (None: each site's own width)
     lam: float = 1.0  # ErasePro: C = λI + α K Kᵀ / M
     alpha: float = 0.0
     preserve_strength: float = 0.0  # scale-free α: preserve_strength / (mean squared entry of K)
@@ -146,7 +148,8 @@ class SolverSettings:
             mean_sq = float((preserve.to(torch.float64) ** 2).mean())
             alpha = self.preserve_strength / max(mean_sq, 1e-12)
         return ConstraintSystem.build(
-            x, groups, preserve=preserve, lam=self.lam, alpha=alpha, rtol=self.rtol, device=self.device,
+            x, groups, preserve=preserve, lam=self.lam, alpha=alpha, rtol=self.rtol,
+            overflow_damping=self.overflow_damping, budget=self.budget, device=self.device,
         )
 
 
@@ -158,6 +161,8 @@ class SiteResult:
     weight_norm: float
     constraints: int  # columns
     rank: int  # rank of the update
+    unaligned_energy: float = 0.0  # share of the features' energy outside the exactly-fitted span
+    damped: bool = False  # the rank budget overflowed: later groups were fitted by damped least squares
 
     @property
     def relative_change(self) -> float:
@@ -236,12 +241,16 @@ def solve_deep(
     One factorisation of ``X`` and one shared map serve all sites (DESIGN §6: decompose once,
     not once per site); each site then costs one ``out × in × rank`` product.
     """
-    shared = settings.system(x, groups, preserve).map_targets(y)
+    system = settings.system(x, groups, preserve)
+    shared = system.map_targets(y)
+    unaligned = getattr(system, "unaligned_energy", 0.0)
+    damped = getattr(system, "damped_from", None) is not None
     results = []
     for name, w in weights.items():
         solution = shared.solve(w)
         weight_norm = float(w.to(torch.float64).norm())
-        results.append(SiteResult(name, "deep", solution, weight_norm, int(x.shape[1]), solution.update.rank))
+        results.append(SiteResult(name, "deep", solution, weight_norm, int(x.shape[1]), solution.update.rank,
+                                  unaligned, damped))
         if on_site is not None:
             on_site(name)
     return results

@@ -12,6 +12,9 @@ import torch
 DEFAULT_RTOL = 1e-6
 """Singular values below ``rtol * s_max`` are treated as zero (relative to the whole problem)."""
 
+DEFAULT_OVERFLOW_DAMPING = 1e-3
+"""ρ: constraints beyond the rank budget are fitted with ridge ``(ρ · s_max)²`` (see ``solve``)."""
+
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise a ValueError naming ``name`` when ``tensor`` holds NaN or Inf."""

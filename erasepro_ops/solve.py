@@ -24,6 +24,18 @@ residual is reported. ``Y_g⁺`` keeps singular values above ``rtol · s_max(X) 
 since ``σ_i(C^{-1/2} X) ≥ σ_i(X) / sqrt(λ_max(C))``, every direction of ``X`` above
 ``rtol · s_max(X)`` stays exact however strongly ``C`` weights the preserve features.
 
+Overflow. When a group has more columns than the width left and its directions fill it (the
+rank budget of DESIGN §3 is spent), it and every later group get damped least squares::
+
+    ΔW̃_g = R̃_g Y_g⁺(μ),   Y_g⁺(μ) = V diag(s / (s² + μ)) Uᵀ,   μ = (ρ · s_max(X) / sqrt(λ_max(C)))²
+
+An exact fit of the weakest of hundreds of near-parallel padding columns costs ``1/s`` each and
+moves every other prompt sharing those directions; the damping (ρ = ``overflow_damping``) caps
+that. Measured on the tiny SD1.5, 20 concepts in one solve (1540 columns, 768 wide): undamped
+deep burden 9.2 and drift 2.2 on unrelated prompts; ρ = 1e-3 gives 1.0 and 0.46 for a train
+residual of 0.17 instead of 0.12, with the concept and end columns still exact. Groups that fit
+(one concept: 604 of 768) are never damped.
+
 Deep sites ask for ``V*_s = W_s Y`` (the anchor's features through the site's own weight), so
 ``R_s = W_s (Y − X)`` and every site's update is ``ΔW_s = W_s T`` with one shared ``T = Z down``
 (:meth:`ConstraintSystem.map_targets`): the per-site cost is one ``out × in × r`` product.
@@ -45,7 +57,7 @@ from typing import Sequence
 
 import torch
 
-from .linalg import DEFAULT_RTOL, PreserveWeighting, check_finite, range_basis, spectral_norm_estimate
+from .linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_RTOL, PreserveWeighting, check_finite, range_basis, spectral_norm_estimate
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class ConstraintSystem:
     down_x: torch.Tensor  # r × N: down @ x, for residuals
     unaligned_energy: float  # share of ‖X̃‖² outside the exactly-constrained span
     rtol: float
+    damped_from: int | None = None  # index of the first step fitted by damped least squares (overflow)
 
     @property
     def rank(self) -> int:
@@ -132,21 +145,29 @@ class ConstraintSystem:
         lam: float = 1.0,
         alpha: float = 0.0,
         rtol: float = DEFAULT_RTOL,
+        overflow_damping: float = DEFAULT_OVERFLOW_DAMPING,
+        budget: int | None = None,
         device: torch.device | str | None = None,
     ) -> "ConstraintSystem":
         """Factorise the constrained features.
 
         ``groups[j]`` is column ``j``'s priority (lower first); ``None`` puts all in one group.
         ``preserve`` (in × M) with ``alpha > 0`` selects ``C = λI + α K Kᵀ / M``; otherwise ``C = I``.
+        ``overflow_damping`` is ρ of the overflow rule (0: plain least squares on the overflow);
+        ``budget`` the rank budget it checks (default: the width; the chain gives shallow sites the
+        deep sites' width, so the whole erasure overflows at once).
         """
         if x.dim() != 2:
             raise ValueError(f"features X must be a 2-D (in × N) matrix, got shape {tuple(x.shape)}")
         if not rtol > 0:
             raise ValueError("rtol must be positive")
+        if not overflow_damping >= 0:
+            raise ValueError("overflow_damping must be 0 or more")
         device = x.device if device is None else torch.device(device)
         x64 = x.to(device=device, dtype=torch.float64)
         check_finite("features X", x64)
         width, n = x64.shape
+        budget = width if budget is None else min(int(budget), width)
         if groups is None:
             group_ids = torch.zeros(n, dtype=torch.long)
         else:
@@ -163,10 +184,14 @@ class ConstraintSystem:
             c_max = cis.c_max
         xt = x64 if cis is None else cis.left(x64)
 
-        threshold = rtol * spectral_norm_estimate(x64) / c_max**0.5
+        scale = spectral_norm_estimate(x64) / c_max**0.5
+        threshold = rtol * scale
+        mu = (overflow_damping * scale) ** 2
         steps: list[_Step] = []
         downs_t: list[torch.Tensor] = []
         basis = xt.new_zeros(width, 0)
+        exact = basis  # the directions fitted exactly (before any overflow)
+        damped_from = None
         for g in torch.unique(group_ids).tolist():
             cols = torch.nonzero(group_ids == g).flatten().to(device)
             xg = xt[:, cols]
@@ -174,16 +199,23 @@ class ConstraintSystem:
             rb = range_basis(y, threshold)
             u = rb.u - basis @ (basis.T @ rb.u) if basis.shape[1] else rb.u
             cross = tuple(d @ xg for d in downs_t)
-            steps.append(_Step(cols, rb.v / rb.s, cross))
+            overflow = cols.numel() > budget - basis.shape[1] and basis.shape[1] + rb.rank >= budget - 1
+            if damped_from is None and mu > 0 and overflow:
+                damped_from = len(steps)
+                exact = basis
+            coef = rb.v / rb.s if damped_from is None else rb.v * (rb.s / (rb.s**2 + mu))
+            steps.append(_Step(cols, coef, cross))
             downs_t.append(u.T)
             basis = torch.cat([basis, u], dim=1)
+        if damped_from is None:
+            exact = basis
 
         down_t = torch.cat(downs_t, dim=0) if downs_t else xt.new_zeros(0, width)
         total = float((xt * xt).sum())
-        outside = xt - basis @ (basis.T @ xt)
+        outside = xt - exact @ (exact.T @ xt)
         unaligned = float((outside * outside).sum()) / total if total > 0 else 0.0
         down = down_t if cis is None else cis.right(down_t)
-        return cls(x64, tuple(steps), down, down_t @ xt, unaligned, rtol)
+        return cls(x64, tuple(steps), down, down_t @ xt, unaligned, rtol, damped_from)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
         """The zero-residual update of a site with weight ``W_o`` towards outputs ``V`` (out × N)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -14,7 +15,7 @@ from erasepro_ops import __version__
 from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
 from erasepro_ops.concepts import ConceptPair, align_chunks, expand, token_chunks
 from erasepro_ops.edit import ErasureEdit, SiteEdit
-from erasepro_ops.linalg import DEFAULT_RTOL
+from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_RTOL
 from erasepro_ops.metrics import deep_burden, preservation_drift, residual_against_gap
 
 from .host import (
@@ -41,6 +42,7 @@ class Request:
     preserve: tuple[str, ...] = ()
     preserve_strength: float = 100.0
     rtol: float = DEFAULT_RTOL
+    overflow_damping: float = DEFAULT_OVERFLOW_DAMPING  # ρ: ridge on constraints beyond the rank budget
     features: str = "all"  # "all" (DESIGN §3) or "last_token" (official UCE: the last concept token only)
 
 
@@ -114,7 +116,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     start = time.perf_counter()
     device = solve_device()
     settings = SolverSettings(method=request.method, device=str(device), rtol=request.rtol,
-                              preserve_strength=request.preserve_strength)
+                              overflow_damping=request.overflow_damping, preserve_strength=request.preserve_strength)
 
     alignments, target_ids, anchor_ids = align_prompts(clip, arch, prompt_pairs(request.concepts))
     columns = Columns.from_alignments(alignments, CONTEXT, last_token_only=request.features == "last_token")
@@ -147,7 +149,10 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
                                  bias[keys[l].replace(".weight", ".bias")].to(h_t.device), mask, attention)
                   for l in range(depth)]
         clip.load_model()
-        results = progressive_shallow(blocks, h_t, h_a, columns, settings, rule=request.rule, h_preserve=h_p if request.preserve_strength > 0 else None,
+        # The erasure's rank budget is the deep sites' width: when the constraints overflow it, the
+        # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py).
+        shallow_settings = dataclasses.replace(settings, budget=arch.context_width)
+        results = progressive_shallow(blocks, h_t, h_a, columns, shallow_settings, rule=request.rule, h_preserve=h_p if request.preserve_strength > 0 else None,
                                       on_site=on_site)
         shallow_results += results
         clip_edits += [_site_edit(r.name, "clip", "shallow", r) for r in results]
@@ -217,11 +222,14 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "warnings": [],
     }
     if request.method == "erasepro":
-        budget_full = summary["deep_rank"] >= x.shape[0] - 1
+        summary["unaligned_energy"] = max((r.unaligned_energy for r in kv_results), default=0.0)
+        summary["overflow_damped"] = any(r.damped for r in kv_results)
+        budget_full = summary["overflow_damped"] or summary["deep_rank"] >= x.shape[0] - 1
         if budget_full and train > 1e-5:
             summary["warnings"].append(
                 f"least-squares residual {train:.2e}: the {len(columns)} constraints exceed the deep sites' "
-                f"rank budget ({x.shape[0]}); concept tokens are exact, padding positions least-squares. "
+                f"rank budget ({x.shape[0]}); concept tokens are exact, padding positions damped least-squares "
+                f"({summary['unaligned_energy']:.1%} of the target features' energy outside the exact span). "
                 "Erase fewer concepts per solve for exact alignment everywhere")
         elif train > 1e-3:
             summary["warnings"].append(
@@ -232,6 +240,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
                      for p in request.concepts],
         "method": request.method, "progressive_layers": request.progressive_layers, "rule": request.rule,
         "preserve": list(request.preserve), "preserve_strength": request.preserve_strength,
+        "overflow_damping": request.overflow_damping,
         "family": arch.family, "version": __version__,
     }
     return ErasureEdit(tuple(clip_edits + model_edits), settings_record, summary,

@@ -57,6 +57,11 @@ class Architecture:
     deep_keys: tuple[str, ...]  # attn2.to_k / to_v weights, model order
     pooled_width: int  # SDXL: columns of label_emb.0.0 that read the pooled embedding; 0 otherwise
 
+    @property
+    def context_width(self) -> int:
+        """The deep sites' input width (768 / 1024 / 2048): the erasure's rank budget."""
+        return sum(e.module.transformer.text_model.final_layer_norm.weight.shape[0] for e in self.encoders)
+
 
 def model_family(model) -> str:
     base = getattr(model, "model", None)

@@ -357,6 +357,9 @@ def deep_residuals(batch):
     x_cond = host.encode_batch(baked_clip, host.detect(baked_model, baked_clip).encoders, target_ids)[0]
     x, y = inputs_with_partners(x_cond, y_cond, columns)
     x, y = x.double(), y.double()
+    # normalised by the *unedited* model's gap, as the solver reports it (DESIGN §7: 1 = untouched)
+    x0, _ = inputs_with_partners(host.encode_batch(orig_clip, arch.encoders, target_ids)[0], y_cond, columns)
+    x0 = x0.double()
     w_o = host.effective_weights(orig_model, arch.deep_keys)
     w_b = host.effective_weights(baked_model, arch.deep_keys)
     sel = columns.groups <= 2  # keep, concept, suffix, end (not padding)
@@ -364,7 +367,7 @@ def deep_residuals(batch):
     for k in arch.deep_keys:
         wo, wb = w_o[k].double(), w_b[k].double()
         target = wo @ y
-        r1, r0 = wb @ x - target, wo @ x - target
+        r1, r0 = wb @ x - target, wo @ x0 - target
         num += float((r1 ** 2).sum()); den += float((r0 ** 2).sum())
         num_c += float((r1[:, sel] ** 2).sum()); den_c += float((r0[:, sel] ** 2).sum())
     # every edited weight of the baked checkpoint is W_o + dW, rounded to the weight's dtype
@@ -410,16 +413,30 @@ def test_batch_command_erases_20_concepts_and_bakes(batch):
     assert res["concept"] <= 1e-4
 
 
-def test_batch_20_concepts_over_the_rank_budget_are_least_squares_and_say_so(batch):
-    """20 concepts × 77 positions exceed SD1.5's 768-wide deep sites (DESIGN §3): the padding is
-    solved by least squares, the residual stays small and the summary says why."""
+def test_batch_20_concepts_over_the_rank_budget_are_damped_least_squares_and_say_so(batch):
+    """20 concepts × 77 positions exceed SD1.5's 768-wide deep sites (DESIGN §3): the overflow (padding)
+    is fitted by damped least squares, so no site changes by more than its own weight (undamped:
+    shallow ΔW/W 39, deep burden 2.6, drift 1.8 on unrelated prompts), the residual stays below
+    UCE's on the same columns, and the summary says why."""
     res = deep_residuals(batch)
     summary = res["edit"].summary
-    print(f"[batch] all-column residual {res['all']:.2e}, deep rank {summary['deep_rank']} of 768, "
-          f"warnings {summary['warnings']}")
+    import comfy.sd
+    erase = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
+    from erasepro_ops.concepts import ConceptPair
+    concepts = tuple(ConceptPair(**{k: c[k] for k in ("target", "anchor", "concept_type", "prompts")})
+                     for c in res["edit"].settings["concepts"])
+    model, clip = comfy.sd.load_checkpoint_guess_config(str(batch["ckpt"]), output_vae=False)[:2]
+    uce = erase.run_erasure(model, clip, erase.Request(concepts, progressive_layers=0, method="uce")).summary
+    shallow = [s["relative_change"] for s in summary["sites"] if s["stage"] == "shallow"]
+    print(f"[batch] all-column residual {res['all']:.3e} (UCE on the same columns {uce['train_residual']:.3e}), "
+          f"deep rank {summary['deep_rank']} of 768, deep burden {summary['deep_burden']:.3f} "
+          f"(UCE {uce['deep_burden']:.3f}), shallow ΔW/W {[round(v, 3) for v in shallow]}, "
+          f"unaligned energy {summary['unaligned_energy']:.2e}; warnings {summary['warnings']}")
     assert res["columns"] > 768
-    assert res["all"] < 1e-2
-    assert summary["deep_rank"] >= 767
+    assert summary["overflow_damped"] and summary["deep_rank"] >= 767
+    assert res["all"] < uce["train_residual"]
+    assert summary["deep_burden"] < 1.0 and shallow and max(shallow) < 1.0
+    assert 0 < summary["unaligned_energy"] < 1
     assert any("rank budget" in w for w in summary["warnings"])
 
 

@@ -137,13 +137,39 @@ def test_preservation_weighting_lowers_drift_at_equal_residual():
 
 def test_more_constraints_than_width_gives_least_squares_with_residual_reported():
     w, x, v, _ = problem(32, 16, 48, seed=5)
-    sol = zero_residual_update(w, x, v)
+    sol = zero_residual_update(w, x, v, overflow_damping=0.0)
     dw = sol.update.dense()
     assert torch.isfinite(dw).all()
     lstsq = torch.linalg.lstsq(x.double().T, (v - w @ x).double().T).solution.T  # min ‖ΔW X − R‖
     best = residual_of(w.double() + lstsq, x.double(), v.double(), w.double())
     assert sol.residual == pytest.approx(best, rel=1e-6)
     assert 0.1 < sol.residual < 1.0
+
+
+def test_overflow_is_ridge_damped_and_only_when_the_budget_is_spent():
+    """Beyond the rank budget the overflow group gets ``R Xᵀ (X Xᵀ + μ I)⁻¹`` (μ = (ρ s_max)²): a
+    smaller update than plain least squares for a slightly larger residual; exact groups stay exact."""
+    w, x, v, _ = problem(32, 16, 48, seed=5)
+    w, x, v = w.double(), x.double(), v.double()
+    rho = 1e-1
+    damped = zero_residual_update(w, x, v, overflow_damping=rho)
+    plain = zero_residual_update(w, x, v, overflow_damping=0.0)
+    mu = (rho * float(torch.linalg.matrix_norm(x, ord=2))) ** 2
+    ridge = (v - w @ x) @ x.T @ torch.linalg.inv(x @ x.T + mu * torch.eye(32, dtype=torch.float64))
+    assert rel(damped.update.dense(), ridge) <= 1e-9
+    assert damped.update.norm() < plain.update.norm()
+    assert plain.residual < damped.residual < 1.0
+    # priority groups: the 6 keep/concept columns stay exact, the 42 padding columns are damped
+    groups = [0] * 6 + [1] * 42
+    system = ConstraintSystem.build(x, groups, overflow_damping=rho)
+    sol = system.solve(w, v)
+    out = (w + sol.update.dense()) @ x
+    assert system.damped_from == 1
+    assert float((out[:, :6] - v[:, :6]).norm() / (w @ x - v)[:, :6].norm()) <= 1e-9
+    # within the budget nothing is damped: N = width is still an exact, square fit
+    w2, x2, v2, _ = problem(16, 8, 16, seed=15)
+    square = ConstraintSystem.build(x2, overflow_damping=rho)
+    assert square.damped_from is None and square.solve(w2, v2).residual <= 1e-8
 
 
 def test_duplicated_columns_with_conflicting_targets_meet_in_the_middle():
