@@ -27,7 +27,7 @@ since ``σ_i(C^{-1/2} X) ≥ σ_i(X) / sqrt(λ_max(C))``, every direction of ``X
 Overflow. When a group has more columns than the width left and its directions fill it (the
 rank budget of DESIGN §3 is spent), it and every later group get damped least squares::
 
-    ΔW̃_g = R̃_g Y_g⁺(μ),   Y_g⁺(μ) = V diag(s / (s² + μ)) Uᵀ,   μ = (ρ · s_max(X) / sqrt(λ_max(C)))²
+    ΔW̃_g = R̃_g Y_g⁺(μ),   Y_g⁺(μ) = V diag(s / (s² + μ)) Uᵀ,   μ = (ρ · s_max(X̃))²
 
 An exact fit of the weakest of hundreds of near-parallel padding columns costs ``1/s`` each and
 moves every other prompt sharing those directions; the damping (ρ = ``overflow_damping``) caps
@@ -184,9 +184,8 @@ class ConstraintSystem:
             c_max = cis.c_max
         xt = x64 if cis is None else cis.left(x64)
 
-        scale = spectral_norm_estimate(x64) / c_max**0.5
-        threshold = rtol * scale
-        mu = (overflow_damping * scale) ** 2
+        threshold = rtol * spectral_norm_estimate(x64) / c_max**0.5
+        mu = (overflow_damping * spectral_norm_estimate(xt)) ** 2
         steps: list[_Step] = []
         downs_t: list[torch.Tensor] = []
         basis = xt.new_zeros(width, 0)

@@ -165,6 +165,14 @@ def test_overflow_is_ridge_damped_and_only_when_the_budget_is_spent():
     sol = system.solve(w, v)
     out = (w + sol.update.dense()) @ x
     assert system.damped_from == 1
+    # a strong preserve weighting C must not shrink the damping to nothing (μ is set on C^{-1/2} X)
+    k = torch.randn(32, 20, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(preservation_weighting(k, 1.0, 1e6))
+    c_half = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    weighted = [float((ConstraintSystem.build(x, groups, preserve=k, alpha=1e6, overflow_damping=r)
+                       .solve(w, v).update.dense() @ c_half).norm()) for r in (0.0, rho)]
+    print(f"‖ΔW C^½‖ plain {weighted[0]:.3e}, damped {weighted[1]:.3e}")
+    assert weighted[1] < 0.5 * weighted[0]
     assert float((out[:, :6] - v[:, :6]).norm() / (w @ x - v)[:, :6].norm()) <= 1e-9
     # within the budget nothing is damped: N = width is still an exact, square fit
     w2, x2, v2, _ = problem(16, 8, 16, seed=15)
