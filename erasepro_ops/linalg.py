@@ -40,6 +40,11 @@ class RangeBasis:
     def rank(self) -> int:
         return int(self.s.numel())
 
+    def top(self, k: int) -> "RangeBasis":
+        """The ``k`` largest singular triplets (all of them when ``k ≥ rank``)."""
+        k = max(int(k), 0)
+        return self if k >= self.rank else RangeBasis(self.u[:, :k], self.s[:k], self.v[:, :k])
+
 
 def range_basis(y: torch.Tensor, threshold: float) -> RangeBasis:
     """Truncated SVD of ``y`` (float64) keeping singular values ``> threshold``."""

@@ -195,7 +195,7 @@ class ConstraintSystem:
             cols = torch.nonzero(group_ids == g).flatten().to(device)
             xg = xt[:, cols]
             y = xg - basis @ (basis.T @ xg) if basis.shape[1] else xg
-            rb = range_basis(y, threshold)
+            rb = range_basis(y, threshold).top(width - basis.shape[1])  # rounding noise cannot add rank
             u = rb.u - basis @ (basis.T @ rb.u) if basis.shape[1] else rb.u
             cross = tuple(d @ xg for d in downs_t)
             overflow = cols.numel() > budget - basis.shape[1] and basis.shape[1] + rb.rank >= budget - 1

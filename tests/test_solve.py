@@ -165,6 +165,8 @@ def test_overflow_is_ridge_damped_and_only_when_the_budget_is_spent():
     sol = system.solve(w, v)
     out = (w + sol.update.dense()) @ x
     assert system.damped_from == 1
+    assert system.rank <= 32  # never more directions than the width, however weak the tolerance
+    assert ConstraintSystem.build(x, groups, rtol=1e-300).rank <= 32
     # a strong preserve weighting C must not shrink the damping to nothing (μ is set on C^{-1/2} X)
     k = torch.randn(32, 20, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
     evals, evecs = torch.linalg.eigh(preservation_weighting(k, 1.0, 1e6))
