@@ -31,6 +31,7 @@ the anchor at the paired positions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -164,9 +165,13 @@ class SiteResult:
     unaligned_energy: float = 0.0  # share of the features' energy outside the exactly-fitted span
     damped: bool = False  # the rank budget overflowed: later groups were fitted by damped least squares
 
+    @functools.cached_property
+    def update_norm(self) -> float:
+        return self.solution.update.norm()
+
     @property
     def relative_change(self) -> float:
-        return self.solution.update.norm() / self.weight_norm if self.weight_norm > 0 else 0.0
+        return self.update_norm / self.weight_norm if self.weight_norm > 0 else 0.0
 
 
 def _preserve_features(preserve: torch.Tensor | None) -> torch.Tensor | None:

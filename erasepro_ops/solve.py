@@ -52,7 +52,7 @@ UCE (Gandikota et al., WACV 2024), the baseline::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -66,6 +66,7 @@ class LowRankUpdate:
 
     up: torch.Tensor
     down: torch.Tensor
+    down_gram: torch.Tensor | None = field(default=None, repr=False, compare=False)  # down downᵀ, when shared
 
     @property
     def rank(self) -> int:
@@ -75,8 +76,9 @@ class LowRankUpdate:
         return self.up @ self.down
 
     def norm(self) -> float:
-        """Frobenius norm of ``up @ down`` without forming it: ``sqrt(tr((upᵀup)(down downᵀ)))``."""
-        value = ((self.up.T @ self.up) * (self.down @ self.down.T)).sum()
+        """Frobenius norm of ``up @ down`` without forming it: ``sqrt(tr(up (down downᵀ) upᵀ))``."""
+        gram = self.down @ self.down.T if self.down_gram is None else self.down_gram
+        value = ((self.up @ gram) * self.up).sum()
         return float(value.clamp_min(0).sqrt())
 
     def to(self, device=None, dtype=None) -> "LowRankUpdate":
@@ -185,7 +187,7 @@ class ConstraintSystem:
         xt = x64 if cis is None else cis.left(x64)
 
         threshold = rtol * spectral_norm_estimate(x64) / c_max**0.5
-        mu = (overflow_damping * spectral_norm_estimate(xt)) ** 2
+        mu = None  # set on the first overflow: (ρ · s_max(X̃))²
         steps: list[_Step] = []
         downs_t: list[torch.Tensor] = []
         basis = xt.new_zeros(width, 0)
@@ -199,9 +201,10 @@ class ConstraintSystem:
             u = rb.u - basis @ (basis.T @ rb.u) if basis.shape[1] else rb.u
             cross = tuple(d @ xg for d in downs_t)
             overflow = cols.numel() > budget - basis.shape[1] and basis.shape[1] + rb.rank >= budget - 1
-            if damped_from is None and mu > 0 and overflow:
+            if damped_from is None and overflow_damping > 0 and overflow:
                 damped_from = len(steps)
                 exact = basis
+                mu = (overflow_damping * spectral_norm_estimate(xt)) ** 2
             coef = rb.v / rb.s if damped_from is None else rb.v * (rb.s / (rb.s**2 + mu))
             steps.append(_Step(cols, coef, cross))
             downs_t.append(u.T)
@@ -268,10 +271,11 @@ class SharedUpdate:
     down: torch.Tensor  # r × in
     gram_before: torch.Tensor  # D Dᵀ
     gram_after: torch.Tensor  # F Fᵀ
+    down_gram: torch.Tensor  # down downᵀ, shared by every site's ‖ΔW_s‖
 
     @classmethod
     def from_parts(cls, z, down, d, f) -> "SharedUpdate":
-        return cls(z, down, d @ d.T, f @ f.T)
+        return cls(z, down, d @ d.T, f @ f.T, down @ down.T)
 
     def solve(self, weight: torch.Tensor) -> SiteSolution:
         w = weight.to(device=self.z.device, dtype=torch.float64)
@@ -281,7 +285,7 @@ class SharedUpdate:
         before = float(((w @ self.gram_before) * w).sum())
         after = float(((w @ self.gram_after) * w).sum().clamp_min(0))
         residual = (after / before) ** 0.5 if before > 0 else 0.0
-        return SiteSolution(LowRankUpdate(w @ self.z, self.down), residual, after, before)
+        return SiteSolution(LowRankUpdate(w @ self.z, self.down, self.down_gram), residual, after, before)
 
 
 def zero_residual_update(

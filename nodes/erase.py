@@ -196,7 +196,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     x0, _ = inputs_with_partners(x0_cond, y_cond, columns)
     train = residual_against_gap([r.solution.residual_sq for r in kv_results],
                                  [deep_weights[r.name] for r in kv_results], y - x0)
-    burden = deep_burden([r.weight_norm for r in kv_results], [r.solution.update.norm() for r in kv_results])
+    burden = deep_burden([r.weight_norm for r in kv_results], [r.update_norm for r in kv_results])
     drift = None
     if k_cond is not None:
         drift = preservation_drift([deep_weights[r.name] for r in kv_results],
