@@ -4,6 +4,7 @@ import comfy.model_management
 import comfy.utils
 
 from erasepro_ops.chain import METHODS, SHALLOW_RULES
+from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING
 from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
 
 from .erase import Request, run_erasure
@@ -41,11 +42,12 @@ class ProgressiveSolver:
                 "shallow_rule": (list(SHALLOW_RULES), {"default": "residual_schedule", "tooltip": "How shallow blocks move: residual_schedule closes the gap to the anchor step by step; anchor_features is the published rule."}),
                 "preserve_strength": ("FLOAT", {"default": 100.0, "min": 0.0, "max": 1000000.0, "step": 1.0, "tooltip": "How strongly the preserve prompts are kept still (0 = ignore them). The edit stays exact on the erased concepts; stronger values spend its remaining freedom on the preserve prompts."}),
                 "features": (["all", "last_token"], {"default": "all", "tooltip": "Which token positions are constrained: all (the concept, every later position and the prefix) or only each template's last concept token, as the official UCE does."}),
+                "overflow_damping": ("FLOAT", {"default": DEFAULT_OVERFLOW_DAMPING, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Only matters when the constraints exceed the rank budget (many concepts in one solve): the overflow (padding positions) is fitted by damped least squares instead of exactly, so the model is not wrecked. 0 = plain least squares; larger = gentler edit, larger residual."}),
             },
         }
 
     def solve(self, model, clip, concepts, progressive_layers, method, preserve="", shallow_rule="residual_schedule",
-              preserve_strength=100.0, features="all"):
+              preserve_strength=100.0, features="all", overflow_damping=DEFAULT_OVERFLOW_DAMPING):
         arch = detect(model, clip)
         total = sum(e.shallow_depth(progressive_layers) for e in arch.encoders) + len(arch.deep_keys) + (1 if arch.pooled_width else 0)
         bar = comfy.utils.ProgressBar(total)
@@ -55,7 +57,8 @@ class ProgressiveSolver:
             bar.update(1)
 
         request = Request(tuple(concepts or ()), int(progressive_layers), method, shallow_rule,
-                          preserve_lines(preserve), float(preserve_strength), features=features)
+                          preserve_lines(preserve), float(preserve_strength), features=features,
+                          overflow_damping=float(overflow_damping))
         edit = run_erasure(model, clip, request, on_site=step)
         report = {k: v for k, v in edit.summary.items()}
         image = report_to_image_tensor(draw_report(report))

@@ -255,3 +255,25 @@ def test_preserve_prompts_drift_less_at_equal_residual(nodes):
               f"train residual {edit.summary['train_residual']:.2e}")
         assert edit.summary["train_residual"] <= 1e-4
     assert drift[10.0] < drift[0.0]
+
+
+def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes):
+    """12 concepts × 77 positions > 768: the overflow is damped least squares (the default), which
+    keeps every deep site's change well below plain least squares' at a modestly larger residual."""
+    model, clip = H.build("sd15")
+    pair, solver, _ = nodes
+    concepts = None
+    for target in ("van gogh", "claude monet", "pablo picasso", "salvador dali", "rembrandt", "frida kahlo",
+                   "andy warhol", "hokusai", "gustav klimt", "mickey mouse", "pikachu", "snoopy"):
+        (concepts,) = pair.build(target, "a painter", "custom", "{}", concepts)
+    summaries = {}
+    for rho in (0.0, 1e-3):
+        out = solver.solve(model, clip, concepts, 0, "erasepro", overflow_damping=rho)
+        summaries[rho] = s = out["result"][0].summary
+        print(f"overflow_damping {rho}: train residual {s['train_residual']:.3e}, deep burden {s['deep_burden']:.3f}, "
+              f"rank {s['deep_rank']}/{s['rank_budget']}, unaligned energy {s['unaligned_energy']:.2e}")
+        assert s["constraints"] > s["rank_budget"] and any("rank budget" in w for w in s["warnings"])
+    plain, damped = summaries[0.0], summaries[1e-3]
+    assert damped["overflow_damped"] and not plain["overflow_damped"]
+    assert damped["deep_burden"] < 0.5 * plain["deep_burden"]
+    assert plain["train_residual"] < damped["train_residual"] < 1.0
