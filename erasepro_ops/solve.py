@@ -191,7 +191,7 @@ class ConstraintSystem:
         steps: list[_Step] = []
         downs_t: list[torch.Tensor] = []
         basis = xt.new_zeros(width, 0)
-        exact = basis  # the directions fitted exactly (before any overflow)
+        exact = None  # the directions fitted exactly: those accepted before the first overflow
         damped_from = None
         for g in torch.unique(group_ids).tolist():
             cols = torch.nonzero(group_ids == g).flatten().to(device)
@@ -201,15 +201,16 @@ class ConstraintSystem:
             u = rb.u - basis @ (basis.T @ rb.u) if basis.shape[1] else rb.u
             cross = tuple(d @ xg for d in downs_t)
             overflow = cols.numel() > budget - basis.shape[1] and basis.shape[1] + rb.rank >= budget - 1
-            if damped_from is None and overflow_damping > 0 and overflow:
-                damped_from = len(steps)
+            if exact is None and overflow:
                 exact = basis
-                mu = (overflow_damping * spectral_norm_estimate(xt)) ** 2
+                if overflow_damping > 0:
+                    damped_from = len(steps)
+                    mu = (overflow_damping * spectral_norm_estimate(xt)) ** 2
             coef = rb.v / rb.s if damped_from is None else rb.v * (rb.s / (rb.s**2 + mu))
             steps.append(_Step(cols, coef, cross))
             downs_t.append(u.T)
             basis = torch.cat([basis, u], dim=1)
-        if damped_from is None:
+        if exact is None:
             exact = basis
 
         down_t = torch.cat(downs_t, dim=0) if downs_t else xt.new_zeros(0, width)

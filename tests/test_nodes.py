@@ -277,3 +277,5 @@ def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes
     assert damped["overflow_damped"] and not plain["overflow_damped"]
     assert damped["deep_burden"] < 0.5 * plain["deep_burden"]
     assert plain["train_residual"] < damped["train_residual"] < 1.0
+    # the padding overflowed either way: the same share of the features lies outside the exact span
+    assert 0 < plain["unaligned_energy"] == pytest.approx(damped["unaligned_energy"], rel=1e-6)
