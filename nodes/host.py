@@ -60,7 +60,12 @@ class Architecture:
     @property
     def context_width(self) -> int:
         """The deep sites' input width (768 / 1024 / 2048): the erasure's rank budget."""
-        return sum(e.module.transformer.text_model.final_layer_norm.weight.shape[0] for e in self.encoders)
+        return text_width(self.encoders)
+
+
+def text_width(encoders) -> int:
+    """Width of the concatenated text features the encoders give the UNet."""
+    return sum(e.module.transformer.text_model.final_layer_norm.weight.shape[0] for e in encoders)
 
 
 def model_family(model) -> str:
@@ -105,7 +110,7 @@ def detect(model, clip) -> Architecture:
         if not hasattr(module, "transformer"):
             raise EraseProError(f"not supported yet: the text encoder {attr} of this CLIP is not a CLIP transformer")
         encoders.append(Encoder(attr, key, module, _special_tokens(clip, attr)))
-    width = sum(e.module.transformer.text_model.final_layer_norm.weight.shape[0] for e in encoders)
+    width = text_width(encoders)
     context = model.model.model_config.unet_config.get("context_dim")
     if context is not None and context != width:
         raise EraseProError(f"the CLIP does not match the MODEL: it gives {width}-wide text features, "
