@@ -24,6 +24,11 @@ Two rules choose what a shallow site's constrained columns must produce:
 
 Keep-constraints (the prefix before the concept) always ask for ``V* = W_o X``.
 
+Preserve prompts ride along as extra rows of both batches, each paired with itself: their
+columns ask for the original model's features at every site (``V* = W_o K``), ranked after the
+concept and end tokens (:data:`~erasepro_ops.concepts.ROLE_PRIORITY`). The 3072-wide ``fc2``
+sites fit them next to the erasure, so they leave the shallow blocks exactly as they entered.
+
 Deep sites (:func:`solve_deep`) share one ``X``: the encoder output for the target prompts with
 the shallow edits applied, ``V* = W_o Y_out`` with ``Y_out`` the original encoder output for
 the anchor at the paired positions.
@@ -67,20 +72,25 @@ class Columns:
     """Constrained columns of a batch of aligned prompts, as flat indices into ``(prompt, position)``.
 
     Row ``p`` of the target batch is prompt ``p``'s chunk holding the concept; row ``p`` of the
-    anchor batch is its anchor prompt's matching chunk. Keep columns come first.
+    anchor batch is its anchor prompt's matching chunk. Keep columns come first; the last
+    ``n_preserve`` columns belong to preserve prompts (rows after the erasure's prompts in both
+    batches, each paired with itself), so the first :attr:`n_erasure` columns are the erasure's.
     """
 
     target: torch.Tensor  # flat indices into the target batch (keep columns, then moved columns)
     anchor: torch.Tensor  # flat indices into the anchor batch for moved columns
     n_keep: int
     groups: torch.Tensor  # priority per column (ROLE_PRIORITY), keep columns included
+    n_preserve: int = 0
 
     @classmethod
     def from_alignments(
-        cls, alignments: Sequence[PromptAlignment], context_length: int, *, last_token_only: bool = False
+        cls, alignments: Sequence[PromptAlignment], context_length: int, *, last_token_only: bool = False,
+        preserve: Sequence[PromptAlignment] = (),
     ) -> "Columns":
         """All constrained columns (DESIGN §3), or with ``last_token_only`` just each template's last
-        concept token and no keep-constraints — the features the official UCE edits."""
+        concept token and no keep-constraints — the features the official UCE edits. ``preserve``
+        (from :func:`~erasepro_ops.concepts.preserve_alignment`) adds preserve prompts' columns."""
         keep, move, partner, groups = [], [], [], []
         for p, al in enumerate(alignments):
             base = p * context_length
@@ -92,16 +102,31 @@ class Columns:
             move += [base + pos for pos, _, _ in rows]
             partner += [base + pos for _, pos, _ in rows]
             groups += [ROLE_PRIORITY[r] for _, _, r in rows]
+        n_preserve = 0
+        for p, al in enumerate(preserve, start=len(alignments)):
+            if al.keep:
+                raise ValueError("a preserve alignment pairs every position with itself; it has no keep positions")
+            base = p * context_length
+            move += [base + pos for pos in al.move]
+            partner += [base + pos for pos in al.partner]
+            groups += [ROLE_PRIORITY[r] for r in al.role]
+            n_preserve += len(al.move)
         keep_groups = [ROLE_PRIORITY["keep"]] * len(keep)
         return cls(
             torch.tensor(keep + move, dtype=torch.long),
             torch.tensor(partner, dtype=torch.long),
             len(keep),
             torch.tensor(keep_groups + groups, dtype=torch.long),
+            n_preserve,
         )
 
     def __len__(self) -> int:
         return int(self.target.numel())
+
+    @property
+    def n_erasure(self) -> int:
+        """Columns of the erasure itself (the target prompts'), which come before the preserve columns."""
+        return len(self) - self.n_preserve
 
 
 def gather(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -137,7 +162,8 @@ class SolverSettings:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
-    def system(self, x: torch.Tensor, groups: torch.Tensor, preserve: torch.Tensor | None):
+    def system(self, x: torch.Tensor, groups: torch.Tensor, preserve: torch.Tensor | None,
+               report_columns: int | None = None):
         """The shared factorisation of one site's (or one group of sites') constrained features."""
         if self.method == "uce":
             return UCESystem.build(
@@ -150,7 +176,8 @@ class SolverSettings:
             alpha = self.preserve_strength / max(mean_sq, 1e-12)
         return ConstraintSystem.build(
             x, groups, preserve=preserve, lam=self.lam, alpha=alpha, rtol=self.rtol,
-            overflow_damping=self.overflow_damping, budget=self.budget, device=self.device,
+            overflow_damping=self.overflow_damping, budget=self.budget, report_columns=report_columns,
+            device=self.device,
         )
 
 
@@ -239,15 +266,17 @@ def solve_deep(
     settings: SolverSettings,
     *,
     preserve: torch.Tensor | None = None,
+    report_columns: int | None = None,
     on_site: Callable[[str], None] | None = None,
 ) -> list[SiteResult]:
     """Solve every deep site that reads the same features ``X`` (D × N), ``V*_s = W_s Y``.
 
     One factorisation of ``X`` and one shared map serve all sites (DESIGN §6: decompose once,
-    not once per site); each site then costs one ``out × in × rank`` product.
+    not once per site); each site then costs one ``out × in × rank`` product. Residuals and the
+    unaligned energy are reported on the first ``report_columns`` columns (the erasure's).
     """
-    system = settings.system(x, groups, preserve)
-    shared = system.map_targets(y)
+    system = settings.system(x, groups, preserve, report_columns)
+    shared = system.map_targets(y, report_columns)
     unaligned = getattr(system, "unaligned_energy", 0.0)
     damped = getattr(system, "damped_from", None) is not None
     results = []

@@ -28,6 +28,7 @@ __all__ = [
     "token_chunks",
     "overflow",
     "SpecialTokens",
+    "preserve_alignment",
     "CLIP_L",
     "CLIP_G",
     "PromptAlignment",
@@ -70,10 +71,13 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "custom": ("{}",),
 }
 
-ROLE_PRIORITY: dict[str, int] = {"keep": 0, "concept": 1, "suffix": 1, "end": 2, "pad": 3}
+ROLE_PRIORITY: dict[str, int] = {
+    "keep": 0, "concept": 1, "suffix": 1, "end": 2, "preserve": 3, "pad": 4, "preserve_pad": 5,
+}
 """Order in which the rank budget is spent (DESIGN §3): keep-constraints, concept tokens (and
-the template words after them), the end token, then padding (the solver sorts padding by
-decreasing energy). Lower is spent first."""
+the template words after them), the end token, the preserve prompts' own tokens, the target's
+padding, then the preserve prompts' padding (the solver sorts each group by decreasing energy).
+Lower is spent first."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +346,19 @@ def _end_index(ids: Sequence[int], special: SpecialTokens, what: str) -> int:
         if ids[index] == special.end:
             return index
     raise ValueError(f"the {what} tokens have no end token (id {special.end})")
+
+
+def preserve_alignment(prompt: str, ids: Sequence[object], special: SpecialTokens) -> PromptAlignment:
+    """A preserve prompt paired with itself in the original model.
+
+    Every position is a constraint asking for the original features (``V* = W_o K``): the
+    positions up to the end token as role "preserve", the padding after it as "preserve_pad".
+    """
+    chunk = _ids(ids)
+    end = _end_index(chunk, special, f"preserve prompt {prompt!r}")
+    positions = tuple(range(len(chunk)))
+    roles = tuple("preserve" if p <= end else "preserve_pad" for p in positions)
+    return PromptAlignment(prompt, prompt, 0, 0, (), positions, positions, roles)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

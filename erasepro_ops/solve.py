@@ -76,7 +76,11 @@ class LowRankUpdate:
         return self.up @ self.down
 
     def norm(self) -> float:
-        """Frobenius norm of ``up @ down`` without forming it: ``sqrt(tr(up (down downᵀ) upᵀ))``."""
+        """Frobenius norm of ``up @ down``: ``sqrt(tr(up (down downᵀ) upᵀ))``, or through the dense
+        product when the rank is so high that forming it is cheaper."""
+        (out, r), width = self.up.shape, self.down.shape[1]
+        if self.down_gram is None and out * width < r * (out + width):
+            return float(self.dense().norm())
         gram = self.down @ self.down.T if self.down_gram is None else self.down_gram
         value = ((self.up @ gram) * self.up).sum()
         return float(value.clamp_min(0).sqrt())
@@ -149,6 +153,7 @@ class ConstraintSystem:
         rtol: float = DEFAULT_RTOL,
         overflow_damping: float = DEFAULT_OVERFLOW_DAMPING,
         budget: int | None = None,
+        report_columns: int | None = None,
         device: torch.device | str | None = None,
     ) -> "ConstraintSystem":
         """Factorise the constrained features.
@@ -157,7 +162,8 @@ class ConstraintSystem:
         ``preserve`` (in × M) with ``alpha > 0`` selects ``C = λI + α K Kᵀ / M``; otherwise ``C = I``.
         ``overflow_damping`` is ρ of the overflow rule (0: plain least squares on the overflow);
         ``budget`` the rank budget it checks (default: the width; the chain gives shallow sites the
-        deep sites' width, so the whole erasure overflows at once).
+        deep sites' width, so the whole erasure overflows at once); ``report_columns`` the number of
+        leading columns the unaligned energy is measured on (default all; preserve columns come last).
         """
         if x.dim() != 2:
             raise ValueError(f"features X must be a 2-D (in × N) matrix, got shape {tuple(x.shape)}")
@@ -191,7 +197,7 @@ class ConstraintSystem:
         steps: list[_Step] = []
         downs_t: list[torch.Tensor] = []
         basis = xt.new_zeros(width, 0)
-        exact = None  # the directions fitted exactly: those accepted before the first overflow
+        exact = None  # how many directions were fitted exactly: those accepted before the first overflow
         damped_from = None
         for g in torch.unique(group_ids).tolist():
             cols = torch.nonzero(group_ids == g).flatten().to(device)
@@ -202,7 +208,7 @@ class ConstraintSystem:
             cross = tuple(d @ xg for d in downs_t)
             overflow = cols.numel() > budget - basis.shape[1] and basis.shape[1] + rb.rank >= budget - 1
             if exact is None and overflow:
-                exact = basis
+                exact = basis.shape[1]
                 if overflow_damping > 0:
                     damped_from = len(steps)
                     mu = (overflow_damping * spectral_norm_estimate(xt)) ** 2
@@ -211,14 +217,16 @@ class ConstraintSystem:
             downs_t.append(u.T)
             basis = torch.cat([basis, u], dim=1)
         if exact is None:
-            exact = basis
+            exact = basis.shape[1]
 
         down_t = torch.cat(downs_t, dim=0) if downs_t else xt.new_zeros(0, width)
-        total = float((xt * xt).sum())
-        outside = xt - exact @ (exact.T @ xt)
-        unaligned = float((outside * outside).sum()) / total if total > 0 else 0.0
+        down_x = down_t @ xt
+        # The rows of down_t are the orthonormal basis, so ‖P X̃‖² is read off down_x's first rows.
+        total = float((xt[:, :report_columns] ** 2).sum())
+        inside = float((down_x[:exact, :report_columns] ** 2).sum())
+        unaligned = max(total - inside, 0.0) / total if total > 0 else 0.0
         down = down_t if cis is None else cis.right(down_t)
-        return cls(x64, tuple(steps), down, down_t @ xt, unaligned, rtol, damped_from)
+        return cls(x64, tuple(steps), down, down_x, unaligned, rtol, damped_from)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
         """The zero-residual update of a site with weight ``W_o`` towards outputs ``V`` (out × N)."""
@@ -242,11 +250,12 @@ class ConstraintSystem:
         return _residual_solution(update, r, up @ self.down_x)
 
 
-    def map_targets(self, y: torch.Tensor) -> "SharedUpdate":
+    def map_targets(self, y: torch.Tensor, report_columns: int | None = None) -> "SharedUpdate":
         """The shared update for sites whose targets are ``V*_s = W_s Y`` (``Y``: in × N).
 
         With ``D = Y − X`` and ``R_s = W_s D``, step ``g`` gives ``up_g = W_s Z_g`` where
         ``Z_g = D_g coef_g − Σ_{h<g} Z_h (cross_h coef_g)`` does not depend on the site.
+        Residuals are measured on the first ``report_columns`` columns (default all).
         """
         d = y.to(device=self.x.device, dtype=torch.float64) - self.x
         check_finite("anchor features Y", d)
@@ -257,7 +266,8 @@ class ConstraintSystem:
                 z_g = z_g - z_h @ (cross_h @ step.coef)
             zs.append(z_g)
         z = torch.cat(zs, dim=1) if zs else d.new_zeros(d.shape[0], 0)
-        return SharedUpdate.from_parts(z, self.down, d, d - z @ self.down_x)
+        f = d - z @ self.down_x
+        return SharedUpdate.from_parts(z, self.down, d[:, :report_columns], f[:, :report_columns])
 
 
 @dataclass(frozen=True)
@@ -342,7 +352,7 @@ class UCESystem:
         update = LowRankUpdate(r, self.down)
         return _residual_solution(update, r, r @ self.down_x)
 
-    def map_targets(self, y: torch.Tensor) -> SharedUpdate:
+    def map_targets(self, y: torch.Tensor, report_columns: int | None = None) -> SharedUpdate:
         """Shared form for ``V*_s = W_s Y``: ``ΔW_s = W_s D down`` with ``D = Y − X``.
 
         Kept as ``(W_s D) @ down`` (rank N) when ``N ≤ in``, else as ``(W_s D down) @ I``.
@@ -354,7 +364,8 @@ class UCESystem:
             z, down = d, self.down
         else:
             z, down = d @ self.down, torch.eye(width, dtype=d.dtype, device=d.device)
-        return SharedUpdate.from_parts(z, down, d, d - (d @ self.down) @ self.x)
+        f = d - (d @ self.down) @ self.x
+        return SharedUpdate.from_parts(z, down, d[:, :report_columns], f[:, :report_columns])
 
 
 def uce_update(weight, x, target, preserve=None, **kwargs) -> SiteSolution:

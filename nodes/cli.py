@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rule", choices=["residual_schedule", "anchor_features"], default="residual_schedule")
     e.add_argument("--concept-type", choices=list(CONCEPT_TYPES), default="object", help="templates for rows without a type (default object)")
     e.add_argument("--preserve", help="text file: prompts to keep still, one per line")
-    e.add_argument("--preserve-strength", type=float, default=1.0)
+    e.add_argument("--preserve-strength", type=float, default=0.0,
+                   help="extra soft weighting towards the preserve prompts, which are kept exactly anyway (0 = off)")
     e.add_argument("--overflow-damping", type=float, default=DEFAULT_OVERFLOW_DAMPING, metavar="RHO",
                    help="when the constraints exceed the rank budget (many concepts), fit the overflow by ridge "
                         f"(RHO * s_max)^2 instead of exactly (default {DEFAULT_OVERFLOW_DAMPING:g}; 0 = plain least squares)")

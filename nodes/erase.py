@@ -13,7 +13,7 @@ import comfy.model_management
 
 from erasepro_ops import __version__
 from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
-from erasepro_ops.concepts import ConceptPair, align_chunks, expand, token_chunks
+from erasepro_ops.concepts import ConceptPair, align_chunks, expand, preserve_alignment, token_chunks
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_RTOL
 from erasepro_ops.metrics import deep_burden, preservation_drift, residual_against_gap
@@ -40,7 +40,7 @@ class Request:
     method: str = "erasepro"
     rule: str = "residual_schedule"
     preserve: tuple[str, ...] = ()
-    preserve_strength: float = 100.0
+    preserve_strength: float = 0.0  # soft C weighting on top of the exact preserve constraints
     rtol: float = DEFAULT_RTOL
     overflow_damping: float = DEFAULT_OVERFLOW_DAMPING  # ρ: ridge on constraints beyond the rank budget
     features: str = "all"  # "all" (DESIGN §3) or "last_token" (official UCE: the last concept token only)
@@ -87,6 +87,25 @@ def preserve_ids(clip, arch, prompts):
     return ids
 
 
+def preserve_alignments(arch, prompts, ids):
+    """The preserve prompts as self-paired constraints (the same positions for every encoder)."""
+    alignments = []
+    for j, text in enumerate(prompts):
+        per_encoder = [preserve_alignment(text, ids[i][j], enc.special) for i, enc in enumerate(arch.encoders)]
+        if any(al.role != per_encoder[0].role for al in per_encoder):
+            raise EraseProError(f"the text encoders tokenise the preserve prompt {text!r} differently")
+        alignments.append(per_encoder[0])
+    return alignments
+
+
+def _cat_inputs(a, b):
+    """Join two captured first-layer inputs ``(hidden, mask, attention)`` along the batch."""
+    (h_a, mask, attention), (h_b, mask_b, _) = a, b
+    if mask is not None and mask.dim() > 2 and mask.shape[0] > 1:
+        mask = torch.cat([mask, mask_b])
+    return torch.cat([h_a, h_b]), mask, attention
+
+
 def _site_edit(key, part, stage, result, device="cpu") -> SiteEdit:
     update = result.solution.update
     return SiteEdit(key, part, stage, update.up.to(device, torch.float32), update.down.to(device, torch.float32),
@@ -119,16 +138,27 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
                               overflow_damping=request.overflow_damping, preserve_strength=request.preserve_strength)
 
     alignments, target_ids, anchor_ids = align_prompts(clip, arch, prompt_pairs(request.concepts))
-    columns = Columns.from_alignments(alignments, CONTEXT, last_token_only=request.features == "last_token")
     preserve_tokens = preserve_ids(clip, arch, request.preserve) if request.preserve else None
+    # ErasePro constrains the preserve prompts exactly (V* = W_o K, ranked after the concept and end
+    # tokens); UCE keeps its own soft preserve term.
+    exact_preserve = request.method == "erasepro" and preserve_tokens is not None
+    columns = Columns.from_alignments(
+        alignments, CONTEXT, last_token_only=request.features == "last_token",
+        preserve=preserve_alignments(arch, request.preserve, preserve_tokens) if exact_preserve else ())
+    soft_preserve = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
+    n_target = len(alignments)
 
     # Original model: anchor and target features, first-layer inputs for the cached chain.
     y_cond, y_pooled, anchor_in = encode_batch(clip, arch.encoders, anchor_ids, capture=True)
-    x0_cond, _, target_in = encode_batch(clip, arch.encoders, target_ids, capture=True)
-    k_cond = None
-    preserve_in = None
+    x0_cond, x0_pooled, target_in = encode_batch(clip, arch.encoders, target_ids, capture=True)
+    x0_target = x0_cond
+    k_cond = k_pooled = preserve_in = None
     if preserve_tokens is not None:
-        k_cond, _, preserve_in = encode_batch(clip, arch.encoders, preserve_tokens, capture=True)
+        k_cond, k_pooled, preserve_in = encode_batch(clip, arch.encoders, preserve_tokens, capture=True)
+    if exact_preserve:  # preserve prompts join both batches, each paired with itself
+        y_cond, x0_cond = torch.cat([y_cond, k_cond]), torch.cat([x0_cond, k_cond])
+        anchor_in = [_cat_inputs(a, p) for a, p in zip(anchor_in, preserve_in)]
+        target_in = [_cat_inputs(t, p) for t, p in zip(target_in, preserve_in)]
 
     # Shallow sites, per text encoder, shallow to deep.
     clip_edits: list[SiteEdit] = []
@@ -144,42 +174,53 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         bias = effective_weights(clip.patcher, [k.replace(".weight", ".bias") for k in keys])
         h_t, mask, attention = target_in[i]
         h_a = anchor_in[i][0]
-        h_p = preserve_in[i][0] if preserve_in is not None else None
+        h_p = preserve_in[i][0] if soft_preserve else None
         blocks = [ClipLayerBlock(keys[l], enc.layers[l], weights[keys[l]].to(h_t.device),
                                  bias[keys[l].replace(".weight", ".bias")].to(h_t.device), mask, attention)
                   for l in range(depth)]
         clip.load_model()
         # The erasure's rank budget is the deep sites' width: when the constraints overflow it, the
-        # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py).
-        shallow_settings = dataclasses.replace(settings, budget=arch.context_width)
-        results = progressive_shallow(blocks, h_t, h_a, columns, shallow_settings, rule=request.rule, h_preserve=h_p if request.preserve_strength > 0 else None,
-                                      on_site=on_site)
+        # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py). The
+        # preserve columns come on top: a 3072-wide fc2 keeps them exact when the deep sites cannot.
+        shallow_settings = dataclasses.replace(settings, budget=arch.context_width + columns.n_preserve)
+        results = progressive_shallow(blocks, h_t, h_a, columns, shallow_settings, rule=request.rule,
+                                      h_preserve=h_p, on_site=on_site)
         shallow_results += results
         clip_edits += [_site_edit(r.name, "clip", "shallow", r) for r in results]
 
-    # Deep sites read the encoder output for the targets with the shallow edits applied.
+    # Deep sites read the encoder output for the targets (and preserve prompts) with the shallow
+    # edits applied.
     if clip_edits:
+        batch = target_ids if preserve_tokens is None else [t + p for t, p in zip(target_ids, preserve_tokens)]
         patched = clip.clone()
         patched.add_patches({e.key: (e.delta(),) for e in clip_edits}, 1.0)
-        x_cond, x_pooled, _ = encode_batch(patched, arch.encoders, target_ids)
+        x_all, pooled_all, _ = encode_batch(patched, arch.encoders, batch)
         clip.load_model()
-    else:
-        x_cond, x_pooled, _ = encode_batch(clip, arch.encoders, target_ids)
+    else:  # the text encoder is unchanged: its original outputs are the deep sites' inputs
+        x_all = x0_target if k_cond is None else torch.cat([x0_target, k_cond])
+        pooled_all = x0_pooled if k_pooled is None or x0_pooled is None else torch.cat([x0_pooled, k_pooled])
+    x_cond = x_all if exact_preserve else x_all[:n_target]
+    k_edited = x_all[n_target:] if preserve_tokens is not None else None
+    x_pooled = pooled_all[:n_target] if pooled_all is not None else None
 
     deep_weights = effective_weights(model, arch.deep_keys)
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
     x, y = inputs_with_partners(x_cond, y_cond, columns)
-    preserve = flat(k_cond).T if k_cond is not None and request.preserve_strength > 0 else None
-    deep_results = _solve_with_fallback(deep_weights, x, y, columns.groups, settings, preserve, on_site)
+    preserve = flat(k_cond).T if soft_preserve else None
+    deep_results = _solve_with_fallback(deep_weights, x, y, columns.groups, settings, preserve, on_site,
+                                        columns.n_erasure)
     model_edits = [_site_edit(r.name, "model", "deep", r) for r in deep_results]
     model_weights = dict(deep_weights)
 
     if arch.pooled_width:
         full = effective_weights(model, [POOLED_SITE])[POOLED_SITE]
         w_pooled = full[:, : arch.pooled_width]
-        groups = torch.zeros(x_pooled.shape[0], dtype=torch.long)
-        pooled_results = _solve_with_fallback({POOLED_SITE: w_pooled}, x_pooled.T, y_pooled.T, groups,
-                                              settings, None, on_site)
+        px, py = x_pooled, y_pooled
+        if exact_preserve:  # the preserve prompts' pooled embeddings stay too, after the targets'
+            px, py = torch.cat([px, pooled_all[n_target:]]), torch.cat([py, k_pooled])
+        groups = (torch.arange(px.shape[0]) >= n_target).long()
+        pooled_results = _solve_with_fallback({POOLED_SITE: w_pooled}, px.T, py.T, groups,
+                                              settings, None, on_site, n_target)
         r = pooled_results[0]
         up, down = r.solution.update.up, r.solution.update.down
         padded = torch.zeros(down.shape[0], full.shape[1], dtype=down.dtype, device=down.device)
@@ -195,12 +236,12 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     # "as far from the anchor as the original model" whatever S is.
     x0, _ = inputs_with_partners(x0_cond, y_cond, columns)
     train = residual_against_gap([r.solution.residual_sq for r in kv_results],
-                                 [deep_weights[r.name] for r in kv_results], y - x0)
+                                 [deep_weights[r.name] for r in kv_results], (y - x0)[:, : columns.n_erasure])
     burden = deep_burden([r.weight_norm for r in kv_results], [r.update_norm for r in kv_results])
     drift = None
-    if k_cond is not None:
+    if k_cond is not None:  # through the edited text encoder too (S > 0)
         drift = preservation_drift([deep_weights[r.name] for r in kv_results],
-                                   [r.solution.update.dense() for r in kv_results], flat(k_cond).T)
+                                   [r.solution.update.dense() for r in kv_results], flat(k_cond).T, flat(k_edited).T)
     summary = {
         "method": request.method,
         "progressive_layers": request.progressive_layers,
@@ -215,7 +256,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "deep_burden": burden,
         "preservation_drift": drift,
         "solve_seconds": seconds,
-        "constraints": len(columns),
+        "constraints": columns.n_erasure,
+        "preserve_constraints": columns.n_preserve,
         "templates": len(alignments),
         "rank_budget": int(x.shape[0]),
         "deep_rank": max((r.rank for r in kv_results), default=0),
@@ -227,7 +269,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         budget_full = summary["overflow_damped"] or summary["deep_rank"] >= x.shape[0] - 1
         if budget_full and train > 1e-5:
             summary["warnings"].append(
-                f"least-squares residual {train:.2e}: the {len(columns)} constraints exceed the deep sites' "
+                f"least-squares residual {train:.2e}: the {len(columns)} constraints (preserve prompts included) exceed the deep sites' "
                 f"rank budget ({x.shape[0]}); concept tokens are exact, padding positions {'damped ' if summary['overflow_damped'] else ''}least-squares "
                 f"({summary['unaligned_energy']:.1%} of the target features' energy outside the exact span). "
                 "Erase fewer concepts per solve for exact alignment everywhere")
@@ -247,15 +289,17 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
                        fingerprint({**clip_weights, **model_weights}))
 
 
-def _solve_with_fallback(weights, x, y, groups, settings: SolverSettings, preserve, on_site):
+def _solve_with_fallback(weights, x, y, groups, settings: SolverSettings, preserve, on_site, report_columns=None):
     """Solve on the compute device; on GPU out-of-memory, warn and solve on the CPU."""
     try:
-        return solve_deep(weights, x, y, groups, settings, preserve=preserve, on_site=on_site)
+        return solve_deep(weights, x, y, groups, settings, preserve=preserve, report_columns=report_columns,
+                          on_site=on_site)
     except torch.OutOfMemoryError:
         log.warning("ErasePro: out of GPU memory during the solve; falling back to the CPU")
         comfy.model_management.soft_empty_cache()
         cpu = SolverSettings(**{**settings.__dict__, "device": "cpu"})
-        return solve_deep(weights, x, y, groups, cpu, preserve=preserve, on_site=on_site)
+        return solve_deep(weights, x, y, groups, cpu, preserve=preserve, report_columns=report_columns,
+                          on_site=on_site)
 
 
 def apply_edit(model, clip, edit: ErasureEdit, strength: float):

@@ -38,16 +38,16 @@ class ProgressiveSolver:
                 "method": (list(METHODS), {"default": "erasepro", "tooltip": "erasepro: exact (zero-residual) alignment. uce: the UCE baseline, for comparison."}),
             },
             "optional": {
-                "preserve": ("STRING", {"multiline": True, "default": "", "tooltip": "Prompts that must keep working, one per line (they are weighted to stay still)."}),
+                "preserve": ("STRING", {"multiline": True, "default": "", "tooltip": "Prompts that must keep working, one per line. erasepro keeps their features exactly where they were (after the erased concepts' own tokens, within the rank budget); uce weights them softly."}),
                 "shallow_rule": (list(SHALLOW_RULES), {"default": "residual_schedule", "tooltip": "How shallow blocks move: residual_schedule closes the gap to the anchor step by step; anchor_features is the published rule."}),
-                "preserve_strength": ("FLOAT", {"default": 100.0, "min": 0.0, "max": 1000000.0, "step": 1.0, "tooltip": "How strongly the preserve prompts are kept still (0 = ignore them). The edit stays exact on the erased concepts; stronger values spend its remaining freedom on the preserve prompts."}),
+                "preserve_strength": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000000.0, "step": 1.0, "tooltip": "Extra soft weighting towards the preserve prompts on top of keeping them exactly (0 = off, the default). Larger values also steer the rest of the edit away from them; with progressive_layers > 0 they can make the UNet fit rounding noise, so leave at 0 unless the preserve set is larger than the rank budget."}),
                 "features": (["all", "last_token"], {"default": "all", "tooltip": "Which token positions are constrained: all (the concept, every later position and the prefix) or only each template's last concept token, as the official UCE does."}),
                 "overflow_damping": ("FLOAT", {"default": DEFAULT_OVERFLOW_DAMPING, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Only matters when the constraints exceed the rank budget (many concepts in one solve): the overflow (padding positions) is fitted by damped least squares instead of exactly, so the model is not wrecked. 0 = plain least squares; larger = gentler edit, larger residual."}),
             },
         }
 
     def solve(self, model, clip, concepts, progressive_layers, method, preserve="", shallow_rule="residual_schedule",
-              preserve_strength=100.0, features="all", overflow_damping=DEFAULT_OVERFLOW_DAMPING):
+              preserve_strength=0.0, features="all", overflow_damping=DEFAULT_OVERFLOW_DAMPING):
         arch = detect(model, clip)
         total = sum(e.shallow_depth(progressive_layers) for e in arch.encoders) + len(arch.deep_keys) + (1 if arch.pooled_width else 0)
         bar = comfy.utils.ProgressBar(total)

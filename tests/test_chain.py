@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
-from erasepro_ops.concepts import SpecialTokens, align
+from erasepro_ops.concepts import ROLE_PRIORITY, SpecialTokens, align, preserve_alignment
 from erasepro_ops.metrics import alignment_residual, deep_burden
 
 T, D, HIDDEN, LAYERS, VOCAB = 16, 128, 384, 6, 64
@@ -162,3 +162,49 @@ def test_cached_chain_matches_a_full_recompute_at_every_site():
     _, y2 = inputs_with_partners(captured[2], x_anchor, columns)
     target = encoder.blocks[2].weight.double() @ y2.double()
     assert float((out - target).norm() / target.norm()) <= 1e-5
+
+
+def test_preserve_prompts_ride_through_the_chain_unchanged():
+    """Preserve prompts join the batch paired with themselves (V* = W_o K); the 384-wide shallow
+    sites fit them and the erasure together, so with the residual schedule they leave the
+    encoder exactly as they entered it while the targets come out as their anchors."""
+    encoder = Encoder()
+    pairs = prompts()
+    keep = [chunk([20, 21, 22]), chunk([23, 24]), chunk([25])]
+    alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
+    preserve = [preserve_alignment(f"preserve {j}", ids, SPECIAL) for j, ids in enumerate(keep)]
+    columns = Columns.from_alignments(alignments, T, preserve=preserve)
+    assert columns.n_preserve == len(keep) * T and columns.n_erasure == len(columns) - len(keep) * T
+    assert columns.target[columns.n_erasure:].min() == len(pairs) * T  # rows after the targets
+    assert torch.equal(columns.target[columns.n_erasure:], columns.anchor[-columns.n_preserve:])  # self-paired
+    assert set(columns.groups[columns.n_erasure:].tolist()) == {ROLE_PRIORITY["preserve"], ROLE_PRIORITY["preserve_pad"]}
+
+    h_t = torch.stack([encoder.embed(t) for t, _ in pairs] + [encoder.embed(k) for k in keep])
+    h_a = torch.stack([encoder.embed(a) for _, a in pairs] + [encoder.embed(k) for k in keep])
+    settings = SolverSettings(budget=D + columns.n_preserve)
+    encoder.deltas = {}
+    out_before = encoder.run(h_t)
+    out_anchor = encoder.run(h_a)
+    shallow = progressive_shallow(encoder.blocks[:3], h_t, h_a, columns, settings, rule="residual_schedule")
+    encoder.deltas = {r.name: r.solution.update.dense().float() for r in shallow}
+    out_after = encoder.run(h_t)
+
+    n = len(pairs)
+    drift = float((out_after[n:] - out_before[n:]).norm() / out_before[n:].norm())
+    x, y = inputs_with_partners(out_after, out_anchor, columns)
+    x0, _ = inputs_with_partners(out_before, out_anchor, columns)
+    e = columns.n_erasure
+    gap = float((x - y)[:, :e].norm() / (x0 - y)[:, :e].norm())
+    deep = solve_deep(kv_sites(), x, y, columns.groups, SolverSettings(), report_columns=e)
+    print(f"preserve prompts through 3 edited blocks: drift {drift:.2e}; target-anchor gap left for the deep "
+          f"sites {gap:.2e}; deep residual {max(r.solution.residual for r in deep):.2e}")
+    assert all(r.solution.residual <= 1e-6 for r in shallow)
+    assert drift <= 1e-5
+    assert gap <= 1e-5
+    # without the preserve columns the same edit moves those prompts
+    plain = progressive_shallow(encoder.blocks[:3], h_t[:n], h_a[:n], Columns.from_alignments(alignments, T),
+                                SolverSettings(), rule="residual_schedule")
+    encoder.deltas = {r.name: r.solution.update.dense().float() for r in plain}
+    moved = float((encoder.run(h_t[n:]) - out_before[n:]).norm() / out_before[n:].norm())
+    print(f"the same prompts without preserve constraints: drift {moved:.2e}")
+    assert moved > 100 * max(drift, 1e-7)

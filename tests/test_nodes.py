@@ -257,6 +257,27 @@ def test_preserve_prompts_drift_less_at_equal_residual(nodes):
     assert drift[10.0] < drift[0.0]
 
 
+def test_preserve_prompts_stay_exactly_still_end_to_end(nodes):
+    """ErasePro keeps the preserve prompts exactly (V* = W_o K, after the concept and end tokens). With
+    S = 3 the wide fc2 sites fit them and the erasure together, so in ComfyUI's own encode + UNet the
+    preserve prompts denoise as before while the target denoises like the anchor."""
+    model, clip = H.build("sd15")
+    t_prompt, a_prompt = SOLVE_PROMPT.format(TARGET), SOLVE_PROMPT.format(SAME_LENGTH_ANCHOR)
+    figures = {}
+    for preserve in ("", "\n".join(UNRELATED)):
+        edit, m2, c2, _ = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR, S=3, preserve=preserve)
+        moved = max(rel(eps(m2, c2, p), eps(model, clip, p)) for p in UNRELATED)
+        figures[bool(preserve)] = (edit.summary, moved, eps_erasure(model, clip, m2, c2, t_prompt, a_prompt))
+        print(f"preserve prompts given: {bool(preserve)}: eps change on them {moved:.2e}, eps erasure "
+              f"{figures[bool(preserve)][2]:.2e}, train residual {edit.summary['train_residual']:.2e}, "
+              f"drift {edit.summary['preservation_drift']}, deep burden {edit.summary['deep_burden']:.2e}")
+    summary, moved, erasure = figures[True]
+    assert summary["preserve_constraints"] == len(UNRELATED) * 77
+    assert summary["train_residual"] <= 1e-5 and summary["preservation_drift"] <= 1e-5
+    assert moved <= 1e-4 and erasure <= 1e-3
+    assert figures[False][1] > 100 * moved  # the same edit without them moves those prompts
+
+
 def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes):
     """12 concepts × 77 positions > 768: the overflow is damped least squares (the default), which
     keeps every deep site's change well below plain least squares' at a modestly larger residual."""

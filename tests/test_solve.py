@@ -302,3 +302,23 @@ def test_preserve_weighting_operator_is_c_to_the_minus_half(m):
     assert rel(op.left(x), reference @ x) <= 1e-10
     assert rel(op.right(x.T), x.T @ reference) <= 1e-10
     assert op.c_max == pytest.approx(float(evals[-1]), rel=1e-10)
+
+
+def test_residuals_and_unaligned_energy_count_only_the_reported_columns():
+    """Preserve columns come last; ``report_columns`` keeps them out of the erasure's figures."""
+    g = torch.Generator().manual_seed(3)
+    width, n, reported = 24, 40, 30
+    x = torch.randn(width, n, generator=g, dtype=torch.float64)
+    y = x + 0.1 * torch.randn(width, n, generator=g, dtype=torch.float64)
+    w = torch.randn(16, width, generator=g, dtype=torch.float64)
+    groups = torch.tensor([0] * 10 + [1] * 20 + [2] * 10)  # group 1 overflows the 14 directions left
+    system = ConstraintSystem.build(x, groups, report_columns=reported)
+    q, _ = torch.linalg.qr(x[:, :10])  # the exact span: group 0's columns
+    xr = x[:, :reported]
+    outside = xr - q @ (q.T @ xr)
+    assert system.damped_from == 1
+    assert system.unaligned_energy == pytest.approx(float((outside**2).sum() / (xr**2).sum()), rel=1e-9)
+    sol = system.map_targets(y, reported).solve(w)
+    after = w @ (y - x) - sol.update.dense() @ x
+    assert sol.residual_sq == pytest.approx(float((after[:, :reported] ** 2).sum()), rel=1e-9)
+    assert sol.initial_sq == pytest.approx(float(((w @ (y - x))[:, :reported] ** 2).sum()), rel=1e-12)
