@@ -47,6 +47,7 @@ from .linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_RTOL
 from .solve import ConstraintSystem, SiteSolution, UCESystem
 
 SHALLOW_RULES = ("anchor_features", "residual_schedule")
+PRESERVE_GROUPS = (ROLE_PRIORITY["preserve"], ROLE_PRIORITY["preserve_pad"])  # outside the erasure's rank budget
 METHODS = ("erasepro", "uce")
 
 
@@ -176,7 +177,8 @@ class SolverSettings:
             alpha = self.preserve_strength / max(mean_sq, 1e-12)
         return ConstraintSystem.build(
             x, groups, preserve=preserve, lam=self.lam, alpha=alpha, rtol=self.rtol,
-            overflow_damping=self.overflow_damping, budget=self.budget, report_columns=report_columns,
+            overflow_damping=self.overflow_damping, budget=self.budget, unbudgeted=PRESERVE_GROUPS,
+            report_columns=report_columns,
             device=self.device,
         )
 

@@ -34,7 +34,9 @@ moves every other prompt sharing those directions; the damping (ρ = ``overflow_
 that. Measured on the tiny SD1.5, 20 concepts in one solve (1540 columns, 768 wide): undamped
 deep burden 9.2 and drift 2.2 on unrelated prompts; ρ = 1e-3 gives 1.0 and 0.46 for a train
 residual of 0.17 instead of 0.12, with the concept and end columns still exact. Groups that fit
-(one concept: 604 of 768) are never damped.
+(one concept: 604 of 768) are never damped. Groups listed as ``unbudgeted`` (the preserve
+prompts' columns) do not count toward the budget and overflow only the site's width: a 3072-wide
+text-encoder site keeps them exact next to an erasure that fills the 768-wide budget.
 
 Deep sites ask for ``V*_s = W_s Y`` (the anchor's features through the site's own weight), so
 ``R_s = W_s (Y − X)`` and every site's update is ``ΔW_s = W_s T`` with one shared ``T = Z down``
@@ -53,7 +55,7 @@ UCE (Gandikota et al., WACV 2024), the baseline::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -114,6 +116,11 @@ def preservation_weighting(preserve: torch.Tensor, lam: float, alpha: float) -> 
     return c
 
 
+def _fills(n_columns: int, rank: int, limit: int, used: int) -> bool:
+    """A group overflows a limit when it has more columns than room left and its directions fill it."""
+    return n_columns > limit - used and used + rank >= limit - 1
+
+
 @dataclass(frozen=True)
 class _Step:
     columns: torch.Tensor  # indices into X's columns
@@ -153,6 +160,7 @@ class ConstraintSystem:
         rtol: float = DEFAULT_RTOL,
         overflow_damping: float = DEFAULT_OVERFLOW_DAMPING,
         budget: int | None = None,
+        unbudgeted: Collection[int] = (),
         report_columns: int | None = None,
         device: torch.device | str | None = None,
     ) -> "ConstraintSystem":
@@ -162,7 +170,8 @@ class ConstraintSystem:
         ``preserve`` (in × M) with ``alpha > 0`` selects ``C = λI + α K Kᵀ / M``; otherwise ``C = I``.
         ``overflow_damping`` is ρ of the overflow rule (0: plain least squares on the overflow);
         ``budget`` the rank budget it checks (default: the width; the chain gives shallow sites the
-        deep sites' width, so the whole erasure overflows at once); ``report_columns`` the number of
+        deep sites' width, so the whole erasure overflows at once); groups in ``unbudgeted`` (the
+        preserve prompts') do not count toward it and overflow only the width; ``report_columns`` the number of
         leading columns the unaligned energy is measured on (default all; preserve columns come last).
         """
         if x.dim() != 2:
@@ -197,6 +206,7 @@ class ConstraintSystem:
         steps: list[_Step] = []
         downs_t: list[torch.Tensor] = []
         basis = xt.new_zeros(width, 0)
+        spent = 0  # directions taken by budgeted groups
         exact = None  # how many directions were fitted exactly: those accepted before the first overflow
         damped_from = None
         for g in torch.unique(group_ids).tolist():
@@ -206,7 +216,10 @@ class ConstraintSystem:
             rb = range_basis(y, threshold).top(width - basis.shape[1])  # rounding noise cannot add rank
             u = rb.u - basis @ (basis.T @ rb.u) if basis.shape[1] else rb.u
             cross = tuple(d @ xg for d in downs_t)
-            overflow = cols.numel() > budget - basis.shape[1] and basis.shape[1] + rb.rank >= budget - 1
+            n_cols = cols.numel()
+            overflow = _fills(n_cols, rb.rank, width, basis.shape[1]) or (
+                g not in unbudgeted and _fills(n_cols, rb.rank, budget, spent))
+            spent += 0 if g in unbudgeted else rb.rank
             if exact is None and overflow:
                 exact = basis.shape[1]
                 if overflow_damping > 0:

@@ -181,8 +181,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         clip.load_model()
         # The erasure's rank budget is the deep sites' width: when the constraints overflow it, the
         # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py). The
-        # preserve columns come on top: a 3072-wide fc2 keeps them exact when the deep sites cannot.
-        shallow_settings = dataclasses.replace(settings, budget=arch.context_width + columns.n_preserve)
+        # preserve columns are outside that budget: a 3072-wide fc2 keeps them exact.
+        shallow_settings = dataclasses.replace(settings, budget=arch.context_width)
         results = progressive_shallow(blocks, h_t, h_a, columns, shallow_settings, rule=request.rule,
                                       h_preserve=h_p, on_site=on_site)
         shallow_results += results

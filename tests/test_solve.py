@@ -322,3 +322,19 @@ def test_residuals_and_unaligned_energy_count_only_the_reported_columns():
     after = w @ (y - x) - sol.update.dense() @ x
     assert sol.residual_sq == pytest.approx(float((after[:, :reported] ** 2).sum()), rel=1e-9)
     assert sol.initial_sq == pytest.approx(float(((w @ (y - x))[:, :reported] ** 2).sum()), rel=1e-12)
+
+
+def test_unbudgeted_groups_do_not_spend_the_rank_budget():
+    """Preserve groups sit between the erasure's groups but only the width limits them."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    v = torch.randn(8, 30, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 40, generator=g, dtype=torch.float64)
+    groups = torch.tensor([0] * 10 + [1] * 10 + [2] * 10)
+    budgeted = ConstraintSystem.build(x, groups, budget=16)
+    free = ConstraintSystem.build(x, groups, budget=16, unbudgeted=(1,))
+    assert budgeted.damped_from == 1 and free.damped_from == 2
+    sol = free.solve(w, v)
+    after = (w + sol.update.dense()) @ x - v
+    assert float(after[:, :20].norm() / (w @ x - v)[:, :20].norm()) <= 1e-10  # groups 0 and 1 exact
+    assert float(after[:, 20:].norm() / (w @ x - v)[:, 20:].norm()) > 1e-6  # group 2 damped
