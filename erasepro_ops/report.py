@@ -157,6 +157,11 @@ def _stage_max(sites: list[dict]) -> dict[str, tuple[float | None, str, int]]:
 
 
 # ----------------------------------------------------------------------------- summary
+def _preserve_count(report: dict) -> str:
+    n = report.get("preserve_constraints")
+    return f" (+{_format_count(n)} preserve)" if isinstance(n, int) and n > 0 else ""
+
+
 def summary_text(report: dict | None) -> str:
     """A multi-line human summary of the report (the solver's STRING output)."""
     report = report if isinstance(report, dict) else {}
@@ -176,7 +181,8 @@ def summary_text(report: dict | None) -> str:
         f"solve time {format_seconds(report.get('solve_seconds'))}"
     )
     lines.append(
-        f"constraints {_format_count(report.get('constraints'))} / rank budget {_format_count(report.get('rank_budget'))} | "
+        f"constraints {_format_count(report.get('constraints'))}{_preserve_count(report)} / rank budget "
+        f"{_format_count(report.get('rank_budget'))} | "
         f"preservation drift {format_sci(report.get('preservation_drift'))} | "
         f"unaligned energy {format_sci(report.get('unaligned_energy'))}"
     )

@@ -199,6 +199,8 @@ def test_summary_text_contents():
     assert "UCE" in summary_text(make_report(method="uce"))
     assert "no edited sites" in summary_text(make_report(shallow=0, deep=0))
     assert "warnings: none" in summary_text(make_report(warnings=[]))
+    assert "constraints 364 (+154 preserve) / rank budget 768" in summary_text(make_report(preserve_constraints=154))
+    assert "preserve)" not in txt
 
 
 def test_save_example_png():
