@@ -98,6 +98,22 @@ def preserve_alignments(arch, prompts, ids):
     return alignments
 
 
+def preserve_conflicts(pairs, alignments, target_ids, preserve_prompts, preserve_tokens) -> list[str]:
+    """Warnings for preserve prompts that contain an erased concept's tokens: they cannot be both
+    erased and kept; the concept's own columns come first, the preserve prompt's are fitted after."""
+    warnings, seen = [], set()
+    for (_, _, pair), al, ids in zip(pairs, alignments, target_ids[0]):
+        concept = [ids[p] for p in al.positions("concept")]
+        for text, chunk in zip(preserve_prompts, preserve_tokens[0]):
+            if (pair.target, text) in seen or not concept:
+                continue
+            if any(list(chunk[i:i + len(concept)]) == concept for i in range(len(chunk) - len(concept) + 1)):
+                seen.add((pair.target, text))
+                warnings.append(f"preserve prompt {text!r} contains the erased concept {pair.target!r}: it cannot be "
+                                "both erased and kept; the erasure wins. Remove it from the preserve prompts")
+    return warnings
+
+
 def _cat_inputs(a, b):
     """Join two captured first-layer inputs ``(hidden, mask, attention)`` along the batch."""
     (h_a, mask, attention), (h_b, mask_b, _) = a, b
@@ -137,7 +153,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     settings = SolverSettings(method=request.method, device=str(device), rtol=request.rtol,
                               overflow_damping=request.overflow_damping, preserve_strength=request.preserve_strength)
 
-    alignments, target_ids, anchor_ids = align_prompts(clip, arch, prompt_pairs(request.concepts))
+    pairs = prompt_pairs(request.concepts)
+    alignments, target_ids, anchor_ids = align_prompts(clip, arch, pairs)
     preserve_tokens = preserve_ids(clip, arch, request.preserve) if request.preserve else None
     # ErasePro constrains the preserve prompts exactly (V* = W_o K, ranked after the concept and end
     # tokens); UCE keeps its own soft preserve term.
@@ -261,7 +278,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "templates": len(alignments),
         "rank_budget": int(x.shape[0]),
         "deep_rank": max((r.rank for r in kv_results), default=0),
-        "warnings": [],
+        "warnings": [] if preserve_tokens is None else
+        preserve_conflicts(pairs, alignments, target_ids, request.preserve, preserve_tokens),
     }
     if request.method == "erasepro":
         summary["unaligned_energy"] = max((r.unaligned_energy for r in kv_results), default=0.0)

@@ -278,6 +278,17 @@ def test_preserve_prompts_stay_exactly_still_end_to_end(nodes):
     assert figures[False][1] > 100 * moved  # the same edit without them moves those prompts
 
 
+def test_a_preserve_prompt_naming_the_target_is_flagged_and_the_erasure_wins(nodes):
+    model, clip = H.build("sd15")
+    preserve = f"a photo of a dog\na portrait in the style of {TARGET}"
+    edit, *_ = erase(nodes, model, clip, TARGET, SAME_LENGTH_ANCHOR, preserve=preserve)
+    s = edit.summary
+    flagged = [w for w in s["warnings"] if "contains the erased concept" in w]
+    print(f"train residual {s['train_residual']:.2e}; warnings {s['warnings']}")
+    assert len(flagged) == 1 and TARGET in flagged[0] and "a photo of a dog" not in flagged[0]
+    assert s["train_residual"] <= 1e-5
+
+
 def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes):
     """12 concepts × 77 positions > 768: the overflow is damped least squares (the default), which
     keeps every deep site's change well below plain least squares' at a modestly larger residual."""
