@@ -287,7 +287,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         budget_full = summary["overflow_damped"] or summary["deep_rank"] >= x.shape[0] - 1
         if budget_full and train > 1e-5:
             summary["warnings"].append(
-                f"least-squares residual {train:.2e}: the {len(columns)} constraints (preserve prompts included) exceed the deep sites' "
+                f"least-squares residual {train:.2e}: the {len(columns)} constraints"
+                f"{' (preserve prompts included)' if columns.n_preserve else ''} exceed the deep sites' "
                 f"rank budget ({x.shape[0]}); concept tokens are exact, padding positions {'damped ' if summary['overflow_damped'] else ''}least-squares "
                 f"({summary['unaligned_energy']:.1%} of the target features' energy outside the exact span). "
                 "Erase fewer concepts per solve for exact alignment everywhere")
