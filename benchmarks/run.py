@@ -104,6 +104,19 @@ class PeakMemory:
             self.thread.join()
 
 
+class LazyDeltas:
+    """The dense ΔW of each site, formed when read (all of SDXL's at once would not fit in 24 GB)."""
+
+    def __init__(self, sites):
+        self.sites = sites
+
+    def __len__(self):
+        return len(self.sites)
+
+    def __getitem__(self, i):
+        return self.sites[i].delta()
+
+
 def build_chain(pack, concepts):
     pair_node = pack.NODE_CLASS_MAPPINGS["ErasePro_ConceptPair"]()
     chain = None
@@ -131,7 +144,7 @@ def prompt_features(erase, host, clip, arch, prompts):
     return cond.reshape(-1, cond.shape[-1]).T
 
 
-def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full"):
+def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full", configs=None):
     import torch
     from erasepro_ops.concepts import ConceptPair
     from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, preservation_drift
@@ -174,7 +187,7 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
                 "ht": eps(model, clip, held_prompt.format(first_t)), "ha": eps(model, clip, held_prompt.format(first_a)),
                 "u": eps(model, clip, UNRELATED[0])}
         uce_time = None
-        for label, cfg in CONFIGS:
+        for label, cfg in [c for c in CONFIGS if configs is None or c[0] in configs]:
             args = dict(model=model, clip=clip, concepts=chain, preserve="\n".join(PRESERVE), **cfg)
             solver.solve(**args)  # warm-up: tokenizer caches, model load
             times, peak = [], 0
@@ -190,10 +203,10 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
             edit = out["result"][0]
             s = edit.summary
             m2, c2 = erase.apply_edit(model, clip, edit, 1.0)
-            deltas = {site.key: site.delta() for site in edit.part("model")}
+            sites = {site.key: site for site in edit.part("model")}
             keys = list(arch.deep_keys)
             w_list = [weights[k] for k in keys]
-            d_list = [deltas[k] for k in keys]
+            d_list = LazyDeltas([sites[k] for k in keys])
             train_all = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, solve_pairs))
             held_res = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, held))
             drift = {name: preservation_drift(w_list, d_list, k_orig, prompt_features(erase, host, c2, arch, prompts))
@@ -216,6 +229,7 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
             }
             rows.append(row)
             print_row(row)
+            del m2, c2, edit, out, sites  # full-size SDXL: keep one edit alive at a time
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"device": device_name(device), "torch": torch.__version__, "rows": rows}
     (out_dir / f"{kind}.json").write_text(json.dumps(info, indent=1))
@@ -280,12 +294,15 @@ def main(argv=None):
     parser.add_argument("--eps-size", type=int, default=16, help="latent size for the eps metrics")
     parser.add_argument("--out", default=str(REPO / "output" / "bench"))
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a quick smoke run")
+    parser.add_argument("--configs", help=f"comma list of configurations to run (default all: {', '.join(c[0] for c in CONFIGS)}); "
+                                          "the first one is the ratio's reference")
     args = parser.parse_args(argv)
     H.import_comfy()
     counts = [int(c) for c in args.concepts.split(",")]
     print(HEADER, flush=True)
     for kind in args.models.split(","):
-        measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size)
+        configs = None if args.configs is None else [c.strip() for c in args.configs.split(",")]
+        measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size, configs)
     print(f"JSON and charts in {args.out}")
     return 0
 

@@ -56,7 +56,7 @@ def residual_against_gap(residual_sqs: Sequence[float], weights: Sequence[torch.
 
 
 def preservation_drift(
-    weights: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], k: torch.Tensor, k_edited: torch.Tensor | None = None
+    weights: Sequence[torch.Tensor], deltas: Iterable[torch.Tensor], k: torch.Tensor, k_edited: torch.Tensor | None = None
 ) -> float:
     """``‖W'K' − W_o K‖_F / ‖W_o K‖_F`` over the given sites, for preserve or unrelated features.
 

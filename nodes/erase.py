@@ -257,8 +257,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     burden = deep_burden([r.weight_norm for r in kv_results], [r.update_norm for r in kv_results])
     drift = None
     if k_cond is not None:  # through the edited text encoder too (S > 0)
-        drift = preservation_drift([deep_weights[r.name] for r in kv_results],
-                                   [r.solution.update.dense() for r in kv_results], flat(k_cond).T, flat(k_edited).T)
+        dense = (r.solution.update.dense() for r in kv_results)  # one site at a time: SDXL has 140
+        drift = preservation_drift([deep_weights[r.name] for r in kv_results], dense, flat(k_cond).T, flat(k_edited).T)
     summary = {
         "method": request.method,
         "progressive_layers": request.progressive_layers,
