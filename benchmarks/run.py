@@ -1,6 +1,6 @@
 """ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (issue 6).
 
-    python -m benchmarks.run [--models sd15,sdxl] [--concepts 1,10,100] [--runs 3]
+    python -m benchmarks.run [--models sd15,sdxl] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
 
 Models are built from ComfyUI's own classes at full size with random weights (tests/comfy_host).
 Every configuration runs the real solver node on the same concepts and preserve set, in one
