@@ -122,10 +122,16 @@ def _cat_inputs(a, b):
     return torch.cat([h_a, h_b]), mask, attention
 
 
-def _site_edit(key, part, stage, result, device="cpu") -> SiteEdit:
-    update = result.solution.update
-    return SiteEdit(key, part, stage, update.up.to(device, torch.float32), update.down.to(device, torch.float32),
-                    result.relative_change, result.solution.residual)
+def _site_edits(results, part: str, stage: str) -> list[SiteEdit]:
+    """The results as float32 CPU edits; sites sharing one ``down`` (every deep site) share its copy."""
+    downs, edits = {}, []
+    for r in results:
+        update = r.solution.update
+        if id(update.down) not in downs:
+            downs[id(update.down)] = update.down.to("cpu", torch.float32)
+        edits.append(SiteEdit(r.name, part, stage, update.up.to("cpu", torch.float32), downs[id(update.down)],
+                              r.relative_change, r.solution.residual))
+    return edits
 
 
 def _short_name(key: str) -> str:
@@ -203,7 +209,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         results = progressive_shallow(blocks, h_t, h_a, columns, shallow_settings, rule=request.rule,
                                       h_preserve=h_p, on_site=on_site)
         shallow_results += results
-        clip_edits += [_site_edit(r.name, "clip", "shallow", r) for r in results]
+        clip_edits += _site_edits(results, "clip", "shallow")
 
     # Deep sites read the encoder output for the targets (and preserve prompts) with the shallow
     # edits applied.
@@ -226,7 +232,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     preserve = flat(k_cond).T if soft_preserve else None
     deep_results = _solve_with_fallback(deep_weights, x, y, columns.groups, settings, preserve, on_site,
                                         columns.n_erasure)
-    model_edits = [_site_edit(r.name, "model", "deep", r) for r in deep_results]
+    model_edits = _site_edits(deep_results, "model", "deep")
     model_weights = dict(deep_weights)
 
     if arch.pooled_width:
