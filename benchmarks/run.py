@@ -299,9 +299,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     H.import_comfy()
     counts = [int(c) for c in args.concepts.split(",")]
+    configs = None if args.configs is None else [c.strip() for c in args.configs.split(",")]
+    unknown = sorted(set(configs or ()) - {label for label, _ in CONFIGS})
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; choose from {[label for label, _ in CONFIGS]}")
     print(HEADER, flush=True)
     for kind in args.models.split(","):
-        configs = None if args.configs is None else [c.strip() for c in args.configs.split(",")]
         measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size, configs)
     print(f"JSON and charts in {args.out}")
     return 0
