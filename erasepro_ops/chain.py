@@ -43,7 +43,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 
 from .concepts import ROLE_PRIORITY, PromptAlignment
-from .linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_RTOL
+from .linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
 from .solve import ConstraintSystem, SiteSolution, UCESystem
 
 SHALLOW_RULES = ("anchor_features", "residual_schedule")
@@ -150,6 +150,7 @@ class SolverSettings:
     method: str = "erasepro"
     rtol: float = DEFAULT_RTOL
     overflow_damping: float = DEFAULT_OVERFLOW_DAMPING  # ρ for constraints beyond the rank budget
+    overflow_preserve_weight: float = DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # w of preserve columns in that fit
     budget: int | None = None  # rank budget for the overflow rule (None: each site's own width)
     lam: float = 1.0  # ErasePro: C = λI + α K Kᵀ / M
     alpha: float = 0.0
@@ -178,6 +179,7 @@ class SolverSettings:
         return ConstraintSystem.build(
             x, groups, preserve=preserve, lam=self.lam, alpha=alpha, rtol=self.rtol,
             overflow_damping=self.overflow_damping, budget=self.budget, unbudgeted=PRESERVE_GROUPS,
+            overflow_weight=self.overflow_preserve_weight,
             report_columns=report_columns,
             device=self.device,
         )

@@ -15,6 +15,9 @@ DEFAULT_RTOL = 1e-6
 DEFAULT_OVERFLOW_DAMPING = 1e-3
 """ρ: constraints beyond the rank budget are fitted with ridge ``(ρ · s_max)²`` (see ``solve``)."""
 
+DEFAULT_OVERFLOW_PRESERVE_WEIGHT = 10.0
+"""w: weight of the preserve prompts' columns in the overflow's damped least squares (see ``solve``)."""
+
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise a ValueError naming ``name`` when ``tensor`` holds NaN or Inf."""

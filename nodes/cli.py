@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
 
 from erasepro_ops import export  # noqa: E402  (pure)
 from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair  # noqa: E402
-from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING  # noqa: E402
+from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # noqa: E402
 
 
 class CliError(Exception):
@@ -163,7 +163,8 @@ def cmd_erase(args) -> int:
              + (1 if arch.pooled_width else 0))
     request = erase.Request(concepts=pairs, progressive_layers=int(args.progressive_layers), method=args.method,
                             rule=args.rule, preserve=preserve, preserve_strength=float(args.preserve_strength),
-                            overflow_damping=float(args.overflow_damping))
+                            overflow_damping=float(args.overflow_damping),
+                            overflow_preserve_weight=float(args.overflow_preserve_weight))
     with tqdm(total=total, desc="erasing", unit="layer", file=sys.stderr, disable=args.quiet) as bar:
         def step(name):
             bar.set_postfix_str(name.split(".weight")[0][-40:], refresh=False)
@@ -236,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overflow-damping", type=float, default=DEFAULT_OVERFLOW_DAMPING, metavar="RHO",
                    help="when the constraints exceed the rank budget (many concepts), fit the overflow by ridge "
                         f"(RHO * s_max)^2 instead of exactly (default {DEFAULT_OVERFLOW_DAMPING:g}; 0 = plain least squares)")
+    e.add_argument("--overflow-preserve-weight", type=float, default=DEFAULT_OVERFLOW_PRESERVE_WEIGHT, metavar="W",
+                   help="when the constraints exceed the rank budget, weight of the preserve prompts against the "
+                        f"erasure's overflow in that fit (default {DEFAULT_OVERFLOW_PRESERVE_WEIGHT:g}; larger = they "
+                        "move less, the padding is aligned less)")
     e.add_argument("--dtype", choices=list(export.STORAGE_DTYPES), default="float32", help="LoRA storage dtype (float32 = exact)")
     e.add_argument("--strength", type=float, default=1.0, help="strength baked into --bake (default 1)")
     e.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")

@@ -15,7 +15,7 @@ from erasepro_ops import __version__
 from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
 from erasepro_ops.concepts import ConceptPair, align_chunks, expand, preserve_alignment, token_chunks
 from erasepro_ops.edit import ErasureEdit, SiteEdit
-from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_RTOL
+from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
 from erasepro_ops.metrics import deep_burden, preservation_drift, residual_against_gap
 
 from .host import (
@@ -43,6 +43,7 @@ class Request:
     preserve_strength: float = 0.0  # soft C weighting on top of the exact preserve constraints
     rtol: float = DEFAULT_RTOL
     overflow_damping: float = DEFAULT_OVERFLOW_DAMPING  # ρ: ridge on constraints beyond the rank budget
+    overflow_preserve_weight: float = DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # w: preserve columns in that fit
     features: str = "all"  # "all" (DESIGN §3) or "last_token" (official UCE: the last concept token only)
 
 
@@ -153,11 +154,15 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         raise EraseProError("no concepts: connect an ErasePro Concept Pair")
     if request.progressive_layers < 0:
         raise EraseProError("progressive_layers must be 0 or more")
+    if not request.overflow_preserve_weight > 0:
+        raise EraseProError("overflow_preserve_weight must be positive (default "
+                            f"{DEFAULT_OVERFLOW_PRESERVE_WEIGHT:g})")
     arch = detect(model, clip)
     start = time.perf_counter()
     device = solve_device()
     settings = SolverSettings(method=request.method, device=str(device), rtol=request.rtol,
-                              overflow_damping=request.overflow_damping, preserve_strength=request.preserve_strength)
+                              overflow_damping=request.overflow_damping, preserve_strength=request.preserve_strength,
+                              overflow_preserve_weight=request.overflow_preserve_weight)
 
     pairs = prompt_pairs(request.concepts)
     alignments, target_ids, anchor_ids = align_prompts(clip, arch, pairs)
@@ -307,7 +312,7 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
                      for p in request.concepts],
         "method": request.method, "progressive_layers": request.progressive_layers, "rule": request.rule,
         "preserve": list(request.preserve), "preserve_strength": request.preserve_strength,
-        "overflow_damping": request.overflow_damping,
+        "overflow_damping": request.overflow_damping, "overflow_preserve_weight": request.overflow_preserve_weight,
         "family": arch.family, "version": __version__,
     }
     return ErasureEdit(tuple(clip_edits + model_edits), settings_record, summary,

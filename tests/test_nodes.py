@@ -311,3 +311,32 @@ def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes
     assert plain["train_residual"] < damped["train_residual"] < 1.0
     # the padding overflowed either way: the same share of the features lies outside the exact span
     assert 0 < plain["unaligned_energy"] == pytest.approx(damped["unaligned_energy"], rel=1e-6)
+
+
+def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
+    """Past the rank budget the preserve prompts' padding joins the erasure's damped fit, weighted by
+    ``overflow_preserve_weight``: they drift no more than under UCE (official: last token, its own soft
+    preserve term) while the concept and end tokens stay exact."""
+    import sys
+    erase_mod = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
+    model, clip = H.build("sd15")
+    pair, _, _ = nodes
+    concepts = None
+    for target in ("van gogh", "claude monet", "pablo picasso", "salvador dali", "rembrandt", "frida kahlo",
+                   "andy warhol", "hokusai", "gustav klimt", "mickey mouse", "pikachu", "snoopy"):
+        (concepts,) = pair.build(target, "a painter", "custom", "{}", concepts)
+    preserve = ("a photo of a dog", "a landscape painting", "a portrait of a woman", "a city street at night",
+                "a bowl of fruit", "a mountain lake at sunrise")
+    runs = {"uce": dict(method="uce", features="last_token"), "w=1": dict(overflow_preserve_weight=1.0),
+            "default": {}}
+    s = {}
+    for label, kw in runs.items():
+        s[label] = erase_mod.run_erasure(model, clip, erase_mod.Request(tuple(concepts), preserve=preserve, **kw)).summary
+        print(f"{label}: train residual {s[label]['train_residual']:.3e}, preserve drift "
+              f"{s[label]['preservation_drift']:.3e}, deep burden {s[label]['deep_burden']:.3f}")
+    assert s["default"]["overflow_damped"] and s["default"]["constraints"] > s["default"]["rank_budget"]
+    assert s["default"]["preservation_drift"] <= s["uce"]["preservation_drift"]
+    assert s["default"]["preservation_drift"] < 0.5 * s["w=1"]["preservation_drift"]
+    assert s["default"]["train_residual"] < 0.5 and s["default"]["deep_burden"] < 1.0
+    with pytest.raises(erase_mod.EraseProError, match="overflow_preserve_weight"):
+        erase_mod.run_erasure(model, clip, erase_mod.Request(tuple(concepts), overflow_preserve_weight=0.0))

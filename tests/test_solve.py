@@ -338,3 +338,46 @@ def test_unbudgeted_groups_do_not_spend_the_rank_budget():
     after = (w + sol.update.dense()) @ x - v
     assert float(after[:, :20].norm() / (w @ x - v)[:, :20].norm()) <= 1e-10  # groups 0 and 1 exact
     assert float(after[:, 20:].norm() / (w @ x - v)[:, 20:].norm()) > 1e-6  # group 2 damped
+
+
+def test_preserve_groups_join_an_overflowing_erasure_in_one_weighted_fit():
+    """When the erasure overflows, the preserve columns still waiting share its least-squares fit
+    with weight w: w = 1 is one merged group, larger w holds them closer at the erasure's expense,
+    and the fit is the weighted least squares in the freedom the exact groups leave."""
+    g = torch.Generator().manual_seed(5)
+    width = 20
+    x = torch.randn(width, 46, generator=g, dtype=torch.float64)
+    w = torch.randn(8, width, generator=g, dtype=torch.float64)
+    v = w @ x + torch.randn(8, 46, generator=g, dtype=torch.float64)
+    v[:, 36:] = w @ x[:, 36:]  # preserve columns: unchanged outputs
+    groups = torch.tensor([0] * 6 + [1] * 30 + [2] * 10)  # group 1 overflows the 14 directions left
+
+    def fit(weight, damping=0.0, labels=groups, unbudgeted=(2,)):
+        system = ConstraintSystem.build(x, labels, unbudgeted=unbudgeted, overflow_weight=weight,
+                                        overflow_damping=damping)
+        dw = system.solve(w, v).update.dense()
+        miss = (w + dw) @ x - v
+        return dw, [float(miss[:, cols].norm()) for cols in (slice(0, 6), slice(6, 36), slice(36, 46))]
+
+    merged, _ = fit(1.0, labels=torch.tensor([0] * 6 + [1] * 40), unbudgeted=())
+    assert rel(fit(1.0)[0], merged) <= 1e-10
+
+    # weighted least squares under group 0's exact constraints, by elimination
+    weight = 10.0
+    x0, xm, r = x[:, :6], x[:, 6:], v - w @ x
+    dw_p = r[:, :6] @ torch.linalg.pinv(x0)
+    n = torch.eye(width, dtype=torch.float64) - x0 @ torch.linalg.pinv(x0)
+    c = torch.diag(torch.tensor([1.0] * 30 + [weight] * 10, dtype=torch.float64))
+    expected = dw_p + (r[:, 6:] - dw_p @ xm) @ c @ torch.linalg.pinv(n @ xm @ c)
+    assert rel(fit(weight)[0], expected) <= 1e-8
+
+    misses = [fit(wt, damping=1e-3)[1] for wt in (1.0, 10.0, 100.0)]
+    assert all(m[0] <= 1e-8 * float(r[:, :6].norm()) for m in misses)  # group 0 exact throughout
+    assert misses[0][2] > misses[1][2] > misses[2][2]  # preserve columns held closer
+    assert misses[0][1] < misses[1][1] < misses[2][1]  # at the erasure overflow's expense
+
+
+def test_overflow_weight_must_be_positive():
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="overflow_weight"):
+        ConstraintSystem.build(x, overflow_weight=0.0)
