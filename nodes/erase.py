@@ -188,33 +188,9 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         anchor_in = [_cat_inputs(a, p) for a, p in zip(anchor_in, preserve_in)]
         target_in = [_cat_inputs(t, p) for t, p in zip(target_in, preserve_in)]
 
-    # Shallow sites, per text encoder, shallow to deep.
-    clip_edits: list[SiteEdit] = []
-    clip_weights: dict[str, torch.Tensor] = {}
-    shallow_results = []
-    for i, enc in enumerate(arch.encoders):
-        depth = enc.shallow_depth(request.progressive_layers)
-        if depth == 0:
-            continue
-        keys = [enc.fc2_key(l) for l in range(depth)]
-        weights = effective_weights(clip.patcher, keys)
-        clip_weights.update(weights)
-        bias = effective_weights(clip.patcher, [k.replace(".weight", ".bias") for k in keys])
-        h_t, mask, attention = target_in[i]
-        h_a = anchor_in[i][0]
-        h_p = preserve_in[i][0] if soft_preserve else None
-        blocks = [ClipLayerBlock(keys[l], enc.layers[l], weights[keys[l]].to(h_t.device),
-                                 bias[keys[l].replace(".weight", ".bias")].to(h_t.device), mask, attention)
-                  for l in range(depth)]
-        clip.load_model()
-        # The erasure's rank budget is the deep sites' width: when the constraints overflow it, the
-        # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py). The
-        # preserve columns are outside that budget: a 3072-wide fc2 keeps them exact.
-        shallow_settings = dataclasses.replace(settings, budget=arch.context_width)
-        results = progressive_shallow(blocks, h_t, h_a, columns, shallow_settings, rule=request.rule,
-                                      h_preserve=h_p, on_site=on_site)
-        shallow_results += results
-        clip_edits += _site_edits(results, "clip", "shallow")
+    shallow_results, clip_edits, clip_weights = _solve_shallow(
+        clip, arch, request, settings, columns, anchor_in, target_in,
+        [p[0] for p in preserve_in] if soft_preserve else None, on_site)
 
     # Deep sites read the encoder output for the targets (and preserve prompts) with the shallow
     # edits applied.
@@ -229,47 +205,115 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         pooled_all = x0_pooled if k_pooled is None or x0_pooled is None else torch.cat([x0_pooled, k_pooled])
     x_cond = x_all if exact_preserve else x_all[:n_target]
     k_edited = x_all[n_target:] if preserve_tokens is not None else None
-    x_pooled = pooled_all[:n_target] if pooled_all is not None else None
 
     deep_weights = effective_weights(model, arch.deep_keys)
-    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
     x, y = inputs_with_partners(x_cond, y_cond, columns)
-    preserve = flat(k_cond).T if soft_preserve else None
+    preserve = _flat(k_cond).T if soft_preserve else None
     deep_results = _solve_with_fallback(deep_weights, x, y, columns.groups, settings, preserve, on_site,
                                         columns.n_erasure)
     model_edits = _site_edits(deep_results, "model", "deep")
     model_weights = dict(deep_weights)
 
     if arch.pooled_width:
-        full = effective_weights(model, [POOLED_SITE])[POOLED_SITE]
-        w_pooled = full[:, : arch.pooled_width]
-        px, py = x_pooled, y_pooled
+        px, py = pooled_all[:n_target], y_pooled
         if exact_preserve:  # the preserve prompts' pooled embeddings stay too, after the targets'
             px, py = torch.cat([px, pooled_all[n_target:]]), torch.cat([py, k_pooled])
-        groups = (torch.arange(px.shape[0]) >= n_target).long()
-        pooled_results = _solve_with_fallback({POOLED_SITE: w_pooled}, px.T, py.T, groups,
-                                              settings, None, on_site, n_target)
-        r = pooled_results[0]
-        up, down = r.solution.update.up, r.solution.update.down
-        padded = torch.zeros(down.shape[0], full.shape[1], dtype=down.dtype, device=down.device)
-        padded[:, : arch.pooled_width] = down
-        model_edits.append(SiteEdit(POOLED_SITE, "model", "deep", up.float().cpu(), padded.float().cpu(),
-                                    r.relative_change, r.solution.residual))
-        deep_results = deep_results + pooled_results
-        model_weights[POOLED_SITE] = full
+        pooled_result, pooled_edit, model_weights[POOLED_SITE] = _solve_pooled(model, arch, px, py, n_target,
+                                                                               settings, on_site)
+        deep_results = deep_results + [pooled_result]
+        model_edits.append(pooled_edit)
 
     seconds = time.perf_counter() - start
-    kv_results = [r for r in deep_results if r.name != POOLED_SITE]
     # Relative to the unedited model's gap (‖W_o X_0 − V*‖, X_0 without shallow edits), so 1 means
     # "as far from the anchor as the original model" whatever S is.
     x0, _ = inputs_with_partners(x0_cond, y_cond, columns)
-    train = residual_against_gap([r.solution.residual_sq for r in kv_results],
-                                 [deep_weights[r.name] for r in kv_results], (y - x0)[:, : columns.n_erasure])
+    summary = _summarise(request, arch, columns, shallow_results, deep_results, deep_weights,
+                         gap=(y - x0)[:, : columns.n_erasure], rank_budget=int(x.shape[0]), templates=n_target,
+                         seconds=seconds,
+                         preserve_features=None if k_cond is None else (_flat(k_cond).T, _flat(k_edited).T))
+    if preserve_tokens is not None:
+        summary["warnings"] = preserve_conflicts(pairs, alignments, target_ids, request.preserve,
+                                                 preserve_tokens) + summary["warnings"]
+    settings_record = {
+        "concepts": [{"target": p.target, "anchor": p.anchor, "concept_type": p.concept_type, "prompts": list(p.prompts)}
+                     for p in request.concepts],
+        "method": request.method, "progressive_layers": request.progressive_layers, "rule": request.rule,
+        "preserve": list(request.preserve), "preserve_strength": request.preserve_strength,
+        "overflow_damping": request.overflow_damping, "overflow_preserve_weight": request.overflow_preserve_weight,
+        "family": arch.family, "version": __version__,
+    }
+    return ErasureEdit(tuple(clip_edits + model_edits), settings_record, summary,
+                       fingerprint({**clip_weights, **model_weights}))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``(batch, tokens, width)`` → ``(batch·tokens, width)``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _solve_shallow(clip, arch, request: Request, settings: SolverSettings, columns, anchor_in, target_in,
+                   preserve_hidden, on_site):
+    """The shallow sites (``fc2`` of the first S blocks), per text encoder, shallow to deep.
+
+    Returns the site results, their edits and the original weights they were solved on."""
+    clip_edits: list[SiteEdit] = []
+    clip_weights: dict[str, torch.Tensor] = {}
+    shallow_results = []
+    for i, enc in enumerate(arch.encoders):
+        depth = enc.shallow_depth(request.progressive_layers)
+        if depth == 0:
+            continue
+        keys = [enc.fc2_key(l) for l in range(depth)]
+        weights = effective_weights(clip.patcher, keys)
+        clip_weights.update(weights)
+        bias = effective_weights(clip.patcher, [k.replace(".weight", ".bias") for k in keys])
+        h_t, mask, attention = target_in[i]
+        blocks = [ClipLayerBlock(keys[l], enc.layers[l], weights[keys[l]].to(h_t.device),
+                                 bias[keys[l].replace(".weight", ".bias")].to(h_t.device), mask, attention)
+                  for l in range(depth)]
+        clip.load_model()
+        # The erasure's rank budget is the deep sites' width: when the constraints overflow it, the
+        # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py). The
+        # preserve columns are outside that budget: a 3072-wide fc2 keeps them exact.
+        shallow_settings = dataclasses.replace(settings, budget=arch.context_width)
+        results = progressive_shallow(blocks, h_t, anchor_in[i][0], columns, shallow_settings, rule=request.rule,
+                                      h_preserve=None if preserve_hidden is None else preserve_hidden[i],
+                                      on_site=on_site)
+        shallow_results += results
+        clip_edits += _site_edits(results, "clip", "shallow")
+    return shallow_results, clip_edits, clip_weights
+
+
+def _solve_pooled(model, arch, px, py, n_target: int, settings: SolverSettings, on_site):
+    """SDXL's pooled-embedding input (the ``label_emb`` columns that read it): targets first, then
+    the preserve prompts'. Returns the site result, its edit (zero on the size/crop columns) and
+    the whole original weight."""
+    full = effective_weights(model, [POOLED_SITE])[POOLED_SITE]
+    groups = (torch.arange(px.shape[0]) >= n_target).long()
+    (r,) = _solve_with_fallback({POOLED_SITE: full[:, : arch.pooled_width]}, px.T, py.T, groups,
+                                settings, None, on_site, n_target)
+    up, down = r.solution.update.up, r.solution.update.down
+    padded = torch.zeros(down.shape[0], full.shape[1], dtype=down.dtype, device=down.device)
+    padded[:, : arch.pooled_width] = down
+    edit = SiteEdit(POOLED_SITE, "model", "deep", up.float().cpu(), padded.float().cpu(),
+                    r.relative_change, r.solution.residual)
+    return r, edit, full
+
+
+def _summarise(request: Request, arch, columns, shallow_results, deep_results, deep_weights, *, gap,
+               rank_budget: int, templates: int, seconds: float, preserve_features) -> dict:
+    """The figures of DESIGN §7 the node reports, and the warnings that go with them.
+
+    ``gap`` is the unedited model's ``Y − X_0`` on the erasure's columns; ``preserve_features``
+    ``(K, K')``, the preserve prompts through the original and the edited text encoder, or None."""
+    kv_results = [r for r in deep_results if r.name != POOLED_SITE]
+    kv_weights = [deep_weights[r.name] for r in kv_results]
+    train = residual_against_gap([r.solution.residual_sq for r in kv_results], kv_weights, gap)
     burden = deep_burden([r.weight_norm for r in kv_results], [r.update_norm for r in kv_results])
     drift = None
-    if k_cond is not None:  # through the edited text encoder too (S > 0)
+    if preserve_features is not None:  # through the edited text encoder too (S > 0)
         dense = (r.solution.update.dense() for r in kv_results)  # one site at a time: SDXL has 140
-        drift = preservation_drift([deep_weights[r.name] for r in kv_results], dense, flat(k_cond).T, flat(k_edited).T)
+        drift = preservation_drift(kv_weights, dense, *preserve_features)
     summary = {
         "method": request.method,
         "progressive_layers": request.progressive_layers,
@@ -286,37 +330,27 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "solve_seconds": seconds,
         "constraints": columns.n_erasure,
         "preserve_constraints": columns.n_preserve,
-        "templates": len(alignments),
-        "rank_budget": int(x.shape[0]),
+        "templates": templates,
+        "rank_budget": rank_budget,
         "deep_rank": max((r.rank for r in kv_results), default=0),
-        "warnings": [] if preserve_tokens is None else
-        preserve_conflicts(pairs, alignments, target_ids, request.preserve, preserve_tokens),
+        "warnings": [],
     }
     if request.method == "erasepro":
         summary["unaligned_energy"] = max((r.unaligned_energy for r in kv_results), default=0.0)
         summary["overflow_damped"] = any(r.damped for r in kv_results)
-        budget_full = summary["overflow_damped"] or summary["deep_rank"] >= x.shape[0] - 1
+        budget_full = summary["overflow_damped"] or summary["deep_rank"] >= rank_budget - 1
         if budget_full and train > 1e-5:
             summary["warnings"].append(
                 f"least-squares residual {train:.2e}: the {len(columns)} constraints"
                 f"{' (preserve prompts included)' if columns.n_preserve else ''} exceed the deep sites' "
-                f"rank budget ({x.shape[0]}); concept tokens are exact, padding positions {'damped ' if summary['overflow_damped'] else ''}least-squares "
+                f"rank budget ({rank_budget}); concept tokens are exact, padding positions {'damped ' if summary['overflow_damped'] else ''}least-squares "
                 f"({summary['unaligned_energy']:.1%} of the target features' energy outside the exact span). "
                 "Erase fewer concepts per solve for exact alignment everywhere")
         elif train > 1e-3:
             summary["warnings"].append(
                 f"least-squares residual {train:.2e}: some constraints contradict each other (the same "
                 "features are asked for different outputs); check the anchors and custom prompts")
-    settings_record = {
-        "concepts": [{"target": p.target, "anchor": p.anchor, "concept_type": p.concept_type, "prompts": list(p.prompts)}
-                     for p in request.concepts],
-        "method": request.method, "progressive_layers": request.progressive_layers, "rule": request.rule,
-        "preserve": list(request.preserve), "preserve_strength": request.preserve_strength,
-        "overflow_damping": request.overflow_damping, "overflow_preserve_weight": request.overflow_preserve_weight,
-        "family": arch.family, "version": __version__,
-    }
-    return ErasureEdit(tuple(clip_edits + model_edits), settings_record, summary,
-                       fingerprint({**clip_weights, **model_weights}))
+    return summary
 
 
 def _solve_with_fallback(weights, x, y, groups, settings: SolverSettings, preserve, on_site, report_columns=None):
