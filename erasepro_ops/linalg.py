@@ -49,8 +49,10 @@ class RangeBasis:
         return self if k >= self.rank else RangeBasis(self.u[:, :k], self.s[:k], self.v[:, :k])
 
 
-def range_basis(y: torch.Tensor, threshold: float) -> RangeBasis:
-    """Truncated SVD of ``y`` (float64) keeping singular values ``> threshold``."""
+def range_basis(y: torch.Tensor, threshold: float, gram: torch.Tensor | None = None) -> RangeBasis:
+    """Truncated SVD of ``y`` (float64) keeping singular values ``> threshold``.
+
+    ``gram``: ``y yᵀ`` or ``yᵀ y``, whichever is smaller, when the caller has it already."""
     rows, cols = y.shape
     empty = RangeBasis(y.new_zeros(rows, 0), y.new_zeros(0), y.new_zeros(cols, 0))
     if rows == 0 or cols == 0:
@@ -58,7 +60,7 @@ def range_basis(y: torch.Tensor, threshold: float) -> RangeBasis:
     # eigh of the Gram matrix squares the condition number; float64 keeps ~1e-7 relative
     # singular values meaningful, far below the tolerances used here.
     if rows <= cols:
-        evals, evecs = torch.linalg.eigh(y @ y.T)
+        evals, evecs = torch.linalg.eigh(y @ y.T if gram is None else gram)
         keep = evals > threshold**2
         if not keep.any():
             return empty
@@ -66,7 +68,7 @@ def range_basis(y: torch.Tensor, threshold: float) -> RangeBasis:
         u = evecs[:, keep].flip(1)
         v = (y.T @ u) / s
     else:
-        evals, evecs = torch.linalg.eigh(y.T @ y)
+        evals, evecs = torch.linalg.eigh(y.T @ y if gram is None else gram)
         keep = evals > threshold**2
         if not keep.any():
             return empty

@@ -220,27 +220,42 @@ class ConstraintSystem:
         exact = None  # how many directions were fitted exactly: those accepted before the first overflow
         damped_from = None
         pending = [[g] for g in torch.unique(group_ids).tolist()]  # a step fits one group, or merged ones
+        merged_gram = None  # the Gram matrix of a merged step, from its parts
         while pending:
             ids = pending.pop(0)
             budgeted = [g for g in ids if g not in unbudgeted]
-            in_step = group_ids[torch.isin(group_ids, torch.tensor(ids))]
-            cols = torch.nonzero(torch.isin(group_ids, torch.tensor(ids))).flatten().to(device)
+            in_step = torch.isin(group_ids, torch.tensor(ids))
+            cols = torch.nonzero(in_step).flatten().to(device)
             # column weights: 1, or w for unbudgeted columns that joined a budgeted overflow
             cw = torch.ones(cols.numel(), dtype=xt.dtype, device=device)
             if budgeted and len(budgeted) < len(ids):
-                cw[torch.isin(in_step, torch.tensor(budgeted), invert=True).to(device)] = overflow_weight
+                cw[torch.isin(group_ids[in_step], torch.tensor(budgeted), invert=True).to(device)] = overflow_weight
             xg = xt[:, cols]
-            y = xg - basis @ (basis.T @ xg) if basis.shape[1] else xg
-            rb = range_basis(y * cw, threshold).top(width - basis.shape[1])  # rounding noise cannot add rank
-            n_cols = cols.numel()
+            y = (xg - basis @ (basis.T @ xg) if basis.shape[1] else xg) * cw
+            n_cols, room = cols.numel(), width - basis.shape[1]
+            gram, merged_gram = merged_gram, None
+            if gram is None and y.shape[0] <= y.shape[1]:
+                gram = y @ y.T
+            waiting = [h for h in pending if all(g in unbudgeted for g in h)]
+            may_merge = bool(budgeted) and exact is None and bool(waiting)
+            if may_merge and n_cols > min(room, budget - spent):
+                # From here on the erasure may be least squares: then the preserve groups still
+                # waiting join its damped fit (weighted) instead of getting only the directions
+                # it leaves over. The rank decides; eigvalsh is cheaper than the step's eigh.
+                rank = (int((torch.linalg.eigvalsh(gram) > threshold**2).sum()) if gram is not None
+                        else range_basis(y, threshold).rank)
+                rank = min(rank, room)
+                if _fills(n_cols, rank, width, basis.shape[1]) or _fills(n_cols, rank, budget, spent):
+                    more = torch.nonzero(torch.isin(group_ids, torch.tensor([g for h in waiting for g in h])))
+                    x_more = xt[:, more.flatten().to(device)]
+                    y_more = (x_more - basis @ (basis.T @ x_more) if basis.shape[1] else x_more) * overflow_weight
+                    if gram is not None:
+                        merged_gram = gram + y_more @ y_more.T
+                    pending = [ids + [g for h in waiting for g in h]] + [h for h in pending if h not in waiting]
+                    continue
+            rb = range_basis(y, threshold, gram).top(room)  # rounding noise cannot add rank
             overflow = _fills(n_cols, rb.rank, width, basis.shape[1]) or (
                 bool(budgeted) and _fills(n_cols, rb.rank, budget, spent))
-            waiting = [h for h in pending if all(g in unbudgeted for g in h)]
-            if overflow and budgeted and exact is None and waiting:
-                # From here on the erasure is least squares: the preserve groups still waiting join
-                # its damped fit (weighted) instead of getting only the directions it leaves over.
-                pending = [ids + [g for h in waiting for g in h]] + [h for h in pending if h not in waiting]
-                continue
             u = rb.u - basis @ (basis.T @ rb.u) if basis.shape[1] else rb.u
             cross = tuple(d @ xg for d in downs_t)
             spent += rb.rank if budgeted else 0
