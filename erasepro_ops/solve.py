@@ -65,7 +65,8 @@ from typing import Collection, Sequence
 
 import torch
 
-from .linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL, PreserveWeighting, check_finite, range_basis, spectral_norm_estimate
+from .linalg import (DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL, PreserveWeighting,
+                     check_finite, range_basis, spectral_norm_estimate)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,19 @@ def preservation_weighting(preserve: torch.Tensor, lam: float, alpha: float) -> 
 def _fills(n_columns: int, rank: int, limit: int, used: int) -> bool:
     """A group overflows a limit when it has more columns than room left and its directions fill it."""
     return n_columns > limit - used and used + rank >= limit - 1
+
+
+def _outside(basis: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``(I − B Bᵀ) M``: the part of ``M``'s columns outside the orthonormal columns ``B``."""
+    return m - basis @ (basis.T @ m) if basis.shape[1] else m
+
+
+def _rank(y: torch.Tensor, gram: torch.Tensor | None, threshold: float) -> int:
+    """Number of singular values of ``y`` above ``threshold``; from ``eigvalsh`` of its Gram
+    matrix when given (no eigenvectors: cheaper than the step's own ``eigh``)."""
+    if gram is None:
+        return range_basis(y, threshold).rank
+    return int((torch.linalg.eigvalsh(gram) > threshold**2).sum())
 
 
 @dataclass(frozen=True)
@@ -231,7 +245,7 @@ class ConstraintSystem:
             if budgeted and len(budgeted) < len(ids):
                 cw[torch.isin(group_ids[in_step], torch.tensor(budgeted), invert=True).to(device)] = overflow_weight
             xg = xt[:, cols]
-            y = (xg - basis @ (basis.T @ xg) if basis.shape[1] else xg) * cw
+            y = _outside(basis, xg) * cw
             n_cols, room = cols.numel(), width - basis.shape[1]
             gram, merged_gram = merged_gram, None
             if gram is None and y.shape[0] <= y.shape[1]:
@@ -241,14 +255,12 @@ class ConstraintSystem:
             if may_merge and n_cols > min(room, budget - spent):
                 # From here on the erasure may be least squares: then the preserve groups still
                 # waiting join its damped fit (weighted) instead of getting only the directions
-                # it leaves over. The rank decides; eigvalsh is cheaper than the step's eigh.
-                rank = (int((torch.linalg.eigvalsh(gram) > threshold**2).sum()) if gram is not None
-                        else range_basis(y, threshold).rank)
-                rank = min(rank, room)
+                # it leaves over. The rank decides.
+                rank = min(_rank(y, gram, threshold), room)
                 if _fills(n_cols, rank, width, basis.shape[1]) or _fills(n_cols, rank, budget, spent):
                     more = torch.nonzero(torch.isin(group_ids, torch.tensor([g for h in waiting for g in h])))
                     x_more = xt[:, more.flatten().to(device)]
-                    y_more = (x_more - basis @ (basis.T @ x_more) if basis.shape[1] else x_more) * overflow_weight
+                    y_more = _outside(basis, x_more) * overflow_weight
                     if gram is not None:
                         merged_gram = gram + y_more @ y_more.T
                     pending = [ids + [g for h in waiting for g in h]] + [h for h in pending if h not in waiting]
@@ -256,7 +268,7 @@ class ConstraintSystem:
             rb = range_basis(y, threshold, gram).top(room)  # rounding noise cannot add rank
             overflow = _fills(n_cols, rb.rank, width, basis.shape[1]) or (
                 bool(budgeted) and _fills(n_cols, rb.rank, budget, spent))
-            u = rb.u - basis @ (basis.T @ rb.u) if basis.shape[1] else rb.u
+            u = _outside(basis, rb.u)
             cross = tuple(d @ xg for d in downs_t)
             spent += rb.rank if budgeted else 0
             if exact is None and overflow:
