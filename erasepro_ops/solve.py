@@ -133,6 +133,22 @@ def _outside(basis: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return m - basis @ (basis.T @ m) if basis.shape[1] else m
 
 
+def _columns_of(group_ids: torch.Tensor, ids: list[int], device) -> torch.Tensor:
+    return torch.nonzero(torch.isin(group_ids, torch.tensor(ids))).flatten().to(device)
+
+
+def _step_columns(group_ids: torch.Tensor, ids: list[int], budgeted: list[int], overflow_weight: float,
+                  xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of groups ``ids`` and their weights: 1, or ``overflow_weight`` for the
+    unbudgeted ones when they share a step with budgeted groups (a merged overflow)."""
+    in_step = torch.isin(group_ids, torch.tensor(ids))
+    cols = _columns_of(group_ids, ids, xt.device)
+    cw = torch.ones(cols.numel(), dtype=xt.dtype, device=xt.device)
+    if budgeted and len(budgeted) < len(ids):
+        cw[torch.isin(group_ids[in_step], torch.tensor(budgeted), invert=True).to(xt.device)] = overflow_weight
+    return cols, cw
+
+
 def _rank(y: torch.Tensor, gram: torch.Tensor | None, threshold: float) -> int:
     """Number of singular values of ``y`` above ``threshold``; from ``eigvalsh`` of its Gram
     matrix when given (no eigenvectors: cheaper than the step's own ``eigh``)."""
@@ -146,6 +162,73 @@ class _Step:
     columns: torch.Tensor  # indices into X's columns
     coef: torch.Tensor  # n_g × r_g: V_g diag(1/s_g)
     cross: tuple[torch.Tensor, ...]  # A_h X̃_g for each earlier step h (r_h × n_g)
+
+
+@dataclass
+class _Fit:
+    """What :meth:`ConstraintSystem.build` has accepted so far: the orthonormal directions of
+    ``X̃`` taken (``basis``), the steps that took them, and how much of the rank budget they spent."""
+
+    xt: torch.Tensor  # X̃ = C^{-1/2} X
+    threshold: float  # singular values at or below it are rounding noise
+    budget: int
+    damping: float  # ρ
+    steps: list[_Step] = field(default_factory=list)
+    downs_t: list[torch.Tensor] = field(default_factory=list)  # each step's directions, as rows
+    basis: torch.Tensor | None = None  # width × (directions taken)
+    spent: int = 0  # directions taken by budgeted groups
+    exact: int | None = None  # directions fitted exactly: those accepted before the first overflow
+    damped_from: int | None = None
+    mu: float | None = None  # (ρ · s_max(X̃))², from the first overflow on
+
+    def __post_init__(self) -> None:
+        if self.basis is None:
+            self.basis = self.xt.new_zeros(self.xt.shape[0], 0)
+
+    @property
+    def room(self) -> int:
+        return int(self.xt.shape[0] - self.basis.shape[1])
+
+    def may_overflow(self, n_columns: int) -> bool:
+        """Whether a budgeted group of ``n_columns`` columns could overflow: no overflow yet and more
+        columns than the width or the budget has left (only then is its rank worth computing)."""
+        return self.exact is None and n_columns > min(self.room, self.budget - self.spent)
+
+    def overflows(self, n_columns: int, rank: int, *, budgeted: bool) -> bool:
+        return _fills(n_columns, rank, int(self.xt.shape[0]), int(self.basis.shape[1])) or (
+            budgeted and _fills(n_columns, rank, self.budget, self.spent))
+
+    def add(self, cols: torch.Tensor, y: torch.Tensor, cw: torch.Tensor, gram: torch.Tensor | None,
+            budgeted: bool) -> None:
+        """Fit one step: ``y`` is its columns outside the basis, weighted by ``cw``."""
+        rb = range_basis(y, self.threshold, gram).top(self.room)  # rounding noise cannot add rank
+        overflow = self.overflows(cols.numel(), rb.rank, budgeted=budgeted)
+        xg = self.xt[:, cols]
+        u = _outside(self.basis, rb.u)
+        cross = tuple(d @ xg for d in self.downs_t)
+        self.spent += rb.rank if budgeted else 0
+        if self.exact is None and overflow:
+            self.exact = int(self.basis.shape[1])
+            if self.damping > 0:
+                self.damped_from = len(self.steps)
+                self.mu = (self.damping * spectral_norm_estimate(self.xt)) ** 2
+        coef = rb.v / rb.s if self.damped_from is None else rb.v * (rb.s / (rb.s**2 + self.mu))
+        coef = coef * cw[:, None]  # weighted least squares: R diag(w) (Y diag(w))⁺
+        self.steps.append(_Step(cols, coef, cross))
+        self.downs_t.append(u.T)
+        self.basis = torch.cat([self.basis, u], dim=1)
+
+    def system(self, x64: torch.Tensor, cis, report_columns: int | None, rtol: float) -> "ConstraintSystem":
+        exact = int(self.basis.shape[1]) if self.exact is None else self.exact
+        width = int(self.xt.shape[0])
+        down_t = torch.cat(self.downs_t, dim=0) if self.downs_t else self.xt.new_zeros(0, width)
+        down_x = down_t @ self.xt
+        # The rows of down_t are the orthonormal basis, so ‖P X̃‖² is read off down_x's first rows.
+        total = float((self.xt[:, :report_columns] ** 2).sum())
+        inside = float((down_x[:exact, :report_columns] ** 2).sum())
+        unaligned = max(total - inside, 0.0) / total if total > 0 else 0.0
+        down = down_t if cis is None else cis.right(down_t)
+        return ConstraintSystem(x64, tuple(self.steps), down, down_x, unaligned, rtol, self.damped_from)
 
 
 @dataclass(frozen=True)
@@ -225,73 +308,31 @@ class ConstraintSystem:
             c_max = cis.c_max
         xt = x64 if cis is None else cis.left(x64)
 
-        threshold = rtol * spectral_norm_estimate(x64) / c_max**0.5
-        mu = None  # set on the first overflow: (ρ · s_max(X̃))²
-        steps: list[_Step] = []
-        downs_t: list[torch.Tensor] = []
-        basis = xt.new_zeros(width, 0)
-        spent = 0  # directions taken by budgeted groups
-        exact = None  # how many directions were fitted exactly: those accepted before the first overflow
-        damped_from = None
+        fit = _Fit(xt, rtol * spectral_norm_estimate(x64) / c_max**0.5, budget, overflow_damping)
+        unbudgeted = set(unbudgeted)
         pending = [[g] for g in torch.unique(group_ids).tolist()]  # a step fits one group, or merged ones
         merged_gram = None  # the Gram matrix of a merged step, from its parts
         while pending:
             ids = pending.pop(0)
             budgeted = [g for g in ids if g not in unbudgeted]
-            in_step = torch.isin(group_ids, torch.tensor(ids))
-            cols = torch.nonzero(in_step).flatten().to(device)
-            # column weights: 1, or w for unbudgeted columns that joined a budgeted overflow
-            cw = torch.ones(cols.numel(), dtype=xt.dtype, device=device)
-            if budgeted and len(budgeted) < len(ids):
-                cw[torch.isin(group_ids[in_step], torch.tensor(budgeted), invert=True).to(device)] = overflow_weight
-            xg = xt[:, cols]
-            y = _outside(basis, xg) * cw
-            n_cols, room = cols.numel(), width - basis.shape[1]
+            cols, cw = _step_columns(group_ids, ids, budgeted, overflow_weight, xt)
+            y = _outside(fit.basis, xt[:, cols]) * cw
             gram, merged_gram = merged_gram, None
             if gram is None and y.shape[0] <= y.shape[1]:
                 gram = y @ y.T
-            waiting = [h for h in pending if all(g in unbudgeted for g in h)]
-            may_merge = bool(budgeted) and exact is None and bool(waiting)
-            if may_merge and n_cols > min(room, budget - spent):
-                # From here on the erasure may be least squares: then the preserve groups still
-                # waiting join its damped fit (weighted) instead of getting only the directions
-                # it leaves over. The rank decides.
-                rank = min(_rank(y, gram, threshold), room)
-                if _fills(n_cols, rank, width, basis.shape[1]) or _fills(n_cols, rank, budget, spent):
-                    more = torch.nonzero(torch.isin(group_ids, torch.tensor([g for h in waiting for g in h])))
-                    x_more = xt[:, more.flatten().to(device)]
-                    y_more = _outside(basis, x_more) * overflow_weight
-                    if gram is not None:
-                        merged_gram = gram + y_more @ y_more.T
-                    pending = [ids + [g for h in waiting for g in h]] + [h for h in pending if h not in waiting]
-                    continue
-            rb = range_basis(y, threshold, gram).top(room)  # rounding noise cannot add rank
-            overflow = _fills(n_cols, rb.rank, width, basis.shape[1]) or (
-                bool(budgeted) and _fills(n_cols, rb.rank, budget, spent))
-            u = _outside(basis, rb.u)
-            cross = tuple(d @ xg for d in downs_t)
-            spent += rb.rank if budgeted else 0
-            if exact is None and overflow:
-                exact = basis.shape[1]
-                if overflow_damping > 0:
-                    damped_from = len(steps)
-                    mu = (overflow_damping * spectral_norm_estimate(xt)) ** 2
-            coef = rb.v / rb.s if damped_from is None else rb.v * (rb.s / (rb.s**2 + mu))
-            coef = coef * cw[:, None]  # weighted least squares: R diag(w) (Y diag(w))⁺
-            steps.append(_Step(cols, coef, cross))
-            downs_t.append(u.T)
-            basis = torch.cat([basis, u], dim=1)
-        if exact is None:
-            exact = basis.shape[1]
-
-        down_t = torch.cat(downs_t, dim=0) if downs_t else xt.new_zeros(0, width)
-        down_x = down_t @ xt
-        # The rows of down_t are the orthonormal basis, so ‖P X̃‖² is read off down_x's first rows.
-        total = float((xt[:, :report_columns] ** 2).sum())
-        inside = float((down_x[:exact, :report_columns] ** 2).sum())
-        unaligned = max(total - inside, 0.0) / total if total > 0 else 0.0
-        down = down_t if cis is None else cis.right(down_t)
-        return cls(x64, tuple(steps), down, down_x, unaligned, rtol, damped_from)
+            waiting = [h for h in pending if set(h) <= unbudgeted]
+            if budgeted and waiting and fit.may_overflow(cols.numel()) and fit.overflows(
+                    cols.numel(), min(_rank(y, gram, fit.threshold), fit.room), budgeted=True):
+                # From here on the erasure is least squares: the preserve groups still waiting join
+                # its damped fit (weighted) instead of getting only the directions it leaves over.
+                more = sum(waiting, [])
+                if gram is not None:
+                    y_more = _outside(fit.basis, xt[:, _columns_of(group_ids, more, device)]) * overflow_weight
+                    merged_gram = gram + y_more @ y_more.T
+                pending = [ids + more] + [h for h in pending if h not in waiting]
+                continue
+            fit.add(cols, y, cw, gram, bool(budgeted))
+        return fit.system(x64, cis, report_columns, rtol)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
         """The zero-residual update of a site with weight ``W_o`` towards outputs ``V`` (out × N)."""
