@@ -195,6 +195,7 @@ class SiteResult:
     rank: int  # rank of the update
     unaligned_energy: float = 0.0  # share of the features' energy outside the exactly-fitted span
     damped: bool = False  # the rank budget overflowed: later groups were fitted by damped least squares
+    exact_groups: tuple[int, ...] | None = None  # groups fitted exactly (None: all of them, or not tracked)
 
     @functools.cached_property
     def update_norm(self) -> float:
@@ -283,12 +284,13 @@ def solve_deep(
     shared = system.map_targets(y, report_columns)
     unaligned = getattr(system, "unaligned_energy", 0.0)
     damped = getattr(system, "damped_from", None) is not None
+    exact_groups = getattr(system, "exact_groups", None)
     results = []
     for name, w in weights.items():
         solution = shared.solve(w)
         weight_norm = float(w.to(torch.float64).norm())
         results.append(SiteResult(name, "deep", solution, weight_norm, int(x.shape[1]), solution.update.rank,
-                                  unaligned, damped))
+                                  unaligned, damped, exact_groups))
         if on_site is not None:
             on_site(name)
     return results

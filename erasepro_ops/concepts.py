@@ -22,6 +22,7 @@ __all__ = [
     "CONCEPT_TYPES",
     "TEMPLATES",
     "ROLE_PRIORITY",
+    "PART_NAMES",
     "ConceptPair",
     "expand",
     "fill",
@@ -78,6 +79,13 @@ ROLE_PRIORITY: dict[str, int] = {
 the template words after them), the end token, the preserve prompts' own tokens, the target's
 padding, then the preserve prompts' padding (the solver sorts each group by decreasing energy).
 Lower is spent first."""
+
+PART_NAMES: dict[int, str] = {
+    ROLE_PRIORITY["keep"]: "prefixes", ROLE_PRIORITY["concept"]: "concept tokens", ROLE_PRIORITY["end"]: "end tokens",
+    ROLE_PRIORITY["preserve"]: "preserve prompts", ROLE_PRIORITY["pad"]: "padding",
+    ROLE_PRIORITY["preserve_pad"]: "preserve padding",
+}
+"""What each priority group is called in the summary (concept tokens include the template words after them)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ class _Fit:
     basis: torch.Tensor | None = None  # width × (directions taken)
     spent: int = 0  # directions taken by budgeted groups
     exact: int | None = None  # directions fitted exactly: those accepted before the first overflow
+    exact_groups: list[int] = field(default_factory=list)  # the groups of the steps before it
     damped_from: int | None = None
     mu: float | None = None  # (ρ · s_max(X̃))², from the first overflow on
 
@@ -198,9 +199,9 @@ class _Fit:
         return _fills(n_columns, rank, int(self.xt.shape[0]), int(self.basis.shape[1])) or (
             budgeted and _fills(n_columns, rank, self.budget, self.spent))
 
-    def add(self, cols: torch.Tensor, y: torch.Tensor, cw: torch.Tensor, gram: torch.Tensor | None,
+    def add(self, ids: list[int], cols: torch.Tensor, y: torch.Tensor, cw: torch.Tensor, gram: torch.Tensor | None,
             budgeted: bool) -> None:
-        """Fit one step: ``y`` is its columns outside the basis, weighted by ``cw``."""
+        """Fit one step (groups ``ids``): ``y`` is its columns outside the basis, weighted by ``cw``."""
         rb = range_basis(y, self.threshold, gram).top(self.room)  # rounding noise cannot add rank
         overflow = self.overflows(cols.numel(), rb.rank, budgeted=budgeted)
         xg = self.xt[:, cols]
@@ -212,6 +213,8 @@ class _Fit:
             if self.damping > 0:
                 self.damped_from = len(self.steps)
                 self.mu = (self.damping * spectral_norm_estimate(self.xt)) ** 2
+        if self.exact is None:
+            self.exact_groups += ids
         coef = rb.v / rb.s if self.damped_from is None else rb.v * (rb.s / (rb.s**2 + self.mu))
         coef = coef * cw[:, None]  # weighted least squares: R diag(w) (Y diag(w))⁺
         self.steps.append(_Step(cols, coef, cross))
@@ -228,7 +231,8 @@ class _Fit:
         inside = float((down_x[:exact, :report_columns] ** 2).sum())
         unaligned = max(total - inside, 0.0) / total if total > 0 else 0.0
         down = down_t if cis is None else cis.right(down_t)
-        return ConstraintSystem(x64, tuple(self.steps), down, down_x, unaligned, rtol, self.damped_from)
+        return ConstraintSystem(x64, tuple(self.steps), down, down_x, unaligned, rtol, self.damped_from,
+                                tuple(self.exact_groups))
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,7 @@ class ConstraintSystem:
     unaligned_energy: float  # share of ‖X̃‖² outside the exactly-constrained span
     rtol: float
     damped_from: int | None = None  # index of the first step fitted by damped least squares (overflow)
+    exact_groups: tuple[int, ...] = ()  # the groups fitted exactly: those before the first overflow
 
     @property
     def rank(self) -> int:
@@ -331,7 +336,7 @@ class ConstraintSystem:
                     merged_gram = gram + y_more @ y_more.T
                 pending = [ids + more] + [h for h in pending if h not in waiting]
                 continue
-            fit.add(cols, y, cw, gram, bool(budgeted))
+            fit.add(ids, cols, y, cw, gram, bool(budgeted))
         return fit.system(x64, cis, report_columns, rtol)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:

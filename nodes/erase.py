@@ -13,7 +13,7 @@ import comfy.model_management
 
 from erasepro_ops import __version__
 from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
-from erasepro_ops.concepts import ConceptPair, align_chunks, expand, preserve_alignment, token_chunks
+from erasepro_ops.concepts import PART_NAMES, ConceptPair, align_chunks, expand, preserve_alignment, token_chunks
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
 from erasepro_ops.metrics import deep_burden, preservation_drift, residual_against_gap
@@ -339,11 +339,14 @@ def _summarise(request: Request, arch, columns, shallow_results, deep_results, d
         summary["unaligned_energy"] = max((r.unaligned_energy for r in kv_results), default=0.0)
         summary["overflow_damped"] = any(r.damped for r in kv_results)
         budget_full = summary["overflow_damped"] or summary["deep_rank"] >= rank_budget - 1
+        exact, rest = _exact_parts(columns.groups, kv_results[0].exact_groups if kv_results else None)
+        summary["exact_parts"], summary["least_squares_parts"] = exact, rest
         if budget_full and train > 1e-5:
             summary["warnings"].append(
                 f"least-squares residual {train:.2e}: the {len(columns)} constraints"
                 f"{' (preserve prompts included)' if columns.n_preserve else ''} exceed the deep sites' "
-                f"rank budget ({rank_budget}); concept tokens are exact, padding positions {'damped ' if summary['overflow_damped'] else ''}least-squares "
+                f"rank budget ({rank_budget}); exact: {', '.join(exact) or 'nothing'}; "
+                f"{'damped ' if summary['overflow_damped'] else ''}least squares: {', '.join(rest)} "
                 f"({summary['unaligned_energy']:.1%} of the target features' energy outside the exact span). "
                 "Erase fewer concepts per solve for exact alignment everywhere")
         elif train > 1e-3:
@@ -351,6 +354,14 @@ def _summarise(request: Request, arch, columns, shallow_results, deep_results, d
                 f"least-squares residual {train:.2e}: some constraints contradict each other (the same "
                 "features are asked for different outputs); check the anchors and custom prompts")
     return summary
+
+
+def _exact_parts(groups: torch.Tensor, exact_groups) -> tuple[list[str], list[str]]:
+    """The names of the constrained parts (prefixes, concept tokens, …) the deep sites fitted
+    exactly and those they fitted by least squares, in budget order."""
+    present = sorted(set(groups.tolist()))
+    exact = set(present if exact_groups is None else exact_groups)
+    return [PART_NAMES[g] for g in present if g in exact], [PART_NAMES[g] for g in present if g not in exact]
 
 
 def _solve_with_fallback(weights, x, y, groups, settings: SolverSettings, preserve, on_site, report_columns=None):

@@ -312,11 +312,37 @@ def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes
               f"rank {s['deep_rank']}/{s['rank_budget']}, unaligned energy {s['unaligned_energy']:.2e}")
         assert s["constraints"] > s["rank_budget"] and any("rank budget" in w for w in s["warnings"])
     plain, damped = summaries[0.0], summaries[1e-3]
+    for s in (plain, damped):  # only the padding overflows, and the summary says which parts are exact
+        assert s["exact_parts"] == ["prefixes", "concept tokens", "end tokens"] and s["least_squares_parts"] == ["padding"]
+        assert any("exact: prefixes, concept tokens, end tokens;" in w for w in s["warnings"])
     assert damped["overflow_damped"] and not plain["overflow_damped"]
     assert damped["deep_burden"] < 0.5 * plain["deep_burden"]
     assert plain["train_residual"] < damped["train_residual"] < 1.0
     # the padding overflowed either way: the same share of the features lies outside the exact span
     assert 0 < plain["unaligned_energy"] == pytest.approx(damped["unaligned_energy"], rel=1e-6)
+
+
+def test_concept_tokens_past_the_budget_are_not_called_exact(nodes):
+    """17 custom prompts with 50 template words after the concept: the concept group alone (concept
+    tokens and the words after them) exceeds 768 columns, so only the prefixes are exact and the
+    summary must say so rather than promise exact concept tokens."""
+    import random
+    import sys
+    erase_mod = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
+    words = ("red blue green small large old new bright dark quiet loud soft hard warm cold wooden metal glass "
+             "stone river mountain forest city street house window door garden flower tree bird cat dog horse boat "
+             "car train bridge tower castle market harbor field cloud rain snow sun moon star night morning").split()
+    rng = random.Random(0)
+    lines = tuple("{} " + " ".join(rng.sample(words, 50)) for _ in range(17))
+    model, clip = H.build("sd15")
+    concepts = (erase_mod.ConceptPair("van gogh", "a painter", "custom", lines),)
+    s = erase_mod.run_erasure(model, clip, erase_mod.Request(concepts, progressive_layers=0)).summary
+    print(f"{s['constraints']} columns: exact {s['exact_parts']}, least squares {s['least_squares_parts']}, "
+          f"train residual {s['train_residual']:.3e}")
+    assert s["exact_parts"] == ["prefixes"]
+    assert s["least_squares_parts"] == ["concept tokens", "end tokens", "padding"]
+    (warning,) = [w for w in s["warnings"] if "rank budget" in w]
+    assert "exact: prefixes;" in warning and "least squares: concept tokens, end tokens, padding" in warning
 
 
 def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):

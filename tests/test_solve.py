@@ -164,7 +164,11 @@ def test_overflow_is_ridge_damped_and_only_when_the_budget_is_spent():
     system = ConstraintSystem.build(x, groups, overflow_damping=rho)
     sol = system.solve(w, v)
     out = (w + sol.update.dense()) @ x
-    assert system.damped_from == 1
+    assert system.damped_from == 1 and system.exact_groups == (0,)
+    # a group that overflows on its own is not reported exact, with damping or without
+    three = [0] * 6 + [1] * 36 + [2] * 6
+    assert ConstraintSystem.build(x, three, overflow_damping=0.0).exact_groups == (0,)
+    assert ConstraintSystem.build(x, [0] * 6 + [1] * 6 + [2] * 36).exact_groups == (0, 1)
     assert system.rank <= 32  # never more directions than the width, however weak the tolerance
     assert ConstraintSystem.build(x, groups, rtol=1e-300).rank <= 32
     # a strong preserve weighting C must not shrink the damping to nothing (μ is set on C^{-1/2} X)
@@ -179,7 +183,7 @@ def test_overflow_is_ridge_damped_and_only_when_the_budget_is_spent():
     # within the budget nothing is damped: N = width is still an exact, square fit
     w2, x2, v2, _ = problem(16, 8, 16, seed=15)
     square = ConstraintSystem.build(x2, overflow_damping=rho)
-    assert square.damped_from is None and square.solve(w2, v2).residual <= 1e-8
+    assert square.damped_from is None and square.solve(w2, v2).residual <= 1e-8 and square.exact_groups == (0,)
 
 
 def test_duplicated_columns_with_conflicting_targets_meet_in_the_middle():
