@@ -199,12 +199,12 @@ class _Fit:
         return _fills(n_columns, rank, int(self.xt.shape[0]), int(self.basis.shape[1])) or (
             budgeted and _fills(n_columns, rank, self.budget, self.spent))
 
-    def add(self, ids: list[int], cols: torch.Tensor, y: torch.Tensor, cw: torch.Tensor, gram: torch.Tensor | None,
-            budgeted: bool) -> None:
-        """Fit one step (groups ``ids``): ``y`` is its columns outside the basis, weighted by ``cw``."""
+    def add(self, ids: list[int], cols: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, cw: torch.Tensor,
+            gram: torch.Tensor | None, budgeted: bool) -> None:
+        """Fit one step (groups ``ids``): ``xg`` is its columns of ``X̃``, ``y`` their part outside
+        the basis, weighted by ``cw``."""
         rb = range_basis(y, self.threshold, gram).top(self.room)  # rounding noise cannot add rank
         overflow = self.overflows(cols.numel(), rb.rank, budgeted=budgeted)
-        xg = self.xt[:, cols]
         u = _outside(self.basis, rb.u)
         cross = tuple(d @ xg for d in self.downs_t)
         self.spent += rb.rank if budgeted else 0
@@ -321,7 +321,8 @@ class ConstraintSystem:
             ids = pending.pop(0)
             budgeted = [g for g in ids if g not in unbudgeted]
             cols, cw = _step_columns(group_ids, ids, budgeted, overflow_weight, xt)
-            y = _outside(fit.basis, xt[:, cols]) * cw
+            xg = xt[:, cols]
+            y = _outside(fit.basis, xg) * cw
             gram, merged_gram = merged_gram, None
             if gram is None and y.shape[0] <= y.shape[1]:
                 gram = y @ y.T
@@ -336,7 +337,7 @@ class ConstraintSystem:
                     merged_gram = gram + y_more @ y_more.T
                 pending = [ids + more] + [h for h in pending if h not in waiting]
                 continue
-            fit.add(ids, cols, y, cw, gram, bool(budgeted))
+            fit.add(ids, cols, xg, y, cw, gram, bool(budgeted))
         return fit.system(x64, cis, report_columns, rtol)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
