@@ -31,7 +31,10 @@ sites fit them next to the erasure, so they leave the shallow blocks exactly as 
 
 Deep sites (:func:`solve_deep`) share one ``X``: the encoder output for the target prompts with
 the shallow edits applied, ``V* = W_o Y_out`` with ``Y_out`` the original encoder output for
-the anchor at the paired positions.
+the anchor at the paired positions. They fit only what the shallow sites measurably left: a
+column with ``‖y_j − x_j‖ ≤ floor · ‖y_j‖`` is *settled* (:func:`settled_columns`) and kept where
+it is, so rounding noise is never fitted; when every column is settled the deep sites are not
+edited at all.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 
 from .concepts import ROLE_PRIORITY, PromptAlignment
-from .linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
-from .solve import ConstraintSystem, SiteSolution, UCESystem
+from .linalg import DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
+from .solve import ConstraintSystem, SharedUpdate, SiteSolution, UCESystem
 
 SHALLOW_RULES = ("anchor_features", "residual_schedule")
 PRESERVE_GROUPS = (ROLE_PRIORITY["preserve"], ROLE_PRIORITY["preserve_pad"])  # outside the erasure's rank budget
@@ -152,6 +155,7 @@ class SolverSettings:
     overflow_damping: float = DEFAULT_OVERFLOW_DAMPING  # ρ for constraints beyond the rank budget
     overflow_preserve_weight: float = DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # w of preserve columns in that fit
     budget: int | None = None  # rank budget for the overflow rule (None: each site's own width)
+    gap_floor: float = DEFAULT_GAP_FLOOR  # erasepro deep sites: relative gap below which a column is met
     lam: float = 1.0  # ErasePro: C = λI + α K Kᵀ / M
     alpha: float = 0.0
     preserve_strength: float = 0.0  # scale-free α: preserve_strength / (mean squared entry of K)
@@ -263,6 +267,12 @@ def progressive_shallow(
     return results
 
 
+def settled_columns(x: torch.Tensor, y: torch.Tensor, floor: float) -> torch.Tensor:
+    """Which columns are already aligned: ``‖y_j − x_j‖ ≤ floor · ‖y_j‖`` (a bool per column)."""
+    x64, y64 = x.to(torch.float64), y.to(device=x.device, dtype=torch.float64)
+    return (y64 - x64).norm(dim=0) <= floor * y64.norm(dim=0)
+
+
 def solve_deep(
     weights: Mapping[str, torch.Tensor],
     x: torch.Tensor,
@@ -279,9 +289,17 @@ def solve_deep(
     One factorisation of ``X`` and one shared map serve all sites (DESIGN §6: decompose once,
     not once per site); each site then costs one ``out × in × rank`` product. Residuals and the
     unaligned energy are reported on the first ``report_columns`` columns (the erasure's).
+    ErasePro leaves settled columns (:func:`settled_columns`) where they are; when all are, no
+    site changes and nothing is factorised.
     """
-    system = settings.system(x, groups, preserve, report_columns)
-    shared = system.map_targets(y, report_columns)
+    settled = None
+    if settings.method == "erasepro" and settings.gap_floor > 0:
+        settled = settled_columns(x, y, settings.gap_floor)
+    if settled is not None and bool(settled.all()):
+        system, shared = None, SharedUpdate.unchanged(x, y, report_columns)
+    else:
+        system = settings.system(x, groups, preserve, report_columns)
+        shared = system.map_targets(y, report_columns, settled)
     unaligned = getattr(system, "unaligned_energy", 0.0)
     damped = getattr(system, "damped_from", None) is not None
     exact_groups = getattr(system, "exact_groups", None)

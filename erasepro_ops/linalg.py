@@ -15,6 +15,11 @@ DEFAULT_RTOL = 1e-6
 DEFAULT_OVERFLOW_DAMPING = 1e-3
 """ρ: constraints beyond the rank budget are fitted with ridge ``(ρ · s_max)²`` (see ``solve``)."""
 
+DEFAULT_GAP_FLOOR = 1e-4
+"""Deep columns whose gap to the anchor is below this share of the anchor features' norm count as
+met (see ``chain.settled_columns``): ten times below float16's resolution of the features, far
+above the float32 rounding the shallow chain leaves."""
+
 DEFAULT_OVERFLOW_PRESERVE_WEIGHT = 10.0
 """w: weight of the preserve prompts' columns in the overflow's damped least squares (see ``solve``)."""
 

@@ -63,15 +63,18 @@ def preservation_drift(
     ``K`` are the features through the original text encoder; ``K'`` (default ``K``) through the
     edited one, so a text-encoder edit (S > 0) counts too.
     """
-    terms = []
-    for w, d in zip(weights, deltas):
-        dev = d.device
-        kk = _f64(k, dev)
-        w64 = _f64(w, dev)
-        base = w64 @ kk
-        change = _f64(d, dev) @ kk if k_edited is None else (w64 + _f64(d, dev)) @ _f64(k_edited, dev) - base
-        terms.append((float((change * change).sum()), float((base * base).sum())))
-    return ratio(terms)
+    return ratio(drift_terms(w, d, k, k_edited) for w, d in zip(weights, deltas))
+
+
+def drift_terms(weight: torch.Tensor, delta: torch.Tensor, k: torch.Tensor,
+                k_edited: torch.Tensor | None = None) -> tuple[float, float]:
+    """One site's ``(‖W'K' − W_o K‖², ‖W_o K‖²)`` (see :func:`preservation_drift`)."""
+    dev = delta.device
+    kk = _f64(k, dev)
+    w64 = _f64(weight, dev)
+    base = w64 @ kk
+    change = _f64(delta, dev) @ kk if k_edited is None else (w64 + _f64(delta, dev)) @ _f64(k_edited, dev) - base
+    return float((change * change).sum()), float((base * base).sum())
 
 
 def relative_change(weight: torch.Tensor, delta_norm: float) -> float:

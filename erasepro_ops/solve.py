@@ -362,18 +362,21 @@ class ConstraintSystem:
         return _residual_solution(update, r, up @ self.down_x)
 
 
-    def map_targets(self, y: torch.Tensor, report_columns: int | None = None) -> "SharedUpdate":
+    def map_targets(self, y: torch.Tensor, report_columns: int | None = None,
+                    settled: torch.Tensor | None = None) -> "SharedUpdate":
         """The shared update for sites whose targets are ``V*_s = W_s Y`` (``Y``: in × N).
 
         With ``D = Y − X`` and ``R_s = W_s D``, step ``g`` gives ``up_g = W_s Z_g`` where
         ``Z_g = D_g coef_g − Σ_{h<g} Z_h (cross_h coef_g)`` does not depend on the site.
-        Residuals are measured on the first ``report_columns`` columns (default all).
+        Columns marked ``settled`` are solved as kept (their ``D`` taken as 0); residuals are
+        measured against the true ``D`` on the first ``report_columns`` columns (default all).
         """
         d = y.to(device=self.x.device, dtype=torch.float64) - self.x
         check_finite("anchor features Y", d)
+        d_solve = d if settled is None else d.masked_fill(settled.to(d.device)[None, :], 0.0)
         zs: list[torch.Tensor] = []
         for step in self.steps:
-            z_g = d[:, step.columns] @ step.coef
+            z_g = d_solve[:, step.columns] @ step.coef
             for z_h, cross_h in zip(zs, step.cross):
                 z_g = z_g - z_h @ (cross_h @ step.coef)
             zs.append(z_g)
@@ -399,6 +402,14 @@ class SharedUpdate:
     @classmethod
     def from_parts(cls, z, down, d, f) -> "SharedUpdate":
         return cls(z, down, d @ d.T, f @ f.T, down @ down.T)
+
+    @classmethod
+    def unchanged(cls, x: torch.Tensor, y: torch.Tensor, report_columns: int | None = None) -> "SharedUpdate":
+        """No update at all (rank 0), with the residuals of leaving ``X`` where it is."""
+        x64 = x.to(torch.float64)
+        d = (y.to(device=x.device, dtype=torch.float64) - x64)[:, :report_columns]
+        empty = x64.new_zeros(x64.shape[0], 0)
+        return cls.from_parts(empty, empty.T, d, d)
 
     def solve(self, weight: torch.Tensor) -> SiteSolution:
         w = weight.to(device=self.z.device, dtype=torch.float64)
@@ -464,8 +475,9 @@ class UCESystem:
         update = LowRankUpdate(r, self.down)
         return _residual_solution(update, r, r @ self.down_x)
 
-    def map_targets(self, y: torch.Tensor, report_columns: int | None = None) -> SharedUpdate:
-        """Shared form for ``V*_s = W_s Y``: ``ΔW_s = W_s D down`` with ``D = Y − X``.
+    def map_targets(self, y: torch.Tensor, report_columns: int | None = None, settled=None) -> SharedUpdate:
+        """Shared form for ``V*_s = W_s Y``: ``ΔW_s = W_s D down`` with ``D = Y − X`` (UCE as
+        published: ``settled`` is ignored).
 
         Kept as ``(W_s D) @ down`` (rank N) when ``N ≤ in``, else as ``(W_s D down) @ I``.
         """

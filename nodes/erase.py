@@ -13,10 +13,11 @@ import comfy.model_management
 
 from erasepro_ops import __version__
 from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
-from erasepro_ops.concepts import PART_NAMES, ConceptPair, align_chunks, expand, preserve_alignment, token_chunks
+from erasepro_ops.concepts import PART_NAMES, ROLE_PRIORITY, ConceptPair, align_chunks, expand, preserve_alignment, token_chunks
 from erasepro_ops.edit import ErasureEdit, SiteEdit
-from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
-from erasepro_ops.metrics import deep_burden, preservation_drift, residual_against_gap
+from erasepro_ops.linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT,
+                                 DEFAULT_RTOL)
+from erasepro_ops.metrics import deep_burden, drift_terms, ratio, residual_against_gap
 
 from .host import (
     POOLED_SITE,
@@ -31,6 +32,7 @@ from .host import (
 )
 
 CONTEXT = 77
+EMPTY_PROMPT = ""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,13 @@ class Request:
     overflow_damping: float = DEFAULT_OVERFLOW_DAMPING  # ρ: ridge on constraints beyond the rank budget
     overflow_preserve_weight: float = DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # w: preserve columns in that fit
     features: str = "all"  # "all" (DESIGN §3) or "last_token" (official UCE: the last concept token only)
+    keep_empty_prompt: bool = True  # erasepro: the empty prompt (CFG's unconditional branch) is kept exactly
+    gap_floor: float = DEFAULT_GAP_FLOOR  # erasepro: deep columns closer than this to the anchor count as met
+
+    def preserve_prompts(self) -> tuple[str, ...]:
+        """The user's preserve prompts, then the empty prompt when it is kept (erasepro only)."""
+        keep_empty = self.keep_empty_prompt and self.method == "erasepro"
+        return self.preserve + ((EMPTY_PROMPT,) if keep_empty else ())
 
 
 def _chunks(clip, text: str, token_key: str) -> list[list[int]]:
@@ -162,17 +171,18 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     device = solve_device()
     settings = SolverSettings(method=request.method, device=str(device), rtol=request.rtol,
                               overflow_damping=request.overflow_damping, preserve_strength=request.preserve_strength,
-                              overflow_preserve_weight=request.overflow_preserve_weight)
+                              overflow_preserve_weight=request.overflow_preserve_weight, gap_floor=request.gap_floor)
 
     pairs = prompt_pairs(request.concepts)
     alignments, target_ids, anchor_ids = align_prompts(clip, arch, pairs)
-    preserve_tokens = preserve_ids(clip, arch, request.preserve) if request.preserve else None
+    kept_prompts = request.preserve_prompts()
+    preserve_tokens = preserve_ids(clip, arch, kept_prompts) if kept_prompts else None
     # ErasePro constrains the preserve prompts exactly (V* = W_o K, ranked after the concept and end
     # tokens); UCE keeps its own soft preserve term.
     exact_preserve = request.method == "erasepro" and preserve_tokens is not None
     columns = Columns.from_alignments(
         alignments, CONTEXT, last_token_only=request.features == "last_token",
-        preserve=preserve_alignments(arch, request.preserve, preserve_tokens) if exact_preserve else ())
+        preserve=preserve_alignments(arch, kept_prompts, preserve_tokens) if exact_preserve else ())
     soft_preserve = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
     n_target = len(alignments)
 
@@ -188,18 +198,15 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         anchor_in = [_cat_inputs(a, p) for a, p in zip(anchor_in, preserve_in)]
         target_in = [_cat_inputs(t, p) for t, p in zip(target_in, preserve_in)]
 
-    shallow_results, clip_edits, clip_weights = _solve_shallow(
+    shallow_results, clip_edits, clip_weights, edited_layers = _solve_shallow(
         clip, arch, request, settings, columns, anchor_in, target_in,
         [p[0] for p in preserve_in] if soft_preserve else None, on_site)
 
     # Deep sites read the encoder output for the targets (and preserve prompts) with the shallow
-    # edits applied.
+    # edits applied, in float32 whatever dtype the text encoder is loaded in.
     if clip_edits:
         batch = target_ids if preserve_tokens is None else [t + p for t, p in zip(target_ids, preserve_tokens)]
-        patched = clip.clone()
-        patched.add_patches({e.key: (e.delta(),) for e in clip_edits}, 1.0)
-        x_all, pooled_all, _ = encode_batch(patched, arch.encoders, batch)
-        clip.load_model()
+        x_all, pooled_all, _ = encode_batch(clip, arch.encoders, batch, overrides=edited_layers)
     else:  # the text encoder is unchanged: its original outputs are the deep sites' inputs
         x_all = x0_target if k_cond is None else torch.cat([x0_target, k_cond])
         pooled_all = x0_pooled if k_pooled is None or x0_pooled is None else torch.cat([x0_pooled, k_pooled])
@@ -230,9 +237,11 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     summary = _summarise(request, arch, columns, shallow_results, deep_results, deep_weights,
                          gap=(y - x0)[:, : columns.n_erasure], rank_budget=int(x.shape[0]), templates=n_target,
                          seconds=seconds,
-                         preserve_features=None if k_cond is None else (_flat(k_cond).T, _flat(k_edited).T))
+                         preserve_features=_preserve_features(k_cond, k_edited, len(request.preserve)),
+                         empty_features=_preserve_features(k_cond, k_edited, len(request.preserve), empty=True)
+                         if len(kept_prompts) > len(request.preserve) else None)
     if preserve_tokens is not None:
-        summary["warnings"] = preserve_conflicts(pairs, alignments, target_ids, request.preserve,
+        summary["warnings"] = preserve_conflicts(pairs, alignments, target_ids, kept_prompts,
                                                  preserve_tokens) + summary["warnings"]
     settings_record = {
         "concepts": [{"target": p.target, "anchor": p.anchor, "concept_type": p.concept_type, "prompts": list(p.prompts)}
@@ -240,10 +249,22 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "method": request.method, "progressive_layers": request.progressive_layers, "rule": request.rule,
         "preserve": list(request.preserve), "preserve_strength": request.preserve_strength,
         "overflow_damping": request.overflow_damping, "overflow_preserve_weight": request.overflow_preserve_weight,
-        "family": arch.family, "version": __version__,
+        "features": request.features, "rtol": request.rtol, "keep_empty_prompt": request.keep_empty_prompt,
+        "gap_floor": request.gap_floor, "family": arch.family, "version": __version__,
     }
     return ErasureEdit(tuple(clip_edits + model_edits), settings_record, summary,
                        fingerprint({**clip_weights, **model_weights}))
+
+
+def _preserve_features(k: torch.Tensor | None, k_edited: torch.Tensor | None, n_user: int, empty: bool = False):
+    """``(K, K')`` as in × columns for the user's preserve prompts (the first ``n_user`` rows), or
+    with ``empty`` for the empty prompt after them; None when there are none."""
+    if k is None:
+        return None
+    rows = slice(n_user, n_user + 1) if empty else slice(0, n_user)
+    if rows.stop - rows.start <= 0 or k.shape[0] < rows.stop:
+        return None
+    return _flat(k[rows]).T, _flat(k_edited[rows]).T
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -255,9 +276,11 @@ def _solve_shallow(clip, arch, request: Request, settings: SolverSettings, colum
                    preserve_hidden, on_site):
     """The shallow sites (``fc2`` of the first S blocks), per text encoder, shallow to deep.
 
-    Returns the site results, their edits and the original weights they were solved on."""
+    Returns the site results, their edits, the original weights they were solved on and the
+    edited layers as ``{key: (W_o + ΔW, bias)}`` in float32."""
     clip_edits: list[SiteEdit] = []
     clip_weights: dict[str, torch.Tensor] = {}
+    edited_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     shallow_results = []
     for i, enc in enumerate(arch.encoders):
         depth = enc.shallow_depth(request.progressive_layers)
@@ -281,7 +304,10 @@ def _solve_shallow(clip, arch, request: Request, settings: SolverSettings, colum
                                       on_site=on_site)
         shallow_results += results
         clip_edits += _site_edits(results, "clip", "shallow")
-    return shallow_results, clip_edits, clip_weights
+        for key, r in zip(keys, results):
+            edited = weights[key].to(torch.float64) + r.solution.update.dense().to(weights[key].device)
+            edited_layers[key] = (edited.to(torch.float32), bias[key.replace(".weight", ".bias")])
+    return shallow_results, clip_edits, clip_weights, edited_layers
 
 
 def _solve_pooled(model, arch, px, py, n_target: int, settings: SolverSettings, on_site):
@@ -301,19 +327,30 @@ def _solve_pooled(model, arch, px, py, n_target: int, settings: SolverSettings, 
 
 
 def _summarise(request: Request, arch, columns, shallow_results, deep_results, deep_weights, *, gap,
-               rank_budget: int, templates: int, seconds: float, preserve_features) -> dict:
+               rank_budget: int, templates: int, seconds: float, preserve_features, empty_features=None) -> dict:
     """The figures of DESIGN §7 the node reports, and the warnings that go with them.
 
     ``gap`` is the unedited model's ``Y − X_0`` on the erasure's columns; ``preserve_features``
-    ``(K, K')``, the preserve prompts through the original and the edited text encoder, or None."""
+    ``(K, K')``, the preserve prompts through the original and the edited text encoder, or None;
+    ``empty_features`` the same for the empty prompt when it is kept."""
     kv_results = [r for r in deep_results if r.name != POOLED_SITE]
     kv_weights = [deep_weights[r.name] for r in kv_results]
     train = residual_against_gap([r.solution.residual_sq for r in kv_results], kv_weights, gap)
     burden = deep_burden([r.weight_norm for r in kv_results], [r.update_norm for r in kv_results])
-    drift = None
-    if preserve_features is not None:  # through the edited text encoder too (S > 0)
-        dense = (r.solution.update.dense() for r in kv_results)  # one site at a time: SDXL has 140
-        drift = preservation_drift(kv_weights, dense, *preserve_features)
+    preserve_terms, empty_drifts = [], []
+    for r, w in zip(kv_results, kv_weights):  # one dense ΔW at a time: SDXL has 140 sites
+        if preserve_features is None and empty_features is None:
+            break
+        dense = r.solution.update.dense()
+        if preserve_features is not None:  # through the edited text encoder too (S > 0)
+            preserve_terms.append(drift_terms(w, dense, *preserve_features))
+        if empty_features is not None:
+            empty_drifts.append(ratio([drift_terms(w, dense, *empty_features)]))
+    drift = ratio(preserve_terms) if preserve_features is not None else None
+    empty_drift = None
+    if empty_features is not None:  # the encoder's output for "" (every shallow site), then each deep site
+        k, k_edited = (t.to(torch.float64) for t in empty_features)
+        empty_drift = max([float((k_edited - k).norm() / k.norm())] + empty_drifts)
     summary = {
         "method": request.method,
         "progressive_layers": request.progressive_layers,
@@ -327,6 +364,7 @@ def _summarise(request: Request, arch, columns, shallow_results, deep_results, d
         "pooled_residual": next((r.solution.residual for r in deep_results if r.name == POOLED_SITE), None),
         "deep_burden": burden,
         "preservation_drift": drift,
+        "empty_prompt_drift": empty_drift,
         "solve_seconds": seconds,
         "constraints": columns.n_erasure,
         "preserve_constraints": columns.n_preserve,
@@ -339,12 +377,13 @@ def _summarise(request: Request, arch, columns, shallow_results, deep_results, d
         summary["unaligned_energy"] = max((r.unaligned_energy for r in kv_results), default=0.0)
         summary["overflow_damped"] = any(r.damped for r in kv_results)
         budget_full = summary["overflow_damped"] or summary["deep_rank"] >= rank_budget - 1
-        exact, rest = _exact_parts(columns.groups, kv_results[0].exact_groups if kv_results else None)
+        exact, rest = _exact_parts(columns.groups, kv_results[0].exact_groups if kv_results else None,
+                                   empty_only=empty_features is not None and preserve_features is None)
         summary["exact_parts"], summary["least_squares_parts"] = exact, rest
         if budget_full and train > 1e-5:
             summary["warnings"].append(
                 f"least-squares residual {train:.2e}: the {len(columns)} constraints"
-                f"{' (preserve prompts included)' if columns.n_preserve else ''} exceed the deep sites' "
+                f"{' (kept prompts included)' if columns.n_preserve else ''} exceed the deep sites' "
                 f"rank budget ({rank_budget}); exact: {', '.join(exact) or 'nothing'}; "
                 f"{'damped ' if summary['overflow_damped'] else ''}least squares: {', '.join(rest)} "
                 f"({summary['unaligned_energy']:.1%} of the target features' energy outside the exact span). "
@@ -356,12 +395,16 @@ def _summarise(request: Request, arch, columns, shallow_results, deep_results, d
     return summary
 
 
-def _exact_parts(groups: torch.Tensor, exact_groups) -> tuple[list[str], list[str]]:
+def _exact_parts(groups: torch.Tensor, exact_groups, empty_only: bool = False) -> tuple[list[str], list[str]]:
     """The names of the constrained parts (prefixes, concept tokens, …) the deep sites fitted
-    exactly and those they fitted by least squares, in budget order."""
+    exactly and those they fitted by least squares, in budget order. ``empty_only``: the only
+    preserve prompt is the empty one, and its parts are named so."""
+    names = dict(PART_NAMES)
+    if empty_only:
+        names[ROLE_PRIORITY["preserve"]], names[ROLE_PRIORITY["preserve_pad"]] = "empty prompt", "empty-prompt padding"
     present = sorted(set(groups.tolist()))
     exact = set(present if exact_groups is None else exact_groups)
-    return [PART_NAMES[g] for g in present if g in exact], [PART_NAMES[g] for g in present if g not in exact]
+    return [names[g] for g in present if g in exact], [names[g] for g in present if g not in exact]
 
 
 def _solve_with_fallback(weights, x, y, groups, settings: SolverSettings, preserve, on_site, report_columns=None):

@@ -200,23 +200,55 @@ class ClipLayerBlock:
         return h_mid, x
 
 
-def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False):
+class LinearOverride:
+    """Forward hooks that recompute chosen linear layers in float32 with the weights given.
+
+    ``weights`` maps a weight key on the CLIP (``clip_l.….mlp.fc2.weight``) to ``(weight, bias)``.
+    The shallow edits go through the encoder this way at full precision: patched into a float16
+    text encoder they would be rounded, and the deep sites would fit that rounding noise.
+    """
+
+    def __init__(self, root: torch.nn.Module, weights: dict):
+        self.handles = []
+        for key, (weight, bias) in weights.items():
+            module = root.get_submodule(key.removesuffix(".weight"))
+            self.handles.append(module.register_forward_hook(self._hook(weight, bias)))
+
+    @staticmethod
+    def _hook(weight, bias):
+        def hook(module, args, out):
+            x = args[0]
+            w = weight.to(x.device, torch.float32)
+            b = None if bias is None else bias.to(x.device, torch.float32)
+            return torch.nn.functional.linear(x.to(torch.float32), w, b).to(out.dtype)
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, overrides: dict | None = None):
     """Encode a batch of single chunks through ComfyUI's own text-encoder modules.
 
     ``chunks_per_encoder[i]`` is a list of token-id chunks for ``encoders[i]``. Returns
     ``(cond [B, 77, D_total], pooled [B, P] or None, captured)`` where ``captured[i]`` is the
     first layer's input ``(hidden, mask, attention)`` of encoder ``i`` when ``capture``.
+    ``overrides``: linear layers computed in float32 with other weights (:class:`LinearOverride`).
     """
     clip.load_model()
     outs, pooled, captured = [], None, []
     with torch.no_grad():
         for enc, chunks in zip(encoders, chunks_per_encoder):
             hook = LayerInputCapture(enc.layers[0]) if capture else None
+            override = LinearOverride(clip.cond_stage_model, overrides) if overrides else None
             try:
                 z, p = enc.module.encode([list(c) for c in chunks])[:2]
             finally:
                 if hook is not None:
                     hook.remove()
+                if override is not None:
+                    override.remove()
             outs.append(z.float())
             pooled = p.float() if p is not None else None
             if hook is not None:

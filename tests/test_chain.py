@@ -5,9 +5,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
+from erasepro_ops.chain import (Columns, SolverSettings, inputs_with_partners, progressive_shallow, settled_columns,
+                                solve_deep)
 from erasepro_ops.concepts import ROLE_PRIORITY, SpecialTokens, align, preserve_alignment
-from erasepro_ops.metrics import alignment_residual, deep_burden
+from erasepro_ops.metrics import alignment_residual, deep_burden, end_to_end_residual
 
 T, D, HIDDEN, LAYERS, VOCAB = 16, 128, 384, 6, 64
 SPECIAL = SpecialTokens(start=62, end=63, pad=63)
@@ -93,13 +94,16 @@ def erase(encoder, pairs, S, rule="anchor_features", method="erasepro"):
     out_t = encoder.run(h_t)
     saved, encoder.deltas = encoder.deltas, {}
     out_a = encoder.run(h_a)
+    out_t0 = encoder.run(h_t)
     encoder.deltas = saved
     x, y = inputs_with_partners(out_t, out_a, columns)
+    x0, _ = inputs_with_partners(out_t0, out_a, columns)
     sites = kv_sites()
     deep = solve_deep(sites, x, y, columns.groups, settings)
     weights = list(sites.values())
     deltas = [r.solution.update.dense() for r in deep]
-    residual = alignment_residual(weights, deltas, x, [w.double() @ y.double() for w in weights])
+    # against the unedited model's gap, as the node reports it (the deep sites may be left alone)
+    residual = end_to_end_residual(weights, deltas, x, x0, y)
     burden = deep_burden([r.weight_norm for r in deep], [r.solution.update.norm() for r in deep])
     return shallow, deep, residual, burden
 
@@ -208,3 +212,30 @@ def test_preserve_prompts_ride_through_the_chain_unchanged():
     moved = float((encoder.run(h_t[n:]) - out_before[n:]).norm() / out_before[n:].norm())
     print(f"the same prompts without preserve constraints: drift {moved:.2e}")
     assert moved > 100 * max(drift, 1e-7)
+
+
+def test_settled_columns_are_kept_and_the_rest_still_solved_exactly():
+    """Columns the shallow stage already aligned (gap ≤ floor · ‖y‖) are kept where they are, not
+    fitted: with every column settled no site changes at all; the columns still open are met
+    exactly without moving the settled ones."""
+    encoder = Encoder()
+    pairs = prompts()
+    shallow, deep, res, burden = erase(encoder, pairs, 3, "residual_schedule")
+    assert burden == 0.0 and all(r.rank == 0 for r in deep)
+    assert res <= 1e-5  # what the shallow stage left, against the unedited gap
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(D, 40, generator=g, dtype=torch.float64)
+    y = x.clone()
+    y[:, :30] += 1e-7 * torch.randn(D, 30, generator=g, dtype=torch.float64)  # noise left by a shallow stage
+    y[:, 30:] += 0.3 * torch.randn(D, 10, generator=g, dtype=torch.float64)  # real gaps
+    settled = settled_columns(x, y, 1e-4)
+    assert settled.tolist() == [True] * 30 + [False] * 10
+    sites = kv_sites()
+    (r, *_) = solve_deep(sites, x, y, None, SolverSettings())
+    w = next(iter(sites.values())).double()
+    after = (w + r.solution.update.dense()) @ x
+    assert torch.allclose(after[:, 30:], w @ y[:, 30:], atol=1e-9)  # open columns: exact
+    assert torch.allclose(after[:, :30], w @ x[:, :30], atol=1e-9)  # settled columns: left as they were
+    (plain, *_) = solve_deep(sites, x, y, None, SolverSettings(gap_floor=0.0))  # 0: fit everything
+    assert plain.solution.residual <= 1e-9 < r.solution.residual <= 1e-5  # the noise is reported, not fitted

@@ -150,8 +150,8 @@ def test_strength_zero_gives_bit_identical_sampler_output(nodes):
     ref_t = reference["samples"] if isinstance(reference, dict) else reference
     again_t = again["samples"] if isinstance(again, dict) else again
     assert torch.equal(ref_t, again_t)
-    m1, _ = nodes[2].apply(model, edit, 1.0, clip)
-    erased = H.ksample(m1, positive, negative, seed=3, steps=2)
+    m1, c1 = nodes[2].apply(model, edit, 1.0, clip)  # S = 3: the erasure is in the text encoder
+    erased = H.ksample(m1, H.conditioning(c1, SOLVE_PROMPT.format(TARGET)), H.conditioning(c1, ""), seed=3, steps=2)
     erased_t = erased["samples"] if isinstance(erased, dict) else erased
     assert not torch.equal(ref_t, erased_t)
 
@@ -272,7 +272,8 @@ def test_preserve_prompts_stay_exactly_still_end_to_end(nodes):
               f"{figures[bool(preserve)][2]:.2e}, train residual {edit.summary['train_residual']:.2e}, "
               f"drift {edit.summary['preservation_drift']}, deep burden {edit.summary['deep_burden']:.2e}")
     summary, moved, erasure = figures[True]
-    assert summary["preserve_constraints"] == len(UNRELATED) * 77
+    assert summary["preserve_constraints"] == (len(UNRELATED) + 1) * 77  # and the empty prompt
+    assert summary["empty_prompt_drift"] <= 1e-6
     assert summary["train_residual"] <= 1e-5 and summary["preservation_drift"] <= 1e-5
     assert moved <= 1e-4 and erasure <= 1e-3
     assert figures[False][1] > 100 * moved  # the same edit without them moves those prompts
@@ -313,8 +314,9 @@ def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes
         assert s["constraints"] > s["rank_budget"] and any("rank budget" in w for w in s["warnings"])
     plain, damped = summaries[0.0], summaries[1e-3]
     for s in (plain, damped):  # only the padding overflows, and the summary says which parts are exact
-        assert s["exact_parts"] == ["prefixes", "concept tokens", "end tokens"] and s["least_squares_parts"] == ["padding"]
-        assert any("exact: prefixes, concept tokens, end tokens;" in w for w in s["warnings"])
+        assert s["exact_parts"] == ["prefixes", "concept tokens", "end tokens", "empty prompt"]
+        assert s["least_squares_parts"] == ["padding", "empty-prompt padding"]
+        assert any("exact: prefixes, concept tokens, end tokens, empty prompt;" in w for w in s["warnings"])
     assert damped["overflow_damped"] and not plain["overflow_damped"]
     assert damped["deep_burden"] < 0.5 * plain["deep_burden"]
     assert plain["train_residual"] < damped["train_residual"] < 1.0
@@ -340,9 +342,10 @@ def test_concept_tokens_past_the_budget_are_not_called_exact(nodes):
     print(f"{s['constraints']} columns: exact {s['exact_parts']}, least squares {s['least_squares_parts']}, "
           f"train residual {s['train_residual']:.3e}")
     assert s["exact_parts"] == ["prefixes"]
-    assert s["least_squares_parts"] == ["concept tokens", "end tokens", "padding"]
+    assert s["least_squares_parts"] == ["concept tokens", "end tokens", "empty prompt", "padding", "empty-prompt padding"]
     (warning,) = [w for w in s["warnings"] if "rank budget" in w]
-    assert "exact: prefixes;" in warning and "least squares: concept tokens, end tokens, padding" in warning
+    assert "exact: prefixes;" in warning
+    assert "least squares: concept tokens, end tokens, empty prompt, padding, empty-prompt padding" in warning
 
 
 def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
