@@ -223,12 +223,14 @@ def progressive_shallow(
     *,
     rule: str = "anchor_features",
     h_preserve: torch.Tensor | None = None,
+    preserve_index: torch.Tensor | None = None,
     on_site: Callable[[str], None] | None = None,
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (DESIGN §4.1).
 
     ``h_target``/``h_anchor`` (P × T × D) are the hidden states entering ``blocks[0]``;
-    ``h_preserve`` (optional) those of preserve prompts, used for the ``C`` weighting.
+    ``h_preserve`` (optional) those of the prompts the ``C`` weighting keeps still (preserve
+    prompts, the retain bank), ``preserve_index`` the flat positions of them it uses (default all).
     """
     if rule not in SHALLOW_RULES:
         raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")
@@ -243,7 +245,7 @@ def progressive_shallow(
             preserve = None
             if h_p is not None:
                 mid_p, x_p = block.mlp_input(h_p)
-                preserve = _preserve_features(x_p)
+                preserve = _preserve_features(x_p) if preserve_index is None else gather(x_p, preserve_index)
                 h_p = block_output(mid_p, x_p, block.weight, block.bias)
 
             x, y = inputs_with_partners(x_t, x_a, columns)

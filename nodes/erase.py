@@ -17,6 +17,7 @@ from erasepro_ops.concepts import PART_NAMES, ROLE_PRIORITY, ConceptPair, align_
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT,
                                  DEFAULT_RTOL)
+from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH, retain_prompts
 from erasepro_ops.metrics import deep_burden, drift_terms, ratio, residual_against_gap
 
 from .host import (
@@ -27,6 +28,7 @@ from .host import (
     effective_weights,
     encode_batch,
     fingerprint,
+    first_layer_inputs,
     log,
     solve_device,
 )
@@ -48,6 +50,7 @@ class Request:
     overflow_preserve_weight: float = DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # w: preserve columns in that fit
     features: str = "all"  # "all" (DESIGN §3) or "last_token" (official UCE: the last concept token only)
     keep_empty_prompt: bool = True  # erasepro: the empty prompt (CFG's unconditional branch) is kept exactly
+    retain_strength: float = DEFAULT_RETAIN_STRENGTH  # erasepro, S > 0: weight the shallow edits away from the retain bank
     gap_floor: float = DEFAULT_GAP_FLOOR  # erasepro: deep columns closer than this to the anchor count as met
 
     def preserve_prompts(self) -> tuple[str, ...]:
@@ -198,9 +201,9 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         anchor_in = [_cat_inputs(a, p) for a, p in zip(anchor_in, preserve_in)]
         target_in = [_cat_inputs(t, p) for t, p in zip(target_in, preserve_in)]
 
+    soft = _soft_weighting(clip, arch, request, preserve_in if soft_preserve else None)
     shallow_results, clip_edits, clip_weights, edited_layers = _solve_shallow(
-        clip, arch, request, settings, columns, anchor_in, target_in,
-        [p[0] for p in preserve_in] if soft_preserve else None, on_site)
+        clip, arch, request, settings, columns, anchor_in, target_in, soft, on_site)
 
     # Deep sites read the encoder output for the targets (and preserve prompts) with the shallow
     # edits applied, in float32 whatever dtype the text encoder is loaded in.
@@ -250,10 +253,44 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "preserve": list(request.preserve), "preserve_strength": request.preserve_strength,
         "overflow_damping": request.overflow_damping, "overflow_preserve_weight": request.overflow_preserve_weight,
         "features": request.features, "rtol": request.rtol, "keep_empty_prompt": request.keep_empty_prompt,
+        "retain_strength": request.retain_strength,
         "gap_floor": request.gap_floor, "family": arch.family, "version": __version__,
     }
     return ErasureEdit(tuple(clip_edits + model_edits), settings_record, summary,
                        fingerprint({**clip_weights, **model_weights}))
+
+
+@dataclass(frozen=True)
+class SoftWeighting:
+    """What the shallow sites' weighting ``C`` keeps still: per encoder, the first-layer inputs of
+    the preserve prompts (when weighted) and the retain bank, the flat positions used, the strength."""
+
+    hidden: list[torch.Tensor]
+    index: torch.Tensor
+    strength: float
+
+
+def _soft_weighting(clip, arch, request: Request, preserve_in) -> SoftWeighting | None:
+    """The user's preserve prompts (UCE, or ``preserve_strength`` > 0) at every position, then the
+    retain bank (ErasePro with ``retain_strength`` > 0 and S > 0) up to each prompt's end token."""
+    parts, index, rows = [], [], 0
+    if preserve_in is not None:
+        parts.append([p[0] for p in preserve_in])
+        rows = preserve_in[0][0].shape[0]
+        index.append(torch.arange(rows * CONTEXT))
+    retain = request.method == "erasepro" and request.retain_strength > 0 and request.progressive_layers > 0
+    if retain:
+        prompts = retain_prompts()
+        ids = preserve_ids(clip, arch, prompts)
+        parts.append([h for h, _, _ in first_layer_inputs(clip, arch.encoders, ids)])
+        spans = preserve_alignments(arch, prompts, ids)
+        index.append(torch.tensor([(rows + j) * CONTEXT + pos for j, al in enumerate(spans)
+                                   for pos in al.positions("preserve")]))
+    if not parts:
+        return None
+    hidden = [torch.cat([part[i] for part in parts]) for i in range(len(arch.encoders))]
+    strength = request.preserve_strength if preserve_in is not None else request.retain_strength
+    return SoftWeighting(hidden, torch.cat(index), strength)
 
 
 def _preserve_features(k: torch.Tensor | None, k_edited: torch.Tensor | None, n_user: int, empty: bool = False):
@@ -273,7 +310,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _solve_shallow(clip, arch, request: Request, settings: SolverSettings, columns, anchor_in, target_in,
-                   preserve_hidden, on_site):
+                   soft: SoftWeighting | None, on_site):
     """The shallow sites (``fc2`` of the first S blocks), per text encoder, shallow to deep.
 
     Returns the site results, their edits, the original weights they were solved on and the
@@ -299,8 +336,11 @@ def _solve_shallow(clip, arch, request: Request, settings: SolverSettings, colum
         # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py). The
         # preserve columns are outside that budget: a 3072-wide fc2 keeps them exact.
         shallow_settings = dataclasses.replace(settings, budget=arch.context_width)
+        if soft is not None:
+            shallow_settings = dataclasses.replace(shallow_settings, preserve_strength=soft.strength)
         results = progressive_shallow(blocks, h_t, anchor_in[i][0], columns, shallow_settings, rule=request.rule,
-                                      h_preserve=None if preserve_hidden is None else preserve_hidden[i],
+                                      h_preserve=None if soft is None else soft.hidden[i],
+                                      preserve_index=None if soft is None else soft.index,
                                       on_site=on_site)
         shallow_results += results
         clip_edits += _site_edits(results, "clip", "shallow")

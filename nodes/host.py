@@ -181,6 +181,34 @@ class LayerInputCapture:
         self.handle.remove()
 
 
+class _Captured(Exception):
+    """Stops an encode once the first layer's input is captured."""
+
+
+def first_layer_inputs(clip, encoders, chunks_per_encoder) -> list:
+    """Each encoder's first-layer input ``(hidden, mask, attention)`` for a batch of chunks, without
+    running the encoder's layers (only its embeddings)."""
+    clip.load_model()
+    captured = []
+    with torch.no_grad():
+        for enc, chunks in zip(encoders, chunks_per_encoder):
+            hook = LayerInputCapture(enc.layers[0])
+
+            def stop(module, args):
+                raise _Captured
+
+            stopper = enc.layers[0].register_forward_pre_hook(stop)
+            try:
+                enc.module.encode([list(c) for c in chunks])
+            except _Captured:
+                pass
+            finally:
+                hook.remove()
+                stopper.remove()
+            captured.append(hook.calls[0])
+    return captured
+
+
 @dataclass
 class ClipLayerBlock:
     """A ComfyUI ``CLIPLayer`` seen through ``erasepro_ops.chain.MLPBlock``."""
