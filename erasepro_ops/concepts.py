@@ -612,8 +612,9 @@ def align_chunks(
     chunks = set(target.chunk[prefix : prefix + target_len])
     if len(chunks) > 1:
         raise ValueError(
-            f"the concept in {quote(target_prompt or 'the target prompt')} straddles two "
-            f"{context_length}-token chunks ({sorted(chunks)}); shorten the prompt or move "
+            f"the concept in {quote(target_prompt or 'the target prompt')} straddles "
+            f"{'two' if len(chunks) == 2 else len(chunks)} {context_length}-token chunks "
+            f"(chunks {min(chunks)}–{max(chunks)}); shorten the prompt or move "
             "the concept nearer its start"
         )
     index = chunks.pop()
