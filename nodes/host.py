@@ -144,6 +144,8 @@ def _base_weight(patcher, key: str, first) -> torch.Tensor:
     # the backup (shared by its clones)
     backup = getattr(patcher, "backup", None) or {}
     weight = backup.get(key, first)
+    if not isinstance(weight, torch.Tensor):  # a later backup entry: (weight, inplace_update)
+        weight = weight[0]
     return weight.detach().to(torch.float32, copy=True)
 
 

@@ -314,3 +314,18 @@ def test_effective_weights_on_the_old_comfyui_api(host, monkeypatch):
     assert sorted(calls) == sorted(keys[:2])
     assert all(torch.equal(old[k], new[k]) for k in keys)
     assert pack_host.fingerprint_of([(patched, keys)]) == new_fp == pack_host.fingerprint(new)
+
+    # weights patched in place (the old ComfyUI leaves a clone with the same patches loaded): the
+    # original is in the backup, and it is what counts
+    k0 = keys[0]
+    weight = patched.model_state_dict()[k0]
+    original = weight.clone()
+    monkeypatch.setattr(patched, "backup", {k0: original})
+    try:
+        with torch.no_grad():
+            weight.add_(1.0)
+        again = pack_host.effective_weights(patched, keys)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert torch.equal(again[k0], new[k0])
