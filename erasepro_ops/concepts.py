@@ -18,6 +18,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .text import quote
+
 __all__ = [
     "CONCEPT_TYPES",
     "TEMPLATES",
@@ -118,7 +120,7 @@ def _check_template(template: str) -> None:
     count = template.count(PLACEHOLDER)
     if count != 1:
         raise ValueError(
-            f"custom prompt template {template!r} must contain '{{}}' exactly once "
+            f"custom prompt template {quote(template, 12, 100)} must contain '{{}}' exactly once "
             f"(found {count}); '{{}}' marks where the concept goes, e.g. 'a photo of {{}}'"
         )
 
@@ -155,7 +157,7 @@ class ConceptPair:
         object.__setattr__(self, "anchor", _squash(self.anchor))
         if self.target.casefold() == self.anchor.casefold():
             raise ValueError(
-                f"target and anchor are the same concept ({self.target!r}): "
+                f"target and anchor are the same concept ({quote(self.target)}): "
                 "the anchor must be what the target turns into, or empty for 'nothing'"
             )
 
@@ -363,7 +365,7 @@ def preserve_alignment(prompt: str, ids: Sequence[object], special: SpecialToken
     positions up to the end token as role "preserve", the padding after it as "preserve_pad".
     """
     chunk = _ids(ids)
-    end = _end_index(chunk, special, f"preserve prompt {prompt!r}")
+    end = _end_index(chunk, special, f"preserve prompt {quote(prompt)}")
     positions = tuple(range(len(chunk)))
     roles = tuple("preserve" if p <= end else "preserve_pad" for p in positions)
     return PromptAlignment(prompt, prompt, 0, 0, (), positions, positions, roles)
@@ -387,15 +389,15 @@ def _common_suffix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
 
 def _identical_error(target_prompt: str, anchor_prompt: str) -> ValueError:
     return ValueError(
-        f"target and anchor tokenize identically ({target_prompt!r} vs {anchor_prompt!r}): "
+        f"target and anchor tokenize identically ({quote(target_prompt)} vs {quote(anchor_prompt)}): "
         "nothing to erase; choose an anchor that differs from the target"
     )
 
 
 def _empty_span_error(target_prompt: str, anchor_prompt: str) -> ValueError:
     return ValueError(
-        f"the target prompt {target_prompt!r} has no tokens of its own against the anchor "
-        f"prompt {anchor_prompt!r}: the concept must add tokens the anchor does not have"
+        f"the target prompt {quote(target_prompt)} has no tokens of its own against the anchor "
+        f"prompt {quote(anchor_prompt)}: the concept must add tokens the anchor does not have"
     )
 
 
@@ -610,15 +612,16 @@ def align_chunks(
     chunks = set(target.chunk[prefix : prefix + target_len])
     if len(chunks) > 1:
         raise ValueError(
-            f"the concept in {target_prompt or 'the target prompt'!r} straddles two "
-            f"{context_length}-token chunks ({sorted(chunks)}); shorten the prompt or move "
+            f"the concept in {quote(target_prompt or 'the target prompt')} straddles "
+            f"{'two' if len(chunks) == 2 else len(chunks)} {context_length}-token chunks "
+            f"(chunks {min(chunks)}–{max(chunks)}); shorten the prompt or move "
             "the concept nearer its start"
         )
     index = chunks.pop()
     if index >= len(anchors):
         raise ValueError(
             f"the concept sits in chunk {index} of the target prompt but the anchor prompt "
-            f"{anchor_prompt!r} has only {len(anchors)} chunk(s); shorten the prompt"
+            f"{quote(anchor_prompt)} has only {len(anchors)} chunk(s); shorten the prompt"
         )
     if anchor.chunk_start[index] != target.chunk_start[index]:
         raise ValueError(
@@ -631,7 +634,7 @@ def align_chunks(
     anchor_end = _end_index(anchors[index], special, f"anchor chunk {index}")
     if anchor_stop > anchor_end:
         raise ValueError(
-            f"the anchor's concept in {anchor_prompt or 'the anchor prompt'!r} does not fit in "
+            f"the anchor's concept in {quote(anchor_prompt or 'the anchor prompt')} does not fit in "
             f"chunk {index} with the target's; shorten the prompt"
         )
 

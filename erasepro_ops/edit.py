@@ -45,6 +45,7 @@ class ErasureEdit:
     settings: dict = field(default_factory=dict)  # concepts, method, progressive_layers, rule, preserve, version
     summary: dict = field(default_factory=dict)  # metrics (DESIGN §7), timings, ranks
     fingerprint: str = ""  # hash of the edited sites' original weights
+    fingerprint_ignored: bool = False  # Load ErasePro Edit's ignore_fingerprint: Apply does not check it either
 
     def part(self, part: str) -> tuple[SiteEdit, ...]:
         return tuple(s for s in self.sites if s.part == part)

@@ -16,12 +16,16 @@ Key layout (kohya / A1111 / Forge, and ComfyUI's ``comfy.lora.model_lora_keys_*`
   ``<name>.alpha`` (scalar, = r). Rank-0 sites (no change) are listed in the metadata only.
 
 Reading never unpickles: the file's header is checked to be a safetensors header (and the file
-complete) before ``safetensors`` parses it; then every tensor is checked against the metadata.
+complete) before ``safetensors`` parses it; then every tensor is checked against the metadata,
+and every site's stored data against the SHA-256 checksum its metadata entry records
+(:func:`site_checksum`). Files written before checksums existed load with a logged warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -41,6 +45,11 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
 _BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya ss_base_model_version
 _TE_RE = re.compile(r"^(clip_[lgh])\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$")
 _SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
+CHECKSUM_METHOD = ("sha256 per site over its LoRA name, each stored tensor's (lora_up, lora_down, alpha) "
+                   "dtype, shape and little-endian bytes, then repr() of its relative_change and residual")
+FINGERPRINT_METHOD = ("sha256 over the edited sites' original effective weights "
+                      "(key, shape, float16 bytes), sorted by key")
+log = logging.getLogger("ErasePro")
 
 
 class EditFileError(ValueError):
@@ -98,6 +107,22 @@ def _json_default(o):
     if isinstance(o, (set, tuple)):
         return list(o)
     return str(o)
+
+
+def site_checksum(name: str, tensors, relative_change: float, residual: float) -> str:
+    """SHA-256 of one site's stored data: its factors and alpha exactly as stored, and its figures.
+
+    ``tensors`` are the site's ``(lora_up, lora_down, alpha)`` in the file's dtype (empty for a
+    rank-0 site). Any changed byte, or a changed per-site figure, gives another checksum.
+    """
+    h = hashlib.sha256()
+    h.update(name.encode())
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"|{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(f"|{float(relative_change)!r}|{float(residual)!r}".encode())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------
@@ -163,10 +188,12 @@ def to_state_dict(edit: ErasureEdit, dtype: str = "float32") -> tuple[dict[str, 
             tensors[f"{name}.lora_up.weight"] = up32.to(tdtype).contiguous().clone()
             tensors[f"{name}.lora_down.weight"] = down32.to(tdtype).contiguous().clone()
             tensors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
+        stored = [tensors[name + x] for x in _SUFFIXES] if rank > 0 else []
         sites.append({"name": name, "key": s.key, "part": s.part, "stage": s.stage, "rank": rank,
                       "solver_rank": solver_rank,
                       "shape": [int(up.shape[0]), int(down.shape[1])],
-                      "relative_change": float(s.relative_change), "residual": float(s.residual)})
+                      "relative_change": float(s.relative_change), "residual": float(s.residual),
+                      "sha256": site_checksum(name, stored, s.relative_change, s.residual)})
     settings = dict(edit.settings)
     max_rank = max(x["rank"] for x in sites)
     meta = {
@@ -174,8 +201,8 @@ def to_state_dict(edit: ErasureEdit, dtype: str = "float32") -> tuple[dict[str, 
         "erasepro.version": str(settings.get("version", __version__)),
         "erasepro.exporter_version": __version__,
         "erasepro.fingerprint": edit.fingerprint,
-        "erasepro.fingerprint_method": "sha256 over the edited sites' original effective weights "
-                                       "(key, shape, float32 bytes), sorted by key",
+        "erasepro.fingerprint_method": FINGERPRINT_METHOD,
+        "erasepro.checksum_method": CHECKSUM_METHOD,
         "erasepro.family": family,
         "erasepro.concepts": _json(settings.get("concepts", [])),
         "erasepro.method": str(settings.get("method", "")),
@@ -316,7 +343,9 @@ def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], sour
 
     Checks: the format version, the site list, each site's up/down/alpha present, 2-D, floating,
     shapes ``(out, r)``/``(r, in)`` matching the recorded site shape and rank, ``alpha == r``,
-    finite values, the LoRA name matching the weight key, and no tensor left over.
+    finite values, each site's data against its checksum (:func:`site_checksum`; a file without
+    checksums, from an older ErasePro, loads with a warning), the LoRA name matching the weight
+    key, and no tensor left over.
     """
     fmt = meta.get("erasepro.format")
     if fmt is None:
@@ -332,6 +361,12 @@ def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], sour
     if not isinstance(sites_meta, list) or not sites_meta or not isinstance(settings, dict) or not isinstance(summary, dict):
         raise EditFileError(f"{source}: malformed ErasePro metadata (sites/settings/summary)")
     family = meta.get("erasepro.family") or settings.get("family")
+    # Files from before checksums existed have neither the method nor per-site checksums.
+    checksummed = "erasepro.checksum_method" in meta or any(isinstance(sm, dict) and "sha256" in sm
+                                                            for sm in sites_meta)
+    if not checksummed:
+        log.warning("ErasePro: %s has no checksums (written by an older ErasePro): its data cannot be "
+                    "verified; re-save it to add them", source)
     used: set[str] = set()
     sites = []
     seen_keys = set()
@@ -350,6 +385,7 @@ def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], sour
         seen_keys.add(key)
         if lora_name(key, family) != name:
             raise EditFileError(f"{source}: LoRA name {name} does not belong to the weight {key}")
+        stored = []
         if rank == 0:
             up, down = torch.zeros(out_dim, 0), torch.zeros(0, in_dim)
         else:
@@ -372,6 +408,10 @@ def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], sour
             up, down = up_t.to(torch.float32), down_t.to(torch.float32)
             if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
                 raise EditFileError(f"{source}: {name} contains NaN/Inf values; the file is corrupt")
+            stored = [up_t, down_t, alpha_t]
+        if checksummed and site_checksum(name, stored, rel, res) != sm.get("sha256"):
+            raise EditFileError(f"{source}: the edit file is damaged: site {key}'s data do not match its checksum; "
+                                "save the edit again from the solver (or restore the file)")
         sites.append(SiteEdit(key, part, stage, up.contiguous(), down.contiguous(), rel, res))
     extra = sorted(set(tensors) - used)
     if extra:

@@ -1,11 +1,14 @@
 """Apply Erased UNet: the edit as non-destructive "diff" patches on clones of MODEL and CLIP."""
 
+from .edit_io import check_fingerprint
 from .erase import apply_edit
 
 
 class ApplyErasedUNet:
     DESCRIPTION = ("Applies an ErasePro edit as a patch (like a LoRA) on copies of the MODEL and CLIP. "
-                   "The inputs stay untouched; strength 0 gives the original model back.")
+                   "The inputs stay untouched; strength 0 gives the original model back. An edit made for "
+                   "another base model (its fingerprint differs from the connected MODEL/CLIP's edited "
+                   "layers) is refused; Load ErasePro Edit's ignore_fingerprint lets it through.")
     CATEGORY = "ErasePro"
     RETURN_TYPES = ("MODEL", "CLIP")
     RETURN_NAMES = ("MODEL", "CLIP")
@@ -26,4 +29,9 @@ class ApplyErasedUNet:
         }
 
     def apply(self, model, edit, strength, clip=None):
-        return apply_edit(model, clip, edit, strength)
+        new_model, new_clip = apply_edit(model, clip, edit, strength)  # checks shapes and the CLIP first
+        # Strength 0 applies nothing (the outputs are the inputs' clones), so any edit is harmless
+        # there and an A/B "before" branch costs no hashing.
+        if strength != 0 and not edit.fingerprint_ignored:
+            check_fingerprint(edit, model, clip)
+        return new_model, new_clip

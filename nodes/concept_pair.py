@@ -1,6 +1,7 @@
 """ErasePro Concept Pair: one target → anchor pair; chain several to erase many in one solve."""
 
 from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair
+from erasepro_ops.text import quote
 
 from .host import EraseProError
 
@@ -35,5 +36,5 @@ class ConceptPairNode:
             raise EraseProError(f"ErasePro Concept Pair: {e}") from e
         before = tuple(concepts or ())
         if any(p.target.lower() == pair.target.lower() for p in before):
-            raise EraseProError(f"ErasePro Concept Pair: {pair.target!r} is already in the chain")
+            raise EraseProError(f"ErasePro Concept Pair: {quote(pair.target)} is already in the chain")
         return (before + (pair,),)

@@ -6,6 +6,7 @@ holds every site's exact low-rank factors plus ErasePro metadata (erasepro_ops.e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import folder_paths
 from erasepro_ops import export
 
 from .erase import check_sites
-from .host import EraseProError, effective_weights, fingerprint, log
+from .host import EraseProError, fingerprint_of, log
 
 DTYPES = list(export.STORAGE_DTYPES)
 
@@ -69,6 +70,28 @@ def comfy_key_map(model=None, clip=None) -> dict[str, str]:
     return key_map
 
 
+def check_fingerprint(edit, model, clip) -> str:
+    """Raise EraseProError unless the MODEL/CLIP's edited layers are the ones ``edit`` was solved on.
+
+    Hashes only the edited sites' effective weights (host.fingerprint_of, one layer at a time), as
+    the solver did. Load ErasePro Edit and Apply Erased UNet both refuse with this one message.
+    """
+    model_sites, clip_sites = edit.part("model"), edit.part("clip")
+    parts = [(model, [s.key for s in model_sites])]
+    if clip_sites and clip is not None:
+        parts.append((clip.patcher, [s.key for s in clip_sites]))
+    got = fingerprint_of(parts)
+    if got != edit.fingerprint:
+        n = sum(len(keys) for _, keys in parts)
+        raise EraseProError(
+            "this edit was made for another base model: the fingerprint of the "
+            f"{n} edited layers is {got[:16]}… here, the edit expects {edit.fingerprint[:16]}…. "
+            "Load the checkpoint (and any LoRAs applied before the erasure) the edit was made from, "
+            "or set ignore_fingerprint on Load ErasePro Edit to apply it anyway (the erasure is then no "
+            "longer exact).")
+    return f"fingerprint OK ({got[:16]}…)"
+
+
 def check_against(edit, model, clip, ignore_fingerprint: bool = False) -> str:
     """Raise EraseProError unless ``edit`` fits ``model``/``clip`` (shapes, then fingerprint).
 
@@ -86,17 +109,7 @@ def check_against(edit, model, clip, ignore_fingerprint: bool = False) -> str:
             check_sites(clip.patcher.model_state_dict(), clip_sites, "CLIP")
     if ignore_fingerprint:
         return "fingerprint not checked (ignore_fingerprint)"
-    weights = effective_weights(model, [s.key for s in model_sites])
-    if clip_sites:
-        weights.update(effective_weights(clip.patcher, [s.key for s in clip_sites]))
-    got = fingerprint(weights)
-    if got != edit.fingerprint:
-        raise EraseProError(
-            "this edit was made for another base model: the fingerprint of the "
-            f"{len(weights)} edited layers is {got[:16]}… here, the edit expects {edit.fingerprint[:16]}…. "
-            "Load the checkpoint (and any LoRAs applied before the erasure) the edit was made from, "
-            "or set ignore_fingerprint to apply it anyway (the erasure is then no longer exact).")
-    return f"fingerprint OK ({got[:16]}…)"
+    return check_fingerprint(edit, model, clip)
 
 
 class SaveEraseProEdit:
@@ -170,5 +183,7 @@ class LoadEraseProEdit:
             raise EraseProError(f"no file {edit_name!r} in the loras folder")
         edit = load_edit_file(path)
         note = check_against(edit, model, clip, bool(ignore_fingerprint))
+        if ignore_fingerprint:  # the override travels with the edit: Apply Erased UNet skips its check too
+            edit = dataclasses.replace(edit, fingerprint_ignored=True)
         info = export.describe(export.read_metadata(path)) + "\n" + note
         return (edit, info)

