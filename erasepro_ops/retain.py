@@ -15,7 +15,7 @@ from pathlib import Path
 
 RETAIN_FILE = Path(__file__).with_name("data") / "retain_prompts.txt"
 
-DEFAULT_RETAIN_STRENGTH = 1.0
+DEFAULT_RETAIN_STRENGTH = 10.0
 """Scale-free α of the retain weighting (``α = strength / mean squared entry of K``); 0 = off."""
 
 

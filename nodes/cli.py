@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
 from erasepro_ops import export  # noqa: E402  (pure)
 from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair  # noqa: E402
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # noqa: E402
+from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH  # noqa: E402
 
 
 class CliError(Exception):
@@ -164,7 +165,8 @@ def cmd_erase(args) -> int:
     request = erase.Request(concepts=pairs, progressive_layers=int(args.progressive_layers), method=args.method,
                             rule=args.rule, preserve=preserve, preserve_strength=float(args.preserve_strength),
                             overflow_damping=float(args.overflow_damping),
-                            overflow_preserve_weight=float(args.overflow_preserve_weight))
+                            overflow_preserve_weight=float(args.overflow_preserve_weight),
+                            keep_empty_prompt=not args.no_keep_empty, retain_strength=float(args.retain_strength))
     with tqdm(total=total, desc="erasing", unit="layer", file=sys.stderr, disable=args.quiet) as bar:
         def step(name):
             bar.set_postfix_str(name.split(".weight")[0][-40:], refresh=False)
@@ -241,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the constraints exceed the rank budget, weight of the preserve prompts against the "
                         f"erasure's overflow in that fit (default {DEFAULT_OVERFLOW_PRESERVE_WEIGHT:g}; larger = they "
                         "move less, the padding is aligned less)")
+    e.add_argument("--no-keep-empty", action="store_true",
+                   help="do not hold the empty prompt (CFG's unconditional branch) exactly still (erasepro)")
+    e.add_argument("--retain-strength", type=float, default=DEFAULT_RETAIN_STRENGTH,
+                   help="weight the text-encoder edit away from the built-in retain bank of ordinary prompts "
+                        f"(default {DEFAULT_RETAIN_STRENGTH:g}; 0 = off)")
     e.add_argument("--dtype", choices=list(export.STORAGE_DTYPES), default="float32", help="LoRA storage dtype (float32 = exact)")
     e.add_argument("--strength", type=float, default=1.0, help="strength baked into --bake (default 1)")
     e.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")

@@ -6,6 +6,7 @@ import comfy.utils
 from erasepro_ops.chain import METHODS, SHALLOW_RULES
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING
 from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
+from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH
 
 from .erase import Request, run_erasure
 from .host import detect
@@ -43,11 +44,14 @@ class ProgressiveSolver:
                 "preserve_strength": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000000.0, "step": 1.0, "tooltip": "Extra soft weighting towards the preserve prompts on top of keeping them exactly (0 = off, the default). Larger values also steer the rest of the edit away from them; with progressive_layers > 0 they can make the UNet fit rounding noise, so leave at 0 unless the preserve set is larger than the rank budget."}),
                 "features": (["all", "last_token"], {"default": "all", "tooltip": "Which token positions are constrained: all (the concept, every later position and the prefix) or only each template's last concept token, as the official UCE does."}),
                 "overflow_damping": ("FLOAT", {"default": DEFAULT_OVERFLOW_DAMPING, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Only matters when the constraints exceed the rank budget (many concepts in one solve): the overflow (padding positions) is fitted by damped least squares instead of exactly, so the model is not wrecked. 0 = plain least squares; larger = gentler edit, larger residual."}),
+                "keep_empty_prompt": ("BOOLEAN", {"default": True, "tooltip": "Hold the empty prompt exactly still (erasepro). Samplers run it as the negative/unconditional branch at every step of every image, so moving it changes pictures that never name the concept."}),
+                "retain_strength": ("FLOAT", {"default": DEFAULT_RETAIN_STRENGTH, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "With progressive_layers > 0 (erasepro): steer the text-encoder edit away from a built-in bank of 300 ordinary prompts, so prompts you did not list change less. 0 = off; larger = they change less, the edit spreads elsewhere."}),
             },
         }
 
     def solve(self, model, clip, concepts, progressive_layers, method, preserve="", shallow_rule="residual_schedule",
-              preserve_strength=0.0, features="all", overflow_damping=DEFAULT_OVERFLOW_DAMPING):
+              preserve_strength=0.0, features="all", overflow_damping=DEFAULT_OVERFLOW_DAMPING,
+              keep_empty_prompt=True, retain_strength=DEFAULT_RETAIN_STRENGTH):
         arch = detect(model, clip)
         total = sum(e.shallow_depth(progressive_layers) for e in arch.encoders) + len(arch.deep_keys) + (1 if arch.pooled_width else 0)
         bar = comfy.utils.ProgressBar(total)
@@ -58,7 +62,8 @@ class ProgressiveSolver:
 
         request = Request(tuple(concepts or ()), int(progressive_layers), method, shallow_rule,
                           preserve_lines(preserve), float(preserve_strength), features=features,
-                          overflow_damping=float(overflow_damping))
+                          overflow_damping=float(overflow_damping), keep_empty_prompt=bool(keep_empty_prompt),
+                          retain_strength=float(retain_strength))
         edit = run_erasure(model, clip, request, on_site=step)
         report = {k: v for k, v in edit.summary.items()}
         image = report_to_image_tensor(draw_report(report))

@@ -437,7 +437,8 @@ def batch(tiny_checkpoint, tmp_path_factory, artifacts_dir):
                         + "".join(f"{t},{a},custom,{{}}\n" for t, a in CONCEPTS_20), encoding="utf-8")
     out, baked = d / "edit.safetensors", d / "baked.safetensors"
     cmd = [sys.executable, "-m", "erasepro_ops", "erase", "--ckpt", str(tiny_checkpoint), "--pairs", str(csv_path),
-           "--out", str(out), "--bake", str(baked), "--progressive-layers", "1"]
+           "--out", str(out), "--bake", str(baked), "--progressive-layers", "1",
+           "--no-keep-empty"]  # the overflow alone: holding "" too costs the padding residual (0.15 -> 0.18)
     t0 = time.time()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     wall = time.time() - t0
@@ -531,8 +532,9 @@ def test_batch_command_erases_20_concepts_and_bakes(batch):
     assert res["changed"] > 0
     # the baked checkpoint carries the edit: every edited weight is W_o + dW to its dtype's rounding
     assert res["bake_ulps"] <= 1.0
-    # and the concepts themselves (every non-padding column) are aligned exactly
-    assert res["concept"] <= 1e-4
+    # and the concepts themselves (every non-padding column) are aligned to the float16 text encoder's
+    # rounding: the solve aligns them exactly in float32 and leaves that rounding alone (4.6e-4)
+    assert res["concept"] <= 1e-3
 
 
 def test_batch_20_concepts_over_the_rank_budget_are_damped_least_squares_and_say_so(batch):
