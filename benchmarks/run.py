@@ -44,14 +44,16 @@ OBJECTS = ["golden retriever", "parachute", "french horn", "church", "garbage tr
 ANCHORS = {"style": "a painting", "object": "an object"}
 PRESERVE = ["a photo of a dog", "a landscape painting", "a portrait of a woman", "a city street at night",
             "a bowl of fruit", "a mountain lake at sunrise", "an astronaut riding a horse", "a cat sleeping on a sofa"]
-HELD_OUT = {
-    "style": ["an oil painting of a quiet harbour at dusk by {}, highly detailed",
-              "a museum catalogue photo of a framed work by {} hanging on a white wall"],
-    "object": ["a close-up photo of a {} lying on a wooden table next to a window",
-               "a child drawing a {} with crayons in a sunny classroom"],
-}
+HELD_OUT = json.loads((Path(__file__).with_name("held_out.json")).read_text())  # sentences the solve never sees
 UNRELATED = ["a red sports car parked by the sea", "a bowl of ramen on a kitchen counter",
-             "a snowy forest path in winter", "a lighthouse on a rocky coast at night", "a crowded concert hall"]
+             "a snowy forest path in winter", "a lighthouse on a rocky coast at night", "a crowded concert hall",
+             "a toddler building a sand castle", "an old map of a harbour town", "a plate of pancakes with syrup",
+             "a neon sign in a rainy alley", "a herd of sheep on a green hill", "a medieval knight in armour",
+             "a glass skyscraper reflecting clouds", "a close-up of a bee on a flower", "a cozy reading nook",
+             "a vintage bicycle leaning on a fence", "a bowl of soup, studio lighting", "an underwater coral reef",
+             "a man playing chess in the park", "a spaceship landing on a desert planet", "",
+             ]  # prompts nobody listed (the empty one is CFG's unconditional branch)
+HELD_OUT_CONCEPTS = 2  # held-out sentences for the first concepts only (every template each)
 CONFIGS = [
     ("UCE", dict(method="uce", progressive_layers=0, features="last_token")),
     ("ErasePro S=0", dict(method="erasepro", progressive_layers=0)),
@@ -138,15 +140,57 @@ def deep_features(erase, host, edited_clip, clip, arch, pairs):
     return inputs_with_partners(x_new, y_cond, columns)[0], x, y
 
 
+def prompt_pair_features(erase, host, edited_clip, clip, arch, pairs):
+    """``X'``: the deep sites' input for the targets of ``pairs`` through the edited encoder."""
+    from erasepro_ops.chain import Columns, gather
+    alignments, t_ids, _ = erase.align_prompts(clip, arch, pairs)
+    x_new, _, _ = host.encode_batch(edited_clip, arch.encoders, t_ids)
+    return gather(x_new, Columns.from_alignments(alignments, erase.CONTEXT).target)
+
+
 def prompt_features(erase, host, clip, arch, prompts):
     """Deep-site input features (D × 77·P) of whole prompts, as the solver encodes preserve prompts."""
     cond, _, _ = host.encode_batch(clip, arch.encoders, erase.preserve_ids(clip, arch, prompts))
     return cond.reshape(-1, cond.shape[-1]).T
 
 
-def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full", configs=None):
-    import torch
+def held_out_pairs(concepts):
+    """(target sentence, anchor sentence, pair) for every held-out template of the first concepts."""
     from erasepro_ops.concepts import ConceptPair
+    return [(tmpl.format(t), tmpl.format(ANCHORS[k]), ConceptPair(t, ANCHORS[k], k))
+            for t, k in concepts[:HELD_OUT_CONCEPTS] for tmpl in HELD_OUT[k]]
+
+
+def column_roles(erase, clip, arch, pairs):
+    """The role of each constrained column (keep, concept, suffix, end, pad), in Columns order."""
+    alignments, _, _ = erase.align_prompts(clip, arch, pairs)
+    keep = sum(len(al.keep) for al in alignments)
+    return ["keep"] * keep + [r for al in alignments for r in al.role]
+
+
+def role_residuals(w_list, d_list, x_new, x, y, roles):
+    """Held-out residual at the concept tokens, the end token and over the whole tail (every
+    moved position), each against the unedited gap."""
+    from erasepro_ops.metrics import end_to_end_residual
+    groups = {"concept": ("concept",), "end": ("end",), "concept_end": ("concept", "end"),
+              "tail": ("concept", "suffix", "end", "pad")}
+    out = {}
+    for name, wanted in groups.items():
+        cols = [j for j, r in enumerate(roles) if r in wanted]
+        out[name] = end_to_end_residual(w_list, d_list, x_new[:, cols], x[:, cols], y[:, cols])
+    return out
+
+
+def load_models(kind: str, size: str, dtype: str):
+    """fp16: a float16 checkpoint file through ComfyUI's loader, as users run it; fp32: built in memory."""
+    if dtype == "fp16":
+        return H.as_users_load(kind, size)
+    return H.build(kind, size)
+
+
+def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full", configs=None,
+            dtype: str = "fp16"):
+    import torch
     from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, preservation_drift
 
     pack = H.load_pack()
@@ -154,8 +198,8 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
     host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
     solver = pack.NODE_CLASS_MAPPINGS["ErasePro_ProgressiveSolver"]()
     t0 = time.perf_counter()
-    model, clip = H.build(kind, size)
-    print(f"[{kind}] built {size} random-weight model in {time.perf_counter() - t0:.1f} s", flush=True)
+    model, clip = load_models(kind, size, dtype)
+    print(f"[{kind}] {size} random-weight model, {dtype}, ready in {time.perf_counter() - t0:.1f} s", flush=True)
     device = host.solve_device()
     arch = host.detect(model, clip)
     weights = host.effective_weights(model, arch.deep_keys)
@@ -179,11 +223,12 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
         warm_chain = build_chain(pack, concepts[:1])
         first_t, first_kind = concepts[0]
         first_a = ANCHORS[first_kind]
-        held = [(tmpl.format(t), tmpl.format(ANCHORS[k]), ConceptPair(t, ANCHORS[k], k))
-                for t, k in concepts[:10] for tmpl in HELD_OUT[k]]
+        held = held_out_pairs(concepts)
+        held_roles = column_roles(erase, clip, arch, held)
+        _, held_x, held_y = deep_features(erase, host, clip, clip, arch, held)  # the same for every config
         solve_pairs = erase.prompt_pairs(tuple(chain))
         solve_prompt = f"a painting by {first_t}"
-        held_prompt = HELD_OUT[first_kind][0]
+        held_prompt = HELD_OUT[first_kind][2]
         base = {"t": eps(model, clip, solve_prompt), "a": eps(model, clip, f"a painting by {first_a}"),
                 "ht": eps(model, clip, held_prompt.format(first_t)), "ha": eps(model, clip, held_prompt.format(first_a)),
                 "u": eps(model, clip, UNRELATED[0])}
@@ -209,7 +254,8 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
             w_list = [weights[k] for k in keys]
             d_list = LazyDeltas([sites[k] for k in keys])
             train_all = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, solve_pairs))
-            held_res = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, held))
+            held_new = prompt_pair_features(erase, host, c2, clip, arch, held)
+            held_res = role_residuals(w_list, d_list, held_new, held_x, held_y, held_roles)
             drift = {name: preservation_drift(w_list, d_list, k_orig, prompt_features(erase, host, c2, arch, prompts))
                      for name, prompts, k_orig in (("preserve", PRESERVE, k_pre), ("unrelated", UNRELATED, k_unrel))}
             if uce_time is None:
@@ -219,7 +265,8 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
                 "solve_seconds": seconds, "runs": len(times), "ratio_to_uce": seconds / uce_time,
                 "peak_extra_mib": peak / 2**20,
                 "train_residual": train_all, "own_columns_residual": s["train_residual"],
-                "held_out_residual": held_res,
+                "dtype": dtype, "held_out_residual": held_res["tail"], "held_out": held_res,
+                "empty_prompt_drift": s.get("empty_prompt_drift"),
                 "drift_preserve": drift["preserve"], "drift_unrelated": drift["unrelated"],
                 "deep_burden": s["deep_burden"], "constraints": s["constraints"], "deep_rank": s["deep_rank"],
                 "width": width, "warnings": s["warnings"],
@@ -233,8 +280,8 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
             del m2, c2, edit, out, sites  # full-size SDXL: keep one edit alive at a time
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"device": device_name(device), "torch": torch.__version__, "rows": rows}
-    (out_dir / f"{kind}.json").write_text(json.dumps(info, indent=1))
-    draw_sites(rows, out_dir / f"{kind}_sites.png")
+    (out_dir / f"{kind}_{dtype}.json").write_text(json.dumps(info, indent=1))
+    draw_sites(rows, out_dir / f"{kind}_{dtype}_sites.png")
     return rows
 
 
@@ -247,16 +294,21 @@ def device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-HEADER = (f"{'model':5} {'n':>3} {'config':22} {'time s':>8} {'×UCE':>6} {'peak MiB':>8} {'train res':>9} "
-          f"{'held res':>9} {'drift pre':>9} {'drift unr':>9} {'burden':>8} {'rank/width':>11} {'eps er':>8} "
-          f"{'eps er ho':>9} {'eps pres':>8}")
+HEADER = (f"{'model':5} {'dtype':5} {'n':>3} {'config':22} {'time s':>8} {'×UCE':>6} {'peak MiB':>8} {'train res':>9} "
+          f"{'held c+e':>9} {'held tail':>9} {'drift pre':>9} {'drift unr':>9} {'empty':>8} {'burden':>8} "
+          f"{'rank/width':>11} {'eps er':>8} {'eps er ho':>9} {'eps pres':>8}")
+
+
+def _sci(v) -> str:
+    return "-" if v is None else f"{v:.2e}"
 
 
 def print_row(r):
-    print(f"{r['model']:5} {r['concepts']:>3} {r['config']:22} {r['solve_seconds']:8.3f} {r['ratio_to_uce']:6.2f} "
-          f"{r['peak_extra_mib']:8.0f} {r['train_residual']:9.2e} {r['held_out_residual']:9.2e} "
-          f"{r['drift_preserve']:9.2e} {r['drift_unrelated']:9.2e} {r['deep_burden']:8.4f} "
-          f"{str(r['deep_rank']) + '/' + str(r['width']):>11} {r['eps_erasure']:8.2e} "
+    print(f"{r['model']:5} {r['dtype']:5} {r['concepts']:>3} {r['config']:22} {r['solve_seconds']:8.3f} "
+          f"{r['ratio_to_uce']:6.2f} {r['peak_extra_mib']:8.0f} {r['train_residual']:9.2e} "
+          f"{r['held_out']['concept_end']:9.2e} {r['held_out']['tail']:9.2e} "
+          f"{r['drift_preserve']:9.2e} {r['drift_unrelated']:9.2e} {_sci(r['empty_prompt_drift']):>8} "
+          f"{r['deep_burden']:8.4f} {str(r['deep_rank']) + '/' + str(r['width']):>11} {r['eps_erasure']:8.2e} "
           f"{r['eps_erasure_held_out']:9.2e} {r['eps_preservation']:8.2e}", flush=True)
 
 
@@ -295,6 +347,8 @@ def main(argv=None):
     parser.add_argument("--eps-size", type=int, default=16, help="latent size for the eps metrics")
     parser.add_argument("--out", default=str(REPO / "output" / "bench"))
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a quick smoke run")
+    parser.add_argument("--dtypes", default="fp16", help="comma list: fp16 (a float16 checkpoint file through ComfyUI's "
+                                                          "loader, as users run it), fp32 (built in float32)")
     parser.add_argument("--configs", help=f"comma list of configurations to run (default all: {', '.join(c[0] for c in CONFIGS)}); "
                                           "the first one is the ratio's reference")
     args = parser.parse_args(argv)
@@ -306,7 +360,8 @@ def main(argv=None):
         parser.error(f"unknown configuration(s) {unknown}; choose from {[label for label, _ in CONFIGS]}")
     print(HEADER, flush=True)
     for kind in args.models.split(","):
-        measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size, configs)
+        for dtype in args.dtypes.split(","):
+            measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size, configs, dtype.strip())
     print(f"JSON and charts in {args.out}")
     return 0
 

@@ -243,6 +243,60 @@ def build(kind: str = "sd15", size: str = "tiny", seed: int = 0, clip_layers: in
     return model, clip
 
 
+def save_checkpoint(model, clip, path, dtype=None, vae=None) -> Path:
+    """Write MODEL + CLIP (+ VAE) as one checkpoint file the way ComfyUI's CheckpointSave does
+    (``state_dict_for_saving``), every floating tensor cast to ``dtype`` (e.g. float16, as
+    checkpoints are shared)."""
+    c = import_comfy()
+    c.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd() if vae is not None else None, None)
+    for k, t in list(sd.items()):
+        if dtype is not None and t.is_floating_point() and not k.endswith("position_ids"):
+            t = t.to(dtype)
+        sd[k] = t.detach().cpu().contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c.utils.save_torch_file(sd, str(path))
+    return path
+
+
+def load_checkpoint(path):
+    """(MODEL, CLIP) through ComfyUI's own loader, as Load Checkpoint gives them: its default
+    dtypes (text encoders in float16, also on the CPU)."""
+    c = import_comfy()
+    model, clip, _, _ = c.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True)
+    return model, clip
+
+
+def as_users_load(kind: str = "sd15", size: str = "tiny", seed: int = 0, clip_layers: int | None = None,
+                  folder=None):
+    """(MODEL, CLIP) of a random-weight build saved as a float16 checkpoint file and loaded back
+    through ComfyUI's loader — what a user with a downloaded checkpoint has. The file is cached
+    in ``folder`` (default ``<repo>/.cache/checkpoints``) by kind, size and seed. ``size`` is the
+    UNet's; the text encoders are full depth (the loader builds them so) except for a tiny SDXL.
+
+    ComfyUI detects SDXL only at its real depth, so a tiny SDXL is built the way the loader would
+    leave it instead: weights rounded to float16, text encoders in float16, the UNet as loaded."""
+    import torch
+    if kind == "sdxl" and size != "full":
+        model, clip = build(kind, size, seed, clip_layers)
+        mm = import_comfy().model_management
+        with torch.no_grad():
+            for p in model.model.diffusion_model.parameters():
+                p.copy_(p.to(torch.float16))
+        half = build_clip(kind, size, seed, clip_layers, dtype=mm.text_encoder_dtype(mm.text_encoder_device()))
+        half.cond_stage_model.load_state_dict(clip.cond_stage_model.state_dict(), strict=False)
+        return model, half
+    folder = Path(folder or REPO / ".cache" / "checkpoints")
+    path = folder / f"{kind}_{size}_s{seed}_fp16.safetensors"
+    if not path.is_file():  # ComfyUI's loader builds the text encoders at full depth: so must we
+        model, clip = build_model(kind, size, seed), build_clip(kind, "full", seed)
+        tmp = save_checkpoint(model, clip, path.with_name(path.name + ".tmp"), torch.float16)
+        tmp.replace(path)
+        del model, clip
+    return load_checkpoint(path)
+
+
 def tiny_sd15(seed: int = 0, clip_layers: int = TINY_CLIP_LAYERS, dtype=None):
     """(MODEL, CLIP): SD1.5 family, CLIP-L 768 wide with ``clip_layers`` layers, tiny UNet."""
     return build("sd15", "tiny", seed, clip_layers, dtype)

@@ -7,10 +7,10 @@ from benchmarks import run
 
 def test_benchmark_smoke(tmp_path, capsys):
     assert run.main(["--size", "tiny", "--concepts", "1", "--runs", "1", "--eps-size", "8", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "sd15.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "sd15_fp16.json").read_text())["rows"]
     print(capsys.readouterr().out)
     assert [r["config"] for r in rows] == [label for label, _ in run.CONFIGS]
     by = {r["config"]: r for r in rows}
     assert by["ErasePro S=0"]["train_residual"] <= 1e-5
     assert by["UCE"]["train_residual"] > by["ErasePro S=0"]["train_residual"]
-    assert (tmp_path / "sd15_sites.png").stat().st_size > 0
+    assert (tmp_path / "sd15_fp16_sites.png").stat().st_size > 0
