@@ -186,6 +186,8 @@ def summary_text(report: dict | None) -> str:
         f"preservation drift {format_sci(report.get('preservation_drift'))} | "
         f"unaligned energy {format_sci(report.get('unaligned_energy'))}"
     )
+    if report.get("empty_prompt_drift") is not None:
+        lines.append(f"empty prompt (CFG's negative) drift {format_sci(report.get('empty_prompt_drift'))}")
     if not sites:
         lines.append("no edited sites")
     else:
