@@ -77,6 +77,16 @@ def drift_terms(weight: torch.Tensor, delta: torch.Tensor, k: torch.Tensor,
     return float((change * change).sum()), float((base * base).sum())
 
 
+def worst_drift(site_terms: Iterable[tuple[float, float]], k: torch.Tensor, k_edited: torch.Tensor) -> float:
+    """The largest relative change of a prompt's features on their way through an edited model:
+    at the text encoder's output, ``‖K' − K‖ / ‖K‖`` (every shallow site before it), and at each
+    deep site, ``‖W'K' − W_o K‖ / ‖W_o K‖`` from its :func:`drift_terms`."""
+    k64, e64 = _f64(k, k.device), _f64(k_edited, k.device)
+    base = float(k64.norm())
+    worst = float((e64 - k64).norm()) / base if base > 0 else 0.0
+    return max([worst] + [ratio([t]) for t in site_terms])
+
+
 def relative_change(weight: torch.Tensor, delta_norm: float) -> float:
     """Per-site ``‖ΔW‖_F / ‖W_o‖_F``."""
     base = float(weight.to(torch.float64).norm())

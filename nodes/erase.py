@@ -17,7 +17,7 @@ from erasepro_ops.concepts import PART_NAMES, ROLE_PRIORITY, ConceptPair, align_
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT,
                                  DEFAULT_RTOL)
-from erasepro_ops.metrics import deep_burden, drift_terms, ratio, residual_against_gap
+from erasepro_ops.metrics import deep_burden, drift_terms, ratio, residual_against_gap, worst_drift
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH, retain_prompts
 from erasepro_ops.text import quote
 
@@ -241,8 +241,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     summary = _summarise(request, arch, columns, shallow_results, deep_results, deep_weights,
                          gap=(y - x0)[:, : columns.n_erasure], rank_budget=int(x.shape[0]), templates=n_target,
                          seconds=seconds,
-                         preserve_features=_preserve_features(k_cond, k_edited, len(request.preserve)),
-                         empty_features=_preserve_features(k_cond, k_edited, len(request.preserve), empty=True)
+                         preserve_features=_kept_features(k_cond, k_edited, len(request.preserve)),
+                         empty_features=_kept_features(k_cond, k_edited, len(request.preserve), empty=True)
                          if len(kept_prompts) > len(request.preserve) else None)
     if preserve_tokens is not None:
         summary["warnings"] = preserve_conflicts(pairs, alignments, target_ids, kept_prompts,
@@ -294,7 +294,7 @@ def _soft_weighting(clip, arch, request: Request, preserve_in) -> SoftWeighting 
     return SoftWeighting(hidden, torch.cat(index), strength)
 
 
-def _preserve_features(k: torch.Tensor | None, k_edited: torch.Tensor | None, n_user: int, empty: bool = False):
+def _kept_features(k: torch.Tensor | None, k_edited: torch.Tensor | None, n_user: int, empty: bool = False):
     """``(K, K')`` as in × columns for the user's preserve prompts (the first ``n_user`` rows), or
     with ``empty`` for the empty prompt after them; None when there are none."""
     if k is None:
@@ -378,7 +378,7 @@ def _summarise(request: Request, arch, columns, shallow_results, deep_results, d
     kv_weights = [deep_weights[r.name] for r in kv_results]
     train = residual_against_gap([r.solution.residual_sq for r in kv_results], kv_weights, gap)
     burden = deep_burden([r.weight_norm for r in kv_results], [r.update_norm for r in kv_results])
-    preserve_terms, empty_drifts = [], []
+    preserve_terms, empty_terms = [], []
     for r, w in zip(kv_results, kv_weights):  # one dense ΔW at a time: SDXL has 140 sites
         if preserve_features is None and empty_features is None:
             break
@@ -386,12 +386,9 @@ def _summarise(request: Request, arch, columns, shallow_results, deep_results, d
         if preserve_features is not None:  # through the edited text encoder too (S > 0)
             preserve_terms.append(drift_terms(w, dense, *preserve_features))
         if empty_features is not None:
-            empty_drifts.append(ratio([drift_terms(w, dense, *empty_features)]))
+            empty_terms.append(drift_terms(w, dense, *empty_features))
     drift = ratio(preserve_terms) if preserve_features is not None else None
-    empty_drift = None
-    if empty_features is not None:  # the encoder's output for "" (every shallow site), then each deep site
-        k, k_edited = (t.to(torch.float64) for t in empty_features)
-        empty_drift = max([float((k_edited - k).norm() / k.norm())] + empty_drifts)
+    empty_drift = worst_drift(empty_terms, *empty_features) if empty_features is not None else None
     summary = {
         "method": request.method,
         "progressive_layers": request.progressive_layers,

