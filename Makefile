@@ -32,7 +32,6 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	@test -f scripts/run_demo.py || { echo "scripts/run_demo.py is not written yet" >&2; exit 1; }
 	$(PY) scripts/run_demo.py
 
 serve: setup checkpoint

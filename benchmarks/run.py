@@ -1,4 +1,4 @@
-"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (issue 6).
+"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL.
 
     python -m benchmarks.run [--models sd15,sdxl] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
 
@@ -59,6 +59,26 @@ CONFIGS = [
     ("ErasePro S=0", dict(method="erasepro", progressive_layers=0)),
     ("ErasePro S=3 residual", dict(method="erasepro", progressive_layers=3, shallow_rule="residual_schedule")),
     ("ErasePro S=3 anchor", dict(method="erasepro", progressive_layers=3, shallow_rule="anchor_features")),
+]
+S3 = dict(method="erasepro", progressive_layers=3, template_padding=77)  # every padding position, unless a setting says
+SWEEP = [  # --sweep: the settings behind the trade-off chart (keys the node has no widget for go to the Request)
+    ("UCE", CONFIGS[0][1]),
+    ("S=3 retain 0", dict(S3, retain_strength=0.0)),
+    ("S=3 retain 1", dict(S3, retain_strength=1.0)),
+    ("S=3 retain 10", dict(S3, retain_strength=10.0)),
+    ("S=3 retain 100", dict(S3, retain_strength=100.0)),
+    ("S=3 retain 10 pad 8", dict(S3, retain_strength=10.0, retain_padding=8)),
+    ("S=3 retain 10 pad 76", dict(S3, retain_strength=10.0, retain_padding=76)),
+    ("S=3 ctx 20", dict(S3, context_sentences=20)),
+    ("S=3 ctx 20 pad 4", dict(S3, context_sentences=20, context_padding=4)),
+    ("S=3 ctx 20 no suffix", dict(S3, context_sentences=20, context_suffix=False)),
+    ("S=3 ctx 10", dict(S3, context_sentences=10)),
+    ("S=3 tpad 0", dict(S3, template_padding=0)),
+    ("S=3 tpad 8", dict(S3, template_padding=8)),
+    ("S=3 tpad 16", dict(S3, template_padding=16)),
+    ("S=3 tpad 32", dict(S3, template_padding=32)),
+    ("S=3 ctx 20 tpad 8", dict(S3, context_sentences=20, template_padding=8)),
+    ("S=3 ctx 20 tpad 0", dict(S3, context_sentences=20, template_padding=0)),
 ]
 
 
@@ -189,7 +209,7 @@ def load_models(kind: str, size: str, dtype: str):
 
 
 def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full", configs=None,
-            dtype: str = "fp16"):
+            dtype: str = "fp16", sweep: bool = False):
     import torch
     from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, preservation_drift
 
@@ -233,20 +253,19 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
                 "ht": eps(model, clip, held_prompt.format(first_t)), "ha": eps(model, clip, held_prompt.format(first_a)),
                 "u": eps(model, clip, UNRELATED[0])}
         uce_time = None
-        for label, cfg in [c for c in CONFIGS if configs is None or c[0] in configs]:
-            args = dict(model=model, clip=clip, concepts=chain, preserve="\n".join(PRESERVE), **cfg)
-            solver.solve(**{**args, "concepts": warm_chain})  # warm-up (tokenizer caches, model load): one concept
+        for label, cfg in [c for c in (SWEEP if sweep else CONFIGS) if configs is None or c[0] in configs]:
+            solve = configured_solve(solver, erase, model, clip, cfg)
+            solve(warm_chain)  # warm-up (tokenizer caches, model load): one concept
             times, peak = [], 0
             for _ in range(runs if n < 100 else 1):
                 with PeakMemory(torch.device(device)) as mem:
                     start = time.perf_counter()
-                    out = solver.solve(**args)
+                    edit = solve(chain)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
                 peak = max(peak, mem.peak)
             seconds = statistics.median(times)
-            edit = out["result"][0]
             s = edit.summary
             m2, c2 = erase.apply_edit(model, clip, edit, 1.0)
             sites = {site.key: site for site in edit.part("model")}
@@ -277,12 +296,35 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
             }
             rows.append(row)
             print_row(row)
-            del m2, c2, edit, out, sites  # full-size SDXL: keep one edit alive at a time
+            del m2, c2, edit, sites  # full-size SDXL: keep one edit alive at a time
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"device": device_name(device), "torch": torch.__version__, "rows": rows}
-    (out_dir / f"{kind}_{dtype}.json").write_text(json.dumps(info, indent=1))
-    draw_sites(rows, out_dir / f"{kind}_{dtype}_sites.png")
+    name = f"{kind}_{dtype}{'_sweep' if sweep else ''}"
+    (out_dir / f"{name}.json").write_text(json.dumps(info, indent=1))
+    if sweep:
+        draw_trade_off(rows, out_dir / f"{name}_trade_off.png")
+    else:
+        draw_sites(rows, out_dir / f"{name}_sites.png")
     return rows
+
+
+def configured_solve(solver, erase, model, clip, cfg: dict):
+    """``solve(chain) -> ErasureEdit`` for one configuration: the solver node itself when ``cfg``
+    holds node inputs only, else the node's request with the other settings replaced."""
+    import dataclasses
+    import inspect
+
+    node_keys = set(inspect.signature(solver.request).parameters)
+    node_cfg = {k: v for k, v in cfg.items() if k in node_keys}
+    extra = {k: v for k, v in cfg.items() if k not in node_keys}
+    preserve = "\n".join(PRESERVE)
+
+    def solve(chain):
+        if not extra:
+            return solver.solve(model=model, clip=clip, concepts=chain, preserve=preserve, **node_cfg)["result"][0]
+        request = dataclasses.replace(solver.request(concepts=chain, preserve=preserve, **node_cfg), **extra)
+        return erase.run_erasure(model, clip, request)
+    return solve
 
 
 def device_name(device) -> str:
@@ -339,6 +381,49 @@ def draw_sites(rows, path: Path):
     img.save(path)
 
 
+def draw_trade_off(rows, path: Path):
+    """Held-out residual (concept + end tokens) against unlisted-prompt drift, a point per setting
+    (one panel per concept count), UCE as a red square. Lower-left is better on both. PIL only."""
+    from PIL import Image, ImageDraw
+
+    counts = sorted({r["concepts"] for r in rows})
+    w, h, pad, legend = 1000, 560, 70, 330
+    img = Image.new("RGB", (w + legend, h * len(counts)), "white")
+    draw = ImageDraw.Draw(img)
+    for panel, n in enumerate(counts):
+        top = panel * h
+        subset = [r for r in rows if r["concepts"] == n]
+        xs = [r["drift_unrelated"] for r in subset]
+        ys = [r["held_out"]["concept_end"] for r in subset]
+        x_max, y_max = max(xs) * 1.1 or 1.0, max(ys) * 1.1 or 1.0
+
+        def at(x, y):
+            return pad + x / x_max * (w - 2 * pad), top + h - pad - y / y_max * (h - 2 * pad)
+
+        draw.text((pad, top + 10), f"{subset[0]['model']} {subset[0]['dtype']}, {n} concept(s): held-out residual "
+                  "(concept + end tokens) vs drift of unlisted prompts; lower-left is better", fill="black")
+        draw.line([at(0, 0), at(x_max, 0)], fill="gray")
+        draw.line([at(0, 0), at(0, y_max)], fill="gray")
+        for k in range(5):
+            x, y = x_max * k / 4, y_max * k / 4
+            draw.text((at(x, 0)[0] - 12, top + h - pad + 6), f"{x:.3f}", fill="gray")
+            draw.text((6, at(0, y)[1] - 6), f"{y:.2f}", fill="gray")
+        draw.text((w // 2 - 80, top + h - 24), "unlisted-prompt drift", fill="black")
+        draw.text((6, top + 30), "held-out residual", fill="black")
+        for i, (r, x, y) in enumerate(zip(subset, xs, ys), start=1):
+            cx, cy = at(x, y)
+            uce = r["method"] == "uce"
+            colour = (200, 40, 40) if uce else (40, 90, 200)
+            if uce:
+                draw.rectangle([cx - 5, cy - 5, cx + 5, cy + 5], fill=colour)
+            else:
+                draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+            draw.text((cx + 7, cy - 6 + 12 * (i % 2) - 6), str(i), fill=colour)  # alternate sides: near points
+            draw.text((w + 5, top + 40 + 16 * i), f"{i:2}. {r['config']}: {y:.3f} / {x:.3f}", fill=colour)
+        draw.text((w + 5, top + 40), "held-out c+e / drift", fill="black")
+    img.save(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB)")
@@ -351,17 +436,22 @@ def main(argv=None):
                                                           "loader, as users run it), fp32 (built in float32)")
     parser.add_argument("--configs", help=f"comma list of configurations to run (default all: {', '.join(c[0] for c in CONFIGS)}); "
                                           "the first one is the ratio's reference")
+    parser.add_argument("--sweep", action="store_true",
+                        help=f"run the trade-off settings instead ({', '.join(c[0] for c in SWEEP)}) and chart "
+                             "held-out residual against unlisted-prompt drift")
     args = parser.parse_args(argv)
     H.import_comfy()
     counts = [int(c) for c in args.concepts.split(",")]
     configs = None if args.configs is None else [c.strip() for c in args.configs.split(",")]
-    unknown = sorted(set(configs or ()) - {label for label, _ in CONFIGS})
+    labels = [label for label, _ in (SWEEP if args.sweep else CONFIGS)]
+    unknown = sorted(set(configs or ()) - set(labels))
     if unknown:
-        parser.error(f"unknown configuration(s) {unknown}; choose from {[label for label, _ in CONFIGS]}")
+        parser.error(f"unknown configuration(s) {unknown}; choose from {labels}")
     print(HEADER, flush=True)
     for kind in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size, configs, dtype.strip())
+            measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size, configs, dtype.strip(),
+                    args.sweep)
     print(f"JSON and charts in {args.out}")
     return 0
 

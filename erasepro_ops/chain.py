@@ -90,15 +90,24 @@ class Columns:
     @classmethod
     def from_alignments(
         cls, alignments: Sequence[PromptAlignment], context_length: int, *, last_token_only: bool = False,
-        preserve: Sequence[PromptAlignment] = (),
+        preserve: Sequence[PromptAlignment] = (), padding: Sequence[int | None] | None = None,
+        suffix: Sequence[bool] | None = None,
     ) -> "Columns":
         """All constrained columns (DESIGN §3), or with ``last_token_only`` just each template's last
         concept token and no keep-constraints — the features the official UCE edits. ``preserve``
-        (from :func:`~erasepro_ops.concepts.preserve_alignment`) adds preserve prompts' columns."""
+        (from :func:`~erasepro_ops.concepts.preserve_alignment`) adds preserve prompts' columns.
+        ``padding[p]``, when not None, keeps only the first that many padding positions of prompt
+        ``p``, and ``suffix[p]`` False drops its suffix positions (context sentences: their concept
+        and end columns carry the erasure)."""
         keep, move, partner, groups = [], [], [], []
         for p, al in enumerate(alignments):
             base = p * context_length
             rows = list(zip(al.move, al.partner, al.role))
+            limit = None if padding is None else padding[p]
+            if limit is not None:  # the padding is the tail of ``move``
+                rows = rows[: sum(r[2] != "pad" for r in rows) + limit]
+            if suffix is not None and not suffix[p]:
+                rows = [r for r in rows if r[2] != "suffix"]
             if last_token_only:
                 rows = [max((r for r in rows if r[2] == "concept"), key=lambda r: r[0])]
             else:

@@ -18,6 +18,9 @@ RETAIN_FILE = Path(__file__).with_name("data") / "retain_prompts.txt"
 DEFAULT_RETAIN_STRENGTH = 10.0
 """Scale-free α of the retain weighting (``α = strength / mean squared entry of K``); 0 = off."""
 
+DEFAULT_RETAIN_PADDING = 0
+"""Padding positions after each bank prompt's end token that are weighted too."""
+
 
 @lru_cache(maxsize=1)
 def retain_prompts() -> tuple[str, ...]:

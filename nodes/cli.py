@@ -35,6 +35,8 @@ from erasepro_ops import export  # noqa: E402  (pure)
 from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair  # noqa: E402
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # noqa: E402
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH  # noqa: E402
+from erasepro_ops.contexts import (ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING,  # noqa: E402
+                                   MAX_CONTEXT_TEMPLATES)
 
 
 class CliError(Exception):
@@ -166,7 +168,8 @@ def cmd_erase(args) -> int:
                             rule=args.rule, preserve=preserve, preserve_strength=float(args.preserve_strength),
                             overflow_damping=float(args.overflow_damping),
                             overflow_preserve_weight=float(args.overflow_preserve_weight),
-                            keep_empty_prompt=not args.no_keep_empty, retain_strength=float(args.retain_strength))
+                            keep_empty_prompt=not args.no_keep_empty, retain_strength=float(args.retain_strength),
+                            template_padding=int(args.template_padding), context_templates=int(args.context_sentences))
     with tqdm(total=total, desc="erasing", unit="layer", file=sys.stderr, disable=args.quiet) as bar:
         def step(name):
             bar.set_postfix_str(name.split(".weight")[0][-40:], refresh=False)
@@ -248,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--retain-strength", type=float, default=DEFAULT_RETAIN_STRENGTH,
                    help="weight the text-encoder edit away from the built-in retain bank of ordinary prompts "
                         f"(default {DEFAULT_RETAIN_STRENGTH:g}; 0 = off)")
+    e.add_argument("--template-padding", type=int, default=DEFAULT_TEMPLATE_PADDING, metavar="N",
+                   help="padding positions after each template's end token aligned exactly (erasepro; default "
+                        f"{DEFAULT_TEMPLATE_PADDING}; {ALL_PADDING} = all: the templates erased to the last digit, other "
+                        "prompts served worse)")
+    e.add_argument("--context-sentences", type=int, default=DEFAULT_CONTEXT_TEMPLATES, metavar="N",
+                   help="varied sentences per concept from the built-in bank, aligned at the concept and end tokens "
+                        f"(erasepro; default {DEFAULT_CONTEXT_TEMPLATES}, at most {MAX_CONTEXT_TEMPLATES}; 0 = only the templates)")
     e.add_argument("--dtype", choices=list(export.STORAGE_DTYPES), default="float32", help="LoRA storage dtype (float32 = exact)")
     e.add_argument("--strength", type=float, default=1.0, help="strength baked into --bake (default 1)")
     e.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")

@@ -14,11 +14,13 @@ import comfy.model_management
 from erasepro_ops import __version__
 from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
 from erasepro_ops.concepts import PART_NAMES, ROLE_PRIORITY, ConceptPair, align_chunks, expand, preserve_alignment, token_chunks
+from erasepro_ops.contexts import (DEFAULT_CONTEXT_PADDING, DEFAULT_CONTEXT_SUFFIX, DEFAULT_CONTEXT_TEMPLATES,
+                                   DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES, context_pairs)
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT,
                                  DEFAULT_RTOL)
 from erasepro_ops.metrics import deep_burden, drift_terms, ratio, residual_against_gap, worst_drift
-from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH, retain_prompts
+from erasepro_ops.retain import DEFAULT_RETAIN_PADDING, DEFAULT_RETAIN_STRENGTH, retain_prompts
 from erasepro_ops.text import quote
 
 from .host import (
@@ -53,6 +55,11 @@ class Request:
     keep_empty_prompt: bool = True  # erasepro: the empty prompt (CFG's unconditional branch) is kept exactly
     retain_strength: float = DEFAULT_RETAIN_STRENGTH  # erasepro, S > 0: weight the shallow edits away from the retain bank
     gap_floor: float = DEFAULT_GAP_FLOOR  # erasepro: deep columns closer than this to the anchor count as met
+    retain_padding: int = DEFAULT_RETAIN_PADDING  # retain bank: padding positions after each end token weighted too
+    context_templates: int = DEFAULT_CONTEXT_TEMPLATES  # erasepro: context sentences added per concept
+    context_padding: int = DEFAULT_CONTEXT_PADDING  # their padding positions constrained after the end token
+    context_suffix: bool = DEFAULT_CONTEXT_SUFFIX  # their words after the concept constrained too
+    template_padding: int = DEFAULT_TEMPLATE_PADDING  # erasepro: padding positions constrained per template
 
     def preserve_prompts(self) -> tuple[str, ...]:
         """The user's preserve prompts, then the empty prompt when it is kept (erasepro only)."""
@@ -67,6 +74,11 @@ def _chunks(clip, text: str, token_key: str) -> list[list[int]]:
 def prompt_pairs(concepts) -> list[tuple[str, str, ConceptPair]]:
     """Every concept's templates as ``(target prompt, anchor prompt, pair)``."""
     return [(t, a, pair) for pair in concepts for t, a in expand(pair)]
+
+
+def context_prompt_pairs(concepts, n: int) -> list[tuple[str, str, ConceptPair]]:
+    """Every concept's first ``n`` context sentences (``erasepro_ops.contexts``) not among its templates."""
+    return [(t, a, pair) for pair in concepts for t, a in context_pairs(pair, n, set(expand(pair)))]
 
 
 def align_prompts(clip, arch, pairs):
@@ -170,6 +182,10 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     if not request.overflow_preserve_weight > 0:
         raise EraseProError("overflow_preserve_weight must be positive (default "
                             f"{DEFAULT_OVERFLOW_PRESERVE_WEIGHT:g})")
+    if not 0 <= request.context_templates <= MAX_CONTEXT_TEMPLATES:
+        raise EraseProError(f"context_templates must be between 0 and {MAX_CONTEXT_TEMPLATES}")
+    if min(request.context_padding, request.retain_padding, request.template_padding) < 0:
+        raise EraseProError("template_padding, context_padding and retain_padding must be 0 or more")
     arch = detect(model, clip)
     start = time.perf_counter()
     device = solve_device()
@@ -178,6 +194,12 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
                               overflow_preserve_weight=request.overflow_preserve_weight, gap_floor=request.gap_floor)
 
     pairs = prompt_pairs(request.concepts)
+    own_padding = request.template_padding if request.method == "erasepro" and request.features == "all" else None
+    padding, suffix = [own_padding] * len(pairs), [True] * len(pairs)
+    if request.method == "erasepro" and request.features == "all" and request.context_templates:
+        contexts = context_prompt_pairs(request.concepts, request.context_templates)
+        pairs, padding = pairs + contexts, padding + [request.context_padding] * len(contexts)
+        suffix += [request.context_suffix] * len(contexts)
     alignments, target_ids, anchor_ids = align_prompts(clip, arch, pairs)
     kept_prompts = request.preserve_prompts()
     preserve_tokens = preserve_ids(clip, arch, kept_prompts) if kept_prompts else None
@@ -185,7 +207,8 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
     # tokens); UCE keeps its own soft preserve term.
     exact_preserve = request.method == "erasepro" and preserve_tokens is not None
     columns = Columns.from_alignments(
-        alignments, CONTEXT, last_token_only=request.features == "last_token",
+        alignments, CONTEXT, last_token_only=request.features == "last_token", padding=padding,
+        suffix=suffix,
         preserve=preserve_alignments(arch, kept_prompts, preserve_tokens) if exact_preserve else ())
     soft_preserve = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
     n_target = len(alignments)
@@ -254,7 +277,9 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
         "preserve": list(request.preserve), "preserve_strength": request.preserve_strength,
         "overflow_damping": request.overflow_damping, "overflow_preserve_weight": request.overflow_preserve_weight,
         "features": request.features, "rtol": request.rtol, "keep_empty_prompt": request.keep_empty_prompt,
-        "retain_strength": request.retain_strength,
+        "retain_strength": request.retain_strength, "retain_padding": request.retain_padding,
+        "context_templates": request.context_templates, "context_padding": request.context_padding,
+        "context_suffix": request.context_suffix, "template_padding": request.template_padding,
         "gap_floor": request.gap_floor, "family": arch.family, "version": __version__,
     }
     return ErasureEdit(tuple(clip_edits + model_edits), settings_record, summary,
@@ -286,7 +311,7 @@ def _soft_weighting(clip, arch, request: Request, preserve_in) -> SoftWeighting 
         parts.append([h for h, _, _ in first_layer_inputs(clip, arch.encoders, ids)])
         spans = preserve_alignments(arch, prompts, ids)
         index.append(torch.tensor([(rows + j) * CONTEXT + pos for j, al in enumerate(spans)
-                                   for pos in al.positions("preserve")]))
+                                   for pos in al.positions("preserve") + al.positions("preserve_pad")[:request.retain_padding]]))
     if not parts:
         return None
     hidden = [torch.cat([part[i] for part in parts]) for i in range(len(arch.encoders))]

@@ -6,6 +6,7 @@ import comfy.utils
 from erasepro_ops.chain import METHODS, SHALLOW_RULES
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING
 from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
+from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH
 
 from .erase import Request, run_erasure
@@ -46,12 +47,27 @@ class ProgressiveSolver:
                 "overflow_damping": ("FLOAT", {"default": DEFAULT_OVERFLOW_DAMPING, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Only matters when the constraints exceed the rank budget (many concepts in one solve): the overflow (padding positions) is fitted by damped least squares instead of exactly, so the model is not wrecked. 0 = plain least squares; larger = gentler edit, larger residual."}),
                 "keep_empty_prompt": ("BOOLEAN", {"default": True, "tooltip": "Hold the empty prompt exactly still (erasepro). Samplers run it as the negative/unconditional branch at every step of every image, so moving it changes pictures that never name the concept."}),
                 "retain_strength": ("FLOAT", {"default": DEFAULT_RETAIN_STRENGTH, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "With progressive_layers > 0 (erasepro): steer the text-encoder edit away from a built-in bank of 300 ordinary prompts, so prompts you did not list change less. 0 = off; larger = they change less, the edit spreads elsewhere."}),
+                "template_padding": ("INT", {"default": DEFAULT_TEMPLATE_PADDING, "min": 0, "max": ALL_PADDING, "tooltip": "erasepro: how many padding positions after each template's end token are aligned exactly. 77 = all of them: the template prompts themselves are erased to the last digit, but other prompts and sentences you write are served worse (they drift more, the UNet changes more). Fewer = better on your own sentences, lighter on everything else."}),
+                "context_sentences": ("INT", {"default": DEFAULT_CONTEXT_TEMPLATES, "min": 0, "max": MAX_CONTEXT_TEMPLATES, "tooltip": "erasepro: also align the concept in this many varied built-in sentences per concept (at its own tokens, the words after it and the end token). Erases better in sentences you write yourself and moves unlisted prompts less, but one concept then fills the rank budget: the templates' padding and the empty prompt are fitted by least squares instead of exactly. 0 = the templates only (exact)."}),
             },
         }
 
+    @staticmethod
+    def request(concepts, progressive_layers, method, preserve="", shallow_rule="residual_schedule",
+                preserve_strength=0.0, features="all", overflow_damping=DEFAULT_OVERFLOW_DAMPING,
+                keep_empty_prompt=True, retain_strength=DEFAULT_RETAIN_STRENGTH,
+                template_padding=DEFAULT_TEMPLATE_PADDING, context_sentences=DEFAULT_CONTEXT_TEMPLATES) -> Request:
+        """The solve's request from the node's inputs (settings without a widget keep their defaults)."""
+        return Request(tuple(concepts or ()), int(progressive_layers), method, shallow_rule,
+                       preserve_lines(preserve), float(preserve_strength), features=features,
+                       overflow_damping=float(overflow_damping), keep_empty_prompt=bool(keep_empty_prompt),
+                       retain_strength=float(retain_strength), template_padding=int(template_padding),
+                       context_templates=int(context_sentences))
+
     def solve(self, model, clip, concepts, progressive_layers, method, preserve="", shallow_rule="residual_schedule",
               preserve_strength=0.0, features="all", overflow_damping=DEFAULT_OVERFLOW_DAMPING,
-              keep_empty_prompt=True, retain_strength=DEFAULT_RETAIN_STRENGTH):
+              keep_empty_prompt=True, retain_strength=DEFAULT_RETAIN_STRENGTH,
+              template_padding=DEFAULT_TEMPLATE_PADDING, context_sentences=DEFAULT_CONTEXT_TEMPLATES):
         arch = detect(model, clip)
         total = sum(e.shallow_depth(progressive_layers) for e in arch.encoders) + len(arch.deep_keys) + (1 if arch.pooled_width else 0)
         bar = comfy.utils.ProgressBar(total)
@@ -60,10 +76,9 @@ class ProgressiveSolver:
             comfy.model_management.throw_exception_if_processing_interrupted()
             bar.update(1)
 
-        request = Request(tuple(concepts or ()), int(progressive_layers), method, shallow_rule,
-                          preserve_lines(preserve), float(preserve_strength), features=features,
-                          overflow_damping=float(overflow_damping), keep_empty_prompt=bool(keep_empty_prompt),
-                          retain_strength=float(retain_strength))
+        request = self.request(concepts, progressive_layers, method, preserve, shallow_rule, preserve_strength,
+                               features, overflow_damping, keep_empty_prompt, retain_strength, template_padding,
+                               context_sentences)
         edit = run_erasure(model, clip, request, on_site=step)
         report = {k: v for k, v in edit.summary.items()}
         image = report_to_image_tensor(draw_report(report))

@@ -273,18 +273,19 @@ def as_users_load(kind: str = "sd15", size: str = "tiny", seed: int = 0, clip_la
     """(MODEL, CLIP) of a random-weight build saved as a float16 checkpoint file and loaded back
     through ComfyUI's loader — what a user with a downloaded checkpoint has. The file is cached
     in ``folder`` (default ``<repo>/.cache/checkpoints``) by kind, size and seed. ``size`` is the
-    UNet's; the text encoders are full depth (the loader builds them so) except for a tiny SDXL.
+    UNet's; the text encoders are full depth (the loader builds them so).
 
     ComfyUI detects SDXL only at its real depth, so a tiny SDXL is built the way the loader would
     leave it instead: weights rounded to float16, text encoders in float16, the UNet as loaded."""
     import torch
     if kind == "sdxl" and size != "full":
-        model, clip = build(kind, size, seed, clip_layers)
+        text_size = "full" if clip_layers is None else size
+        model, clip = build_model(kind, size, seed), build_clip(kind, text_size, seed, clip_layers)
         mm = import_comfy().model_management
         with torch.no_grad():
             for p in model.model.diffusion_model.parameters():
                 p.copy_(p.to(torch.float16))
-        half = build_clip(kind, size, seed, clip_layers, dtype=mm.text_encoder_dtype(mm.text_encoder_device()))
+        half = build_clip(kind, text_size, seed, clip_layers, dtype=mm.text_encoder_dtype(mm.text_encoder_device()))
         half.cond_stage_model.load_state_dict(clip.cond_stage_model.state_dict(), strict=False)
         return model, half
     folder = Path(folder or REPO / ".cache" / "checkpoints")

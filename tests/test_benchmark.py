@@ -14,3 +14,13 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert by["ErasePro S=0"]["train_residual"] <= 1e-5
     assert by["UCE"]["train_residual"] > by["ErasePro S=0"]["train_residual"]
     assert (tmp_path / "sd15_fp16_sites.png").stat().st_size > 0
+
+
+def test_benchmark_sweep_writes_the_trade_off_chart(tmp_path):
+    configs = "UCE,S=3 ctx 10"
+    assert run.main(["--size", "tiny", "--concepts", "1", "--runs", "1", "--eps-size", "8", "--out", str(tmp_path),
+                     "--sweep", "--configs", configs]) == 0
+    rows = json.loads((tmp_path / "sd15_fp16_sweep.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == configs.split(",")
+    assert all(0 < r["held_out"]["concept_end"] and 0 < r["drift_unrelated"] for r in rows)
+    assert (tmp_path / "sd15_fp16_sweep_trade_off.png").stat().st_size > 0

@@ -239,3 +239,22 @@ def test_settled_columns_are_kept_and_the_rest_still_solved_exactly():
     assert torch.allclose(after[:, :30], w @ x[:, :30], atol=1e-9)  # settled columns: left as they were
     (plain, *_) = solve_deep(sites, x, y, None, SolverSettings(gap_floor=0.0))  # 0: fit everything
     assert plain.solution.residual <= 1e-9 < r.solution.residual <= 1e-5  # the noise is reported, not fitted
+
+
+def test_padding_limit_keeps_concept_suffix_end_and_the_first_padding_positions():
+    """Context sentences constrain their concept, suffix and end columns and only the first few
+    padding positions after the end token; the other prompts keep every position."""
+    pairs = prompts()
+    alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
+    full = Columns.from_alignments(alignments, T)
+    limited = Columns.from_alignments(alignments, T, padding=[None, 2] + [0] * (len(alignments) - 2))
+    pad = ROLE_PRIORITY["pad"]
+    rows = [full.target[full.n_keep:] // T, limited.target[limited.n_keep:] // T]
+    groups = [full.groups[full.n_keep:], limited.groups[limited.n_keep:]]
+    for p, al in enumerate(alignments):
+        kept = [(g == pad).sum().item() for g in (groups[0][rows[0] == p], groups[1][rows[1] == p])]
+        assert kept[0] == len(al.positions("pad"))
+        assert kept[1] == (kept[0] if p == 0 else min(kept[0], 2 if p == 1 else 0))
+        non_pad = [((g != pad) & (r == p)).sum().item() for g, r in zip(groups, rows)]
+        assert non_pad[0] == non_pad[1] > 0
+    assert limited.n_keep == full.n_keep
