@@ -47,10 +47,14 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def erase(nodes, model, clip, target, anchor, S=0, method="erasepro", concept_type="style", preserve=""):
+ALL_PADDING = 77  # these tests check the template prompts erased to the last digit: every position aligned
+
+
+def erase(nodes, model, clip, target, anchor, S=0, method="erasepro", concept_type="style", preserve="",
+          template_padding=ALL_PADDING):
     pair, solver, apply = nodes
     (concepts,) = pair.build(target, anchor, concept_type)
-    out = solver.solve(model, clip, concepts, S, method, preserve=preserve)
+    out = solver.solve(model, clip, concepts, S, method, preserve=preserve, template_padding=template_padding)
     edit, image, summary = out["result"]
     new_model, new_clip = apply.apply(model, edit, 1.0, clip)
     return edit, new_model, new_clip, out
@@ -255,7 +259,7 @@ def test_preserve_prompts_drift_less_at_equal_residual(nodes):
     drift = {}
     for strength in (0.0, 10.0):
         edit = solver.solve(model, clip, concepts, 0, "erasepro", preserve=preserve,
-                            preserve_strength=strength)["result"][0]
+                            preserve_strength=strength, template_padding=ALL_PADDING)["result"][0]
         drift[strength] = edit.summary["preservation_drift"]
         print(f"preserve_strength {strength}: drift {drift[strength]:.4f}, "
               f"train residual {edit.summary['train_residual']:.2e}")
@@ -313,7 +317,7 @@ def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes
     concepts = twelve_concepts(pair)
     summaries = {}
     for rho in (0.0, 1e-3):
-        out = solver.solve(model, clip, concepts, 0, "erasepro", overflow_damping=rho)
+        out = solver.solve(model, clip, concepts, 0, "erasepro", overflow_damping=rho, template_padding=ALL_PADDING)
         summaries[rho] = s = out["result"][0].summary
         print(f"overflow_damping {rho}: train residual {s['train_residual']:.3e}, deep burden {s['deep_burden']:.3f}, "
               f"rank {s['deep_rank']}/{s['rank_budget']}, unaligned energy {s['unaligned_energy']:.2e}")
@@ -344,7 +348,8 @@ def test_concept_tokens_past_the_budget_are_not_called_exact(nodes):
     lines = tuple("{} " + " ".join(rng.sample(words, 50)) for _ in range(17))
     model, clip = H.build("sd15")
     concepts = (erase_mod.ConceptPair("van gogh", "a painter", "custom", lines),)
-    s = erase_mod.run_erasure(model, clip, erase_mod.Request(concepts, progressive_layers=0)).summary
+    s = erase_mod.run_erasure(model, clip, erase_mod.Request(concepts, progressive_layers=0,
+                                                             template_padding=ALL_PADDING)).summary
     print(f"{s['constraints']} columns: exact {s['exact_parts']}, least squares {s['least_squares_parts']}, "
           f"train residual {s['train_residual']:.3e}")
     assert s["exact_parts"] == ["prefixes"]
@@ -365,8 +370,9 @@ def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
     concepts = twelve_concepts(pair)
     preserve = ("a photo of a dog", "a landscape painting", "a portrait of a woman", "a city street at night",
                 "a bowl of fruit", "a mountain lake at sunrise")
-    runs = {"uce": dict(method="uce", features="last_token"), "w=1": dict(overflow_preserve_weight=1.0),
-            "default": {}}
+    every = dict(template_padding=ALL_PADDING)  # the overflow is the templates' padding
+    runs = {"uce": dict(method="uce", features="last_token"), "w=1": dict(overflow_preserve_weight=1.0, **every),
+            "default": every}
     s = {}
     for label, kw in runs.items():
         s[label] = erase_mod.run_erasure(model, clip, erase_mod.Request(tuple(concepts), preserve=preserve, **kw)).summary
@@ -377,7 +383,7 @@ def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
     assert s["default"]["preservation_drift"] < 0.5 * s["w=1"]["preservation_drift"]
     assert s["default"]["train_residual"] < 0.5 and s["default"]["deep_burden"] < 1.0
     with pytest.raises(erase_mod.EraseProError, match="overflow_preserve_weight"):
-        erase_mod.run_erasure(model, clip, erase_mod.Request(tuple(concepts), overflow_preserve_weight=0.0))
+        erase_mod.run_erasure(model, clip, erase_mod.Request(tuple(concepts), overflow_preserve_weight=0.0, **every))
 
 
 def test_long_prompt_is_quoted_short(nodes):
@@ -441,3 +447,19 @@ def test_nan_in_one_token_embedding_names_the_prompts_that_use_it(nodes, pack):
     quoted = msg.split("features for ", 1)[1]
     assert quoted.startswith("'") and "van gogh" in quoted.split(":")[0]
     assert "claude monet" not in msg
+
+
+def test_context_sentences_join_the_solve_and_are_recorded(nodes):
+    """context_sentences adds the built-in varied sentences per concept to the constraints (concept,
+    suffix and end columns only) and the settings record says so, so the file reproduces the edit."""
+    model, clip = H.build("sd15")
+    pair, solver, _ = nodes
+    (concepts,) = pair.build(TARGET, "a painting", "style")
+    plain = solver.solve(model, clip, concepts, 3, "erasepro")["result"][0]
+    more = solver.solve(model, clip, concepts, 3, "erasepro", context_sentences=20)["result"][0]
+    assert more.summary["templates"] == plain.summary["templates"] + 20
+    added = more.summary["constraints"] - plain.summary["constraints"]
+    assert 20 * 3 <= added <= 20 * 40  # a few columns each, never their 77 positions
+    assert more.settings["context_templates"] == 20 and plain.settings["context_templates"] == 0
+    with pytest.raises(Exception, match="between 0 and 20"):
+        solver.solve(model, clip, concepts, 3, "erasepro", context_sentences=21)
