@@ -73,10 +73,7 @@ SWEEP = [  # --sweep: the settings behind the trade-off chart (keys the node has
     ("S=3 ctx 20 pad 4", dict(S3, context_sentences=20, context_padding=4)),
     ("S=3 ctx 20 no suffix", dict(S3, context_sentences=20, context_suffix=False)),
     ("S=3 ctx 10", dict(S3, context_sentences=10)),
-    ("S=3 tpad 0", dict(S3, template_padding=0)),
     ("S=3 tpad 8", dict(S3, template_padding=8)),
-    ("S=3 tpad 16", dict(S3, template_padding=16)),
-    ("S=3 tpad 32", dict(S3, template_padding=32)),
     ("S=3 ctx 20 tpad 8", dict(S3, context_sentences=20, template_padding=8)),
     ("S=3 ctx 20 tpad 0", dict(S3, context_sentences=20, template_padding=0)),
 ]
