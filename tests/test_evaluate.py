@@ -36,10 +36,23 @@ def node(pack):
     return pack.NODE_CLASS_MAPPINGS["ErasePro_Evaluate"]()
 
 
+def tiny_vae():
+    """ComfyUI's VAE class around a narrow AutoencoderKL (8x downscale, 4 latent channels), random init."""
+    H.import_comfy()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    params = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
+                                           "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1,
+                                           "attn_resolutions": [], "dropout": 0.0}}
+    ae = AutoencoderKL(**params)
+    H.init_weights_(ae, seed=3)
+    return comfy.sd.VAE(sd=ae.state_dict(), config={"params": params})
+
+
 @pytest.fixture(scope="module")
 def sd15():
-    model, clip, vae = H.build("sd15", with_vae=True)
-    return model, clip, vae
+    model, clip = H.build("sd15")
+    return model, clip, tiny_vae()
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +152,14 @@ def test_grid_layout_and_seed_determinism(node, sd15, erased, concepts):
     assert [r.group for r in rows] == ["target", "target", "held-out", "unrelated", "unrelated"]
     assert summary.count("\n  [") == len(rows) and "connect a CLIP vision model" in summary
     assert out["ui"]["images"] and out["ui"]["images"][0]["type"] == "temp"
-    # same seed, same model: the same picture whichever prompt; run again: identical grid
-    again = run(node, (model, clip), erased, vae, concepts)["result"][0]
-    assert torch.equal(grid, again)
+    # run again, one image per batch: the same pictures (one seed per image, whatever the batch; the
+    # identical-models test below checks two renders are bit-identical)
+    again = run(node, (model, clip), erased, vae, concepts, batch_size=1)["result"][0]
+    assert again.shape == grid.shape and (again - grid).abs().max() <= 2 / 255
     before, after = cells(grid, rows, 0), cells(grid, rows, 1)
     assert any(not np.array_equal(b, a) for b, a in zip(before[:3], after[:3])), "the erasure changed no target image"
-    other = run(node, (model, clip), erased, vae, concepts, seed=8)["result"][0]
-    assert not np.array_equal(cells(other, rows, 0)[0], before[0]), "the seed does not reach the sampler"
-    # batching does not change the pictures (one seed per image, whatever the batch)
-    single = run(node, (model, clip), erased, vae, concepts, batch_size=1)["result"][0]
-    assert (single - grid).abs().max() <= 2 / 255
+    other = run(node, (model, clip), erased, vae, concepts, seed=8, unrelated="a bowl of ramen")["result"][0]
+    assert not np.array_equal(cells(other, rows[:3], 0)[0], before[0]), "the seed does not reach the sampler"
 
 
 def test_identical_models_score_perfect_preservation(node, sd15, concepts, clip_vision):
@@ -206,7 +217,8 @@ def test_refuses_mismatched_inputs(node, sd15, erased, concepts):
 
 
 def test_sdxl_batches_pooled_conditioning(node, pack):
-    model, clip, vae = H.build("sdxl", with_vae=True)
+    model, clip = H.build("sdxl")
+    vae = tiny_vae()
     concepts = pack.NODE_CLASS_MAPPINGS["ErasePro_ConceptPair"]().build("a cat", "a dog", "object")[0]
     grid = run(node, (model, clip), (model, clip), vae, concepts, held_out="", batch_size=3)["result"][0]
     rows = evaluation_rows(concepts, None, prompt_lines(UNRELATED))
