@@ -26,12 +26,15 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from erasepro_ops.report import STAGE_COLORS, format_percent, format_sci, format_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+EVALUATE_STEM = "erasepro_evaluate"  # run in both renderers by test_evaluate_workflow_in_both_renderers
+CLASSIC_RUNS = [p for p in WORKFLOWS if p.stem != EVALUATE_STEM]
 PACK_DIR_NAME = "ComfyUI-ErasePro"  # the folder name under custom_nodes (the template browser's group)
 SOLVER = "ErasePro_ProgressiveSolver"
 PAIR = "ErasePro_ConceptPair"
@@ -199,8 +202,33 @@ def expected_badge(report: dict) -> str:
             f"{format_percent(report.get('deep_burden'))} · {format_seconds(report.get('solve_seconds'))}")
 
 
+def view_box(pg, type_: str, view: str) -> dict | None:
+    """The page box and text of the node's ErasePro view (a DOM widget) when it is shown, else None."""
+    return pg.evaluate("""([type, view]) => {
+      const node = app.graph._nodes.find(n => n.type === type);
+      const w = node && (node.widgets || []).find(w => w.name === view);
+      const el = w && w.element;
+      if (!el || !el.isConnected || el.offsetParent === null) return null;
+      const r = el.getBoundingClientRect();
+      const style = getComputedStyle(el);
+      if (r.width < 10 || r.height < 10 || style.visibility === 'hidden' || style.display === 'none') return null;
+      return { x: r.left, y: r.top, width: r.width, height: r.height, text: el.innerText };
+    }""", [type_, view])
+
+
+def screen_colors(pg, box: dict, colors: dict, tol: int = 6) -> dict:
+    """Pixels of each colour in a screenshot of ``box``: what is on the screen, whichever renderer drew it."""
+    import io
+
+    from PIL import Image
+    png = pg.screenshot(clip={k: box[k] for k in ("x", "y", "width", "height")})
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return {k: int((np.abs(a - np.array(rgb)).max(axis=-1) <= tol).sum()) for k, rgb in colors.items()}
+
+
 def assert_report_drawn(pg, report: dict, shots: Path | None = None, name: str = "") -> dict:
-    """The solver node draws ``report``: badge text and the chart's stage colours in its plot area."""
+    """The solver node shows ``report`` on screen: the badge text, and the chart's stage colours
+    in a screenshot of its view (a DOM widget: the same check in both renderers)."""
     box = focus_node(pg, SOLVER)
     pg.wait_for_function(f"() => app.graph._nodes.find(n => n.type === '{SOLVER}')?._eraseproDrawn",
                          timeout=10_000)
@@ -208,23 +236,21 @@ def assert_report_drawn(pg, report: dict, shots: Path | None = None, name: str =
     drawn = st["drawn"]
     assert drawn["badge"] == expected_badge(report), (drawn["badge"], expected_badge(report))
     assert drawn["chart"] and drawn["sites"] == len(report.get("sites") or [])
-    stages = {}
-    for s in report.get("sites") or []:
-        v = s.get("relative_change")
-        if isinstance(v, (int, float)) and v > 0:
-            stages[str(s.get("stage")).lower()] = True
+    view = view_box(pg, SOLVER, "erasepro_report_view")
+    assert view is not None, "the solver's report view is not shown"
+    assert expected_badge(report) in view["text"], view["text"]
+    stages = {str(s.get("stage")).lower() for s in report.get("sites") or []
+              if isinstance(s.get("relative_change"), (int, float)) and s["relative_change"] > 0}
     colors = {k: list(STAGE_COLORS[k]) for k in ("shallow", "deep")}
-    # plot area only (below the legend row): bars, not the legend swatches
-    region = (6, drawn["top"] + 16, st["size"][0] - 12, drawn["chartH"] - 16)
-    counts = count_colors(pg, SOLVER, region, colors)
     if shots is not None:  # before the checks: the picture is what to look at when one fails
         b = box["page"]
         pg.screenshot(path=str(shots / f"{name}.png"),
                       clip={"x": max(0, b["x"] - 10), "y": max(0, b["y"] - 10),
                             "width": b["width"] + 20, "height": b["height"] + 20})
+    counts = screen_colors(pg, view, colors)
     for stage in ("shallow", "deep"):
-        if stages.get(stage):
-            assert counts[stage] > 0, f"no {stage} bars drawn in the solver node: {counts}, region {region}, {st}"
+        if stage in stages:
+            assert counts[stage] > 0, f"no {stage} bars on screen in the solver's view: {counts}, {view}, {st}"
     return counts
 
 
@@ -298,7 +324,7 @@ def test_templates_listed(comfy_server):
         assert served == json.loads(p.read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", CLASSIC_RUNS, ids=[p.stem for p in CLASSIC_RUNS])
 def test_workflow_in_browser(path, page, comfy_server, tiny_checkpoint, shots, errors):
     t0 = time.time()
     load_template(page, path.stem)
@@ -413,6 +439,65 @@ def test_concept_pair_token_readout(page, comfy_server, shots, errors):
     want, lines = set_pair("Van Gogh", "van gogh")
     assert want["error"] and any("same concept" in line for line in lines), (want, lines)
     set_pair("Van Gogh", "a painting")
+    assert errors.ours == [], errors.ours
+
+
+def set_nodes2(pg, on: bool):
+    """Turn ComfyUI's Nodes 2.0 (Vue-rendered nodes, setting Comfy.VueNodes.Enabled) on or off."""
+    pg.keyboard.press("Escape")
+    pg.evaluate("async (on) => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on); }", on)
+    if on:
+        pg.wait_for_function(f"() => document.querySelector(\"[data-node-id]\") && app.graph._nodes.every("
+                             "n => document.querySelector(`[data-node-id='${n.id}']`))", timeout=30_000)
+    else:
+        pg.wait_for_function("() => !document.querySelector('[data-node-id]')", timeout=30_000)
+    pg.wait_for_timeout(500)
+
+
+def assert_tokens_shown(pg, comfy_server):
+    """The Concept Pair's view shows the token counts /erasepro/tokens gives for its widgets."""
+    vals = pg.evaluate(f"() => Object.fromEntries(app.graph._nodes.find(n => n.type === '{PAIR}').widgets"
+                       ".filter(w => ['target', 'anchor', 'concept_type'].includes(w.name)).map(w => [w.name, w.value]))")
+    want = _get(comfy_server, "/erasepro/tokens?" + urllib.parse.urlencode(vals))
+    focus_node(pg, PAIR)
+    line = f"target {want['target_tokens']} tokens · anchor {want['anchor_tokens']} tokens"
+    pg.wait_for_function("([type, line]) => { const w = app.graph._nodes.find(n => n.type === type).widgets"
+                         ".find(w => w.name === 'erasepro_tokens_view'); return w?.element?.innerText?.includes(line); }",
+                         arg=[PAIR, line], timeout=15_000)
+    view = view_box(pg, PAIR, "erasepro_tokens_view")
+    assert view is not None and line in view["text"], (view, line)
+
+
+@pytest.mark.parametrize("nodes2", [True, False], ids=["nodes2", "classic"])
+def test_evaluate_workflow_in_both_renderers(nodes2, page, comfy_server, tiny_checkpoint, shots, errors):
+    """The Evaluate workflow run from the browser with Nodes 2.0 on, then off: the solver's chart and
+    badge, the Concept Pair's token count and the Evaluate grid preview are on the screen in each."""
+    mode = "nodes2" if nodes2 else "classic"
+    set_nodes2(page, nodes2)
+    try:
+        load_template(page, EVALUATE_STEM)
+        page.evaluate("""(name) => { for (const n of app.graph._nodes.filter(n => n.type === 'CheckpointLoaderSimple')) {
+            const w = n.widgets.find(w => w.name === 'ckpt_name'); w.value = name; w.callback?.(name); } }""",
+                      tiny_checkpoint.name)
+        solver_id = node_state(page, SOLVER)["id"]
+        _, entry = queue_and_wait(page, comfy_server)
+        report = solver_ui_report(entry, solver_id)
+        wait_node_report(page, report)
+        assert_report_drawn(page, report, shots, f"{mode}-solver")
+        assert_tokens_shown(page, comfy_server)
+        focus_node(page, "ErasePro_Evaluate")
+        page.wait_for_function("""() => { const n = app.graph._nodes.find(n => n.type === 'ErasePro_Evaluate');
+            const sel = document.querySelector(`[data-node-id='${n.id}'] img`);
+            return sel ? sel.complete && sel.naturalWidth > 0 : (n.imgs || []).some(i => i.complete && i.naturalWidth > 0); }""",
+                               timeout=30_000)
+        page.screenshot(path=str(shots / f"{mode}-evaluate-graph.png"))
+        if nodes2:  # the grid preview is an <img> in the Vue node, on the screen
+            box = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'ErasePro_Evaluate');
+                const r = document.querySelector(`[data-node-id='${n.id}'] img`).getBoundingClientRect();
+                return {x: r.left, y: r.top, width: r.width, height: r.height}; }""")
+            assert box["width"] > 50 and box["height"] > 50, box
+    finally:
+        set_nodes2(page, False)
     assert errors.ours == [], errors.ours
 
 

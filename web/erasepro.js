@@ -1,21 +1,25 @@
 // ComfyUI-ErasePro front-end extension (plain ES module, no build step).
 //
+// Both node renderers: the classic LiteGraph canvas and Nodes 2.0 (Vue nodes, setting
+// Comfy.VueNodes.Enabled), which never calls canvas drawing (onDrawForeground, a canvas widget's
+// draw). So the views below are DOM widgets (node.addDOMWidget): classic positions the element over
+// the canvas, Nodes 2.0 puts it in the node body. They are never serialised (widget.serialize =
+// false, options.serialize = false): widgets_values and the API prompt are unchanged. A front end
+// without addDOMWidget gets the older canvas widget (addViewWidget).
+//
 // ErasePro_ProgressiveSolver: the server sends `message.erasepro_report = [report]` with the node's
 //   "executed" message (the node returns {"ui": {"erasepro_report": [report]}, "result": ...}).
 //   The report is stored in node.properties.erasepro_report (serialised with the workflow, so it
-//   is re-drawn after a page reload or when the workflow is reopened) and drawn in a canvas
-//   widget under the other widgets: per-site relative dW bars (shallow text-encoder vs deep
-//   cross-attn) and a badge "residual 3.1e-7 · burden 0.41% · 0.52 s".
-//   A custom widget (not onDrawForeground) because the front end hands all free node height to
-//   multiline text widgets ("preserve", "prompts"): a widget with a fixed computeSize gets its
-//   own row. It is never serialised (serialize: false, last in the list), so widgets_values and
-//   the API prompt are unchanged.
-// ErasePro_ConceptPair: after target / anchor / concept_type / prompts change (300 ms debounce) it
-//   POSTs {target, anchor, concept_type, prompts} to /api/erasepro/tokens (nodes/routes.py; GET
-//   with the same query parameters works too) ->
+//   is shown again after a page reload or when the workflow is reopened) and drawn in a view under
+//   the other widgets: per-site relative dW bars (shallow text-encoder vs deep cross-attn) on a
+//   <canvas>, and the badge "residual 3.1e-7 · burden 0.41% · 0.52 s" as text.
+// ErasePro_ConceptPair: after target / anchor / concept_type / prompts change (300 ms debounce),
+//   and when the node is created or loaded, it POSTs {target, anchor, concept_type, prompts} to
+//   /api/erasepro/tokens (nodes/routes.py; GET with the same query parameters works too) ->
 //   {"target_tokens": n, "anchor_tokens": m, "overflow": ["template", ...], "error": null}
-//   and draws "target n tokens · anchor m tokens" plus an orange overflow warning (also a widget).
+//   and shows "target n tokens · anchor m tokens" plus an orange overflow warning (also a view).
 //   Any failure (route missing, bad JSON) shows no readout.
+// ErasePro_Evaluate needs nothing here: its grid is a standard preview image (ui.images).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
