@@ -41,7 +41,7 @@ PAIR = "ErasePro_ConceptPair"
 CHROMIUM = os.environ.get("ERASEPRO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 900  # a shared CPU runner: a solve plus the Evaluate images can take minutes
 # An error or warning is the extension's when it carries its log prefix, comes from its script,
 # or is about its route. (The front end itself also logs errors here: 404s for optional user
 # files and template thumbnails, and registry look-ups of every node type, api.comfy.org, which
