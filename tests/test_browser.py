@@ -160,11 +160,15 @@ def _place(pg, type_: str) -> dict:
       c.ds.scale = 1;
       c.ds.offset[0] = 320 - node.pos[0];
       c.ds.offset[1] = 220 - node.pos[1];
-      node._eraseproDrawn = null;
       c.setDirty(true, true);
       c.draw(true, true);
       await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
       const rect = c.canvas.getBoundingClientRect();
+      const vue = document.querySelector(`[data-node-id='${node.id}']`);  // Nodes 2.0: the node is a DOM element
+      if (vue) {
+        const r = vue.getBoundingClientRect();
+        return { page: { x: r.left, y: r.top, width: r.width, height: r.height }, canvas: null, vue: true };
+      }
       const titleH = LiteGraph.NODE_TITLE_HEIGHT || 30;
       const [x, y] = c.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
       const sizeH = node.flags?.collapsed ? 0 : node.size[1];
@@ -174,26 +178,56 @@ def _place(pg, type_: str) -> dict:
     }""", type_)
 
 
-def count_colors(pg, type_: str, region: tuple[float, float, float, float], colors: dict, tol: int = 6) -> dict:
-    """Pixels of each colour on the LiteGraph canvas in node-local ``region`` (x, y, w, h)."""
-    return pg.evaluate("""([type, region, colors, tol]) => {
-      const node = app.graph._nodes.find(n => n.type === type);
+def node_boxes(pg) -> dict:
+    """Every node's box in graph coordinates (title bar included), as the renderer shows it: the
+    LiteGraph bounding box (classic) or the Vue node's DOM rectangle (Nodes 2.0), each measured with
+    that node on the screen at zoom 1 (Nodes 2.0 may leave nodes off the screen unrendered)."""
+    return pg.evaluate("""async () => {
       const c = app.canvas;
-      const cv = c.canvas;
-      const ratio = cv.width / cv.getBoundingClientRect().width;
-      const [x0, y0] = c.ds.convertOffsetToCanvas([node.pos[0] + region[0], node.pos[1] + region[1]]);
-      const w = Math.max(1, Math.round(region[2] * c.ds.scale * ratio));
-      const h = Math.max(1, Math.round(region[3] * c.ds.scale * ratio));
-      const data = cv.getContext("2d").getImageData(Math.round(x0 * ratio), Math.round(y0 * ratio), w, h).data;
       const out = {};
-      for (const [name, rgb] of Object.entries(colors)) out[name] = 0;
-      for (let i = 0; i < data.length; i += 4) {
-        for (const [name, rgb] of Object.entries(colors)) {
-          if (Math.abs(data[i] - rgb[0]) <= tol && Math.abs(data[i + 1] - rgb[1]) <= tol && Math.abs(data[i + 2] - rgb[2]) <= tol) out[name]++;
+      for (const node of app.graph._nodes) {
+        c.ds.scale = 1;
+        c.ds.offset[0] = 100 - node.pos[0];
+        c.ds.offset[1] = 100 - node.pos[1];
+        c.setDirty(true, true);
+        c.draw(true, true);
+        await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+        const label = `${node.id} ${node.type}`;
+        const vue = document.querySelector(`[data-node-id='${node.id}']`);
+        if (vue) {
+          const r = vue.getBoundingClientRect();
+          const cr = c.canvas.getBoundingClientRect();
+          out[label] = [r.left - cr.left - c.ds.offset[0], r.top - cr.top - c.ds.offset[1], r.width, r.height];
+        } else {
+          const b = new Float32Array(4);
+          node.getBounding(b);
+          out[label] = [...b];
         }
       }
       return out;
-    }""", [type_, list(region), colors, tol])
+    }""")
+
+
+def overlaps(boxes: dict, margin: float = 0.0) -> list:
+    """Pairs of node boxes that intersect (by more than ``margin`` px in both directions)."""
+    names = sorted(boxes)
+    bad = []
+    for i, a in enumerate(names):
+        ax, ay, aw, ah = boxes[a]
+        for b in names[i + 1:]:
+            bx, by, bw, bh = boxes[b]
+            dx = min(ax + aw, bx + bw) - max(ax, bx)
+            dy = min(ay + ah, by + bh) - max(ay, by)
+            if dx > margin and dy > margin:
+                bad.append((a, b, round(dx), round(dy)))
+    return bad
+
+
+def assert_no_overlap(pg, shots: Path, name: str):
+    boxes = node_boxes(pg)
+    (shots / f"{name}-boxes.json").write_text(json.dumps(boxes, indent=1), encoding="utf-8")
+    bad = overlaps(boxes)
+    assert not bad, f"nodes overlap ({name}): {bad}; boxes {boxes}"
 
 
 def expected_badge(report: dict) -> str:
@@ -276,24 +310,43 @@ def visible_dialog_text(pg) -> str:
                        ".filter(d => d.offsetParent !== null).map(d => d.innerText).join('\\n---\\n')")
 
 
+QUEUED_TIMEOUT_S = 60  # the click -> the prompt in /queue or /history (the server validates it first)
+
+
+def _queued_ids(base_url: str) -> set[str]:
+    q = _get(base_url, "/queue")
+    return {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key) or []}
+
+
 def queue_and_wait(pg, base_url: str) -> tuple[str, dict]:
-    """Click Run; wait for the new prompt in /history; returns (prompt_id, history entry)."""
-    before = set(_get(base_url, "/history?max_items=1000"))
+    """Click Run; the new prompt must reach the server's queue within QUEUED_TIMEOUT_S (else the
+    button did nothing: fail at once, not after the run timeout); wait for it in /history;
+    returns (prompt_id, history entry)."""
+    before = set(_get(base_url, "/history?max_items=1000")) | _queued_ids(base_url)
     pg.locator("[data-testid='queue-button']").first.click(timeout=30_000)
-    t_end = time.time() + RUN_TIMEOUT_S
-    while time.time() < t_end:
-        hist = _get(base_url, "/history?max_items=1000")
-        new = [pid for pid in hist if pid not in before]
+    t0 = time.time()
+    pid = None
+    while pid is None:
+        new = (set(_get(base_url, "/history?max_items=1000")) | _queued_ids(base_url)) - before
         if new:
-            entry = hist[new[0]]
+            pid = sorted(new)[0]
+            break
+        if time.time() - t0 > QUEUED_TIMEOUT_S:
+            pytest.fail(f"clicking Run queued nothing within {QUEUED_TIMEOUT_S} s "
+                        f"(dialogs: {visible_dialog_text(pg)[:500]!r})")
+        time.sleep(0.25)
+    t_end = t0 + RUN_TIMEOUT_S
+    while time.time() < t_end:
+        entry = _get(base_url, f"/history/{pid}").get(pid)
+        if entry:
             st = entry.get("status") or {}
             if st.get("status_str") == "error":
                 msgs = [m for m in st.get("messages", []) if m[0] == "execution_error"]
                 pytest.fail(f"workflow failed in the browser run: {json.dumps(msgs)[:3000]}")
             if st.get("completed"):
-                return new[0], entry
+                return pid, entry
         time.sleep(0.25)
-    raise TimeoutError(f"the queued workflow did not finish within {RUN_TIMEOUT_S} s")
+    raise TimeoutError(f"the queued workflow {pid} did not finish within {RUN_TIMEOUT_S} s")
 
 
 def solver_ui_report(entry: dict, solver_id) -> dict:
@@ -480,7 +533,9 @@ def test_evaluate_workflow_in_both_renderers(nodes2, page, comfy_server, tiny_ch
             const w = n.widgets.find(w => w.name === 'ckpt_name'); w.value = name; w.callback?.(name); } }""",
                       tiny_checkpoint.name)
         solver_id = node_state(page, SOLVER)["id"]
+        t0 = time.time()
         _, entry = queue_and_wait(page, comfy_server)
+        print(f"\n[browser] {EVALUATE_STEM} ({mode}): run {time.time() - t0:.1f} s")
         report = solver_ui_report(entry, solver_id)
         wait_node_report(page, report)
         assert_report_drawn(page, report, shots, f"{mode}-solver")
@@ -491,11 +546,38 @@ def test_evaluate_workflow_in_both_renderers(nodes2, page, comfy_server, tiny_ch
             return sel ? sel.complete && sel.naturalWidth > 0 : (n.imgs || []).some(i => i.complete && i.naturalWidth > 0); }""",
                                timeout=30_000)
         page.screenshot(path=str(shots / f"{mode}-evaluate-graph.png"))
+        assert_no_overlap(page, shots, f"{mode}-{EVALUATE_STEM}-after-run")
         if nodes2:  # the grid preview is an <img> in the Vue node, on the screen
             box = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'ErasePro_Evaluate');
                 const r = document.querySelector(`[data-node-id='${n.id}'] img`).getBoundingClientRect();
                 return {x: r.left, y: r.top, width: r.width, height: r.height}; }""")
             assert box["width"] > 50 and box["height"] > 50, box
+    finally:
+        set_nodes2(page, False)
+    assert errors.ours == [], errors.ours
+
+
+SAMPLE_REPORT = {  # the shape the solver sends (erasepro_ops.report): 3 text-encoder sites, 14 cross-attention
+    "method": "erasepro", "train_residual": 2.2e-6, "deep_burden": 0.0, "solve_seconds": 61.3, "warnings": [],
+    "sites": [{"stage": "shallow", "relative_change": v} for v in (0.49, 0.21, 0.08)]
+    + [{"stage": "deep", "relative_change": 0.0}] * 14,
+}
+
+
+@pytest.mark.parametrize("nodes2", [True, False], ids=["nodes2", "classic"])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_shipped_layout_has_no_overlap(path, nodes2, page, shots, errors):
+    """Each shipped workflow, loaded from the template browser, with the solver showing a report
+    (its tallest state): no two nodes overlap, with Nodes 2.0 on and off."""
+    mode = "nodes2" if nodes2 else "classic"
+    set_nodes2(page, nodes2)
+    try:
+        load_template(page, path.stem)
+        page.evaluate("""([type, report]) => { const n = app.graph._nodes.find(n => n.type === type);
+            n.onExecuted({ erasepro_report: [report] }); }""", [SOLVER, SAMPLE_REPORT])
+        page.wait_for_function("(type) => app.graph._nodes.find(n => n.type === type)._eraseproDrawn", arg=SOLVER,
+                               timeout=10_000)
+        assert_no_overlap(page, shots, f"{mode}-{path.stem}-layout")
     finally:
         set_nodes2(page, False)
     assert errors.ours == [], errors.ours
