@@ -3,10 +3,13 @@ Playwright Python package; no browser download) against the live ComfyUI server 
 front end (comfyui-frontend-package).
 
 - every workflow in workflows/ appears in the front end's template browser (Templates ->
-  Extensions -> ComfyUI-ErasePro), loads from there with every node type known (no missing-node
-  dialog), is queued with the Run button and finishes; the solver node then holds the report the
-  server returned (/history ui output), and draws it: the badge text matches the numbers, and the
-  chart's shallow (blue) and deep (orange) bar colours are on the canvas inside the node;
+  Extensions -> ComfyUI-ErasePro) and loads from there with every node type known (no missing-node
+  dialog); with the solver showing a report, no two of its nodes overlap, with Nodes 2.0 on or off;
+- the style workflow (classic renderer) and the Evaluate workflow (Nodes 2.0 on, then off) are
+  queued with the Run button and finish; the solver node then holds the report the server returned
+  (/history ui output) and shows it on the screen: the badge text matches the numbers, and the
+  chart's stage colours are in a screenshot of its view; the Concept Pair shows its token count
+  and the Evaluate node its grid preview;
 - the report survives a page reload, a save / reopen of the workflow (serialised JSON), collapsing
   and resizing the node;
 - the Concept Pair node shows the token readout from /erasepro/tokens, with the overflow warning;
@@ -34,7 +37,10 @@ from erasepro_ops.report import STAGE_COLORS, format_percent, format_sci, format
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 EVALUATE_STEM = "erasepro_evaluate"  # run in both renderers by test_evaluate_workflow_in_both_renderers
-CLASSIC_RUNS = [p for p in WORKFLOWS if p.stem != EVALUATE_STEM]
+# Run from the browser with the classic renderer: the style workflow (the other shipped workflows
+# differ only in their Concept Pair and sampler nodes, and each runs headless in test_workflows.py;
+# here every one of them is loaded from the template browser by test_shipped_layouts_have_no_overlap).
+CLASSIC_RUNS = [p for p in WORKFLOWS if p.stem == "erasepro_style_erasure"]
 PACK_DIR_NAME = "ComfyUI-ErasePro"  # the folder name under custom_nodes (the template browser's group)
 SOLVER = "ErasePro_ProgressiveSolver"
 PAIR = "ErasePro_ConceptPair"
@@ -298,6 +304,33 @@ def load_template(pg, stem: str):
     pg.wait_for_function(f"() => app.graph._nodes.some(n => n.type === '{SOLVER}')"
                          " && !document.querySelector(\"[data-testid^='template-workflow-']\")",
                          timeout=30_000)
+    wait_layout_settled(pg)
+
+
+def wait_layout_settled(pg):
+    """Until no node moves or resizes for one 300 ms interval: Nodes 2.0 rescales a loaded layout and
+    sizes its nodes after the load returns, and measuring or moving the view meanwhile races it."""
+    pg.wait_for_function("""() => { const s = JSON.stringify(app.graph._nodes.map(n => [n.id, ...n.pos, ...n.size]));
+        const same = s === window.__eraseproLayout; window.__eraseproLayout = s; return same; }""",
+                         polling=300, timeout=15_000)
+
+
+def dismiss_toasts(pg) -> list[str]:
+    """Close the front end's toasts (returns their texts). With Nodes 2.0 turned on, its "Prefer the
+    legacy design? Switch back" toast stays until closed, over the top-right corner where the Run
+    button is: a click on Run is then caught by the toast."""
+    texts = pg.evaluate("() => [...document.querySelectorAll('.p-toast-message')].map(e => e.innerText)")
+    for btn in pg.locator(".p-toast-message .p-toast-close-button").all():
+        try:
+            btn.click(timeout=5_000)
+        except sync_api.Error:
+            pass  # gone meanwhile
+    try:
+        pg.wait_for_function("() => !document.querySelector('.p-toast-message')", timeout=5_000)
+    except sync_api.TimeoutError:
+        pg.evaluate("() => app.extensionManager.toast?.removeAll?.()")
+        pg.wait_for_function("() => !document.querySelector('.p-toast-message')", timeout=10_000)
+    return texts
 
 
 def missing_node_types(pg) -> list[str]:
@@ -318,11 +351,24 @@ def _queued_ids(base_url: str) -> set[str]:
     return {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key) or []}
 
 
+def clear_server_cache(base_url: str):
+    """POST /free {"free_memory": true}: the server drops its cached node outputs (and models). A
+    re-queued workflow whose outputs are all cached executes no node upstream of its output nodes,
+    so the solver would send no report; each browser run here starts from an empty cache."""
+    req = urllib.request.Request(base_url + "/free", data=json.dumps({"free_memory": True}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+    time.sleep(1.0)  # the idle worker wakes on the flag and resets its caches before the next prompt
+
+
 def queue_and_wait(pg, base_url: str) -> tuple[str, dict]:
-    """Click Run; the new prompt must reach the server's queue within QUEUED_TIMEOUT_S (else the
-    button did nothing: fail at once, not after the run timeout); wait for it in /history;
-    returns (prompt_id, history entry)."""
+    """Click Run (server cache cleared first); the new prompt must reach the server's queue within
+    QUEUED_TIMEOUT_S (else the button did nothing: fail at once, not after the run timeout); wait for
+    it in /history; returns (prompt_id, history entry)."""
+    clear_server_cache(base_url)
     before = set(_get(base_url, "/history?max_items=1000")) | _queued_ids(base_url)
+    dismiss_toasts(pg)
     pg.locator("[data-testid='queue-button']").first.click(timeout=30_000)
     t0 = time.time()
     pid = None
@@ -546,6 +592,11 @@ def test_evaluate_workflow_in_both_renderers(nodes2, page, comfy_server, tiny_ch
             return sel ? sel.complete && sel.naturalWidth > 0 : (n.imgs || []).some(i => i.complete && i.naturalWidth > 0); }""",
                                timeout=30_000)
         page.screenshot(path=str(shots / f"{mode}-evaluate-graph.png"))
+        if not nodes2:  # the template browser's thumbnail candidate (workflows/erasepro_evaluate.jpg)
+            b = focus_node(page, "ErasePro_Evaluate")["page"]
+            (shots / "thumbnails").mkdir(exist_ok=True)
+            page.screenshot(path=str(shots / "thumbnails" / f"{EVALUATE_STEM}.jpg"), type="jpeg", quality=85,
+                            clip={"x": b["x"] - 10, "y": b["y"] - 10, "width": b["width"] + 20, "height": b["height"] + 20})
         assert_no_overlap(page, shots, f"{mode}-{EVALUATE_STEM}-after-run")
         if nodes2:  # the grid preview is an <img> in the Vue node, on the screen
             box = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'ErasePro_Evaluate');
@@ -565,21 +616,32 @@ SAMPLE_REPORT = {  # the shape the solver sends (erasepro_ops.report): 3 text-en
 
 
 @pytest.mark.parametrize("nodes2", [True, False], ids=["nodes2", "classic"])
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_shipped_layout_has_no_overlap(path, nodes2, page, shots, errors):
-    """Each shipped workflow, loaded from the template browser, with the solver showing a report
-    (its tallest state): no two nodes overlap, with Nodes 2.0 on and off."""
+def test_shipped_layouts_have_no_overlap(nodes2, page, shots, errors):
+    """Every shipped workflow loads from the template browser with every node type known and no
+    error dialog, and with the solver showing a report (its tallest state) no two nodes overlap, with Nodes 2.0 on (which also rescales a loaded
+    classic layout) and off."""
     mode = "nodes2" if nodes2 else "classic"
     set_nodes2(page, nodes2)
+    bad = {}
     try:
-        load_template(page, path.stem)
-        page.evaluate("""([type, report]) => { const n = app.graph._nodes.find(n => n.type === type);
-            n.onExecuted({ erasepro_report: [report] }); }""", [SOLVER, SAMPLE_REPORT])
-        page.wait_for_function("(type) => app.graph._nodes.find(n => n.type === type)._eraseproDrawn", arg=SOLVER,
-                               timeout=10_000)
-        assert_no_overlap(page, shots, f"{mode}-{path.stem}-layout")
+        for path in WORKFLOWS:
+            t0 = time.time()
+            load_template(page, path.stem)
+            assert missing_node_types(page) == [], f"{path.stem}: node types the front end does not know"
+            dialogs = visible_dialog_text(page)
+            assert not re.search(r"missing|not found|error", dialogs, re.I), f"{path.stem}: dialog after loading: {dialogs[:1000]}"
+            page.evaluate("""([type, report]) => { const n = app.graph._nodes.find(n => n.type === type);
+                n.onExecuted({ erasepro_report: [report] }); }""", [SOLVER, SAMPLE_REPORT])
+            page.wait_for_function("(type) => app.graph._nodes.find(n => n.type === type)._eraseproDrawn",
+                                   arg=SOLVER, timeout=10_000)
+            boxes = node_boxes(page)
+            (shots / f"{mode}-{path.stem}-layout-boxes.json").write_text(json.dumps(boxes, indent=1), encoding="utf-8")
+            if overlaps(boxes):
+                bad[path.stem] = overlaps(boxes)
+            print(f"\n[browser] layout {mode} {path.stem}: {len(boxes)} nodes, {time.time() - t0:.1f} s")
     finally:
         set_nodes2(page, False)
+    assert not bad, f"nodes overlap ({mode}): {bad}; boxes in test-artifacts/browser/{mode}-*-layout-boxes.json"
     assert errors.ours == [], errors.ours
 
 

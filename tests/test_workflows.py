@@ -95,6 +95,21 @@ def test_workflow_files_present():
             "erasepro_nudity_erasure.json"} <= names, names
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_thumbnail(path):
+    """The template browser shows workflows/<name>.jpg next to each workflow (a 404 otherwise)."""
+    from PIL import Image
+    thumb = path.with_suffix(".jpg")
+    assert thumb.is_file(), f"{thumb.name} missing: the template browser shows a broken thumbnail"
+    data = thumb.read_bytes()
+    assert data.startswith(JPEG_MAGIC), f"{thumb.name} is not a JPEG"
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and min(im.size) >= 200 and max(im.size) <= 1200, (im.format, im.size)
+
+
 def test_object_info_lists_erasepro_nodes(object_info):
     for key, want in EXPECTED_NODES.items():
         assert key in object_info, f"{key} missing from /object_info"
