@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import comfy_server as comfy_server_mod
 from erasepro_ops.report import STAGE_COLORS, format_percent, format_sci, format_seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,22 +352,11 @@ def _queued_ids(base_url: str) -> set[str]:
     return {item[1] for key in ("queue_running", "queue_pending") for item in q.get(key) or []}
 
 
-def clear_server_cache(base_url: str):
-    """POST /free {"free_memory": true}: the server drops its cached node outputs (and models). A
-    re-queued workflow whose outputs are all cached executes no node upstream of its output nodes,
-    so the solver would send no report; each browser run here starts from an empty cache."""
-    req = urllib.request.Request(base_url + "/free", data=json.dumps({"free_memory": True}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        assert r.status == 200
-    time.sleep(1.0)  # the idle worker wakes on the flag and resets its caches before the next prompt
-
-
 def queue_and_wait(pg, base_url: str) -> tuple[str, dict]:
-    """Click Run (server cache cleared first); the new prompt must reach the server's queue within
+    """Click Run (server cache cleared first: comfy_server.clear_cache); the new prompt must reach the server's queue within
     QUEUED_TIMEOUT_S (else the button did nothing: fail at once, not after the run timeout); wait for
     it in /history; returns (prompt_id, history entry)."""
-    clear_server_cache(base_url)
+    comfy_server_mod.clear_cache(base_url)
     before = set(_get(base_url, "/history?max_items=1000")) | _queued_ids(base_url)
     dismiss_toasts(pg)
     pg.locator("[data-testid='queue-button']").first.click(timeout=30_000)
