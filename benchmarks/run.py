@@ -1,4 +1,4 @@
-"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (issue 6).
+"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL.
 
     python -m benchmarks.run [--models sd15,sdxl] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
 
