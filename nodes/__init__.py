@@ -3,6 +3,7 @@
 from .apply import ApplyErasedUNet
 from .concept_pair import ConceptPairNode
 from .edit_io import LoadEraseProEdit, SaveEraseProEdit
+from .evaluate import EraseProEvaluate
 from .solver import ProgressiveSolver
 
 NODE_CLASS_MAPPINGS = {
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "ErasePro_ApplyErasedUNet": ApplyErasedUNet,
     "ErasePro_SaveEdit": SaveEraseProEdit,
     "ErasePro_LoadEdit": LoadEraseProEdit,
+    "ErasePro_Evaluate": EraseProEvaluate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -19,4 +21,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ErasePro_ApplyErasedUNet": "Apply Erased UNet",
     "ErasePro_SaveEdit": "Save ErasePro Edit",
     "ErasePro_LoadEdit": "Load ErasePro Edit",
+    "ErasePro_Evaluate": "ErasePro Evaluate",
 }

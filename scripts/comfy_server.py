@@ -311,6 +311,16 @@ def wait_history(base_url: str, prompt_id: str, timeout: float = 600.0, poll: fl
     raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 
 
+def clear_cache(base_url: str, settle: float = 1.0) -> None:
+    """POST /free {"free_memory": true}: the server drops its cached node outputs (and unloads
+    models). A queued prompt whose output nodes are all cached executes nothing upstream of them, and
+    a node whose output is cached sends no ``ui`` output (no solver report in /history); tests that
+    need every node to run clear the cache first. The idle worker wakes on the flag and resets its
+    caches within ``settle`` seconds, before it takes the next prompt."""
+    http_json(base_url, "/free", {"free_memory": True})
+    time.sleep(settle)
+
+
 def run_workflow(base_url: str, api_prompt: dict, timeout: float = 600.0) -> dict:
     """Queue an API-format prompt and wait; returns its /history entry
     ({"prompt", "outputs": {node_id: {"images": [...]}}, "status"})."""

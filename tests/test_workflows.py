@@ -47,7 +47,15 @@ EXPECTED_NODES = {
         "optional": ["clip"],
         "output": ["MODEL", "CLIP"],
     },
+    "ErasePro_Evaluate": {
+        "display_name": "ErasePro Evaluate",
+        "required": ["original_model", "original_clip", "erased_model", "erased_clip", "vae", "concepts", "seed",
+                     "steps", "cfg", "sampler_name", "scheduler", "width", "height"],
+        "optional": ["held_out", "unrelated", "clip_vision", "negative", "batch_size"],
+        "output": ["IMAGE", "IMAGE", "STRING"],
+    },
 }
+EVALUATE = "ErasePro_Evaluate"
 SOLVER = "ErasePro_ProgressiveSolver"
 MAX_TRAIN_RESIDUAL = 1e-4
 # Known node bugs (reported, not fixed here): the run itself must still succeed and write its
@@ -87,6 +95,21 @@ def test_workflow_files_present():
             "erasepro_nudity_erasure.json"} <= names, names
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_thumbnail(path):
+    """The template browser shows workflows/<name>.jpg next to each workflow (a 404 otherwise)."""
+    from PIL import Image
+    thumb = path.with_suffix(".jpg")
+    assert thumb.is_file(), f"{thumb.name} missing: the template browser shows a broken thumbnail"
+    data = thumb.read_bytes()
+    assert data.startswith(JPEG_MAGIC), f"{thumb.name} is not a JPEG"
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and min(im.size) >= 200 and max(im.size) <= 1200, (im.format, im.size)
+
+
 def test_object_info_lists_erasepro_nodes(object_info):
     for key, want in EXPECTED_NODES.items():
         assert key in object_info, f"{key} missing from /object_info"
@@ -117,7 +140,8 @@ def test_workflow_structure(path, object_info):
     assert not missing, f"node types not known to the server: {missing}"
     types = {n["type"] for n in nodes.values()}
     assert {"CheckpointLoaderSimple", "ErasePro_ConceptPair", SOLVER, "ErasePro_ApplyErasedUNet",
-            "KSampler", "SaveImage", "Note"} <= types, types
+            "SaveImage", "Note"} <= types, types
+    assert "KSampler" in types or EVALUATE in types, "neither a before/after KSampler pair nor ErasePro Evaluate"
     for lid, a, aslot, b, bslot, ltype in wf["links"]:
         src, dst = nodes[a], nodes[b]
         out = src["outputs"][aslot]
@@ -146,10 +170,13 @@ def test_workflow_runs(path, comfy_server, comfy_server_handle, object_info, tin
     solver_ids = [nid for nid, n in api.items() if n["class_type"] == SOLVER]
     assert len(solver_ids) == 1
     save_ids = {nid: n["inputs"]["filename_prefix"] for nid, n in api.items() if n["class_type"] == "SaveImage"}
-    assert {"erasepro/before", "erasepro/after"} <= set(save_ids.values()), save_ids
+    evaluate_ids = [nid for nid, n in api.items() if n["class_type"] == EVALUATE]
+    wanted = {"erasepro/evaluate"} if evaluate_ids else {"erasepro/before", "erasepro/after"}
+    assert wanted <= set(save_ids.values()), save_ids
     (artifacts_dir / "workflows").mkdir(parents=True, exist_ok=True)
     (artifacts_dir / "workflows" / f"{path.stem}.api.json").write_text(json.dumps(api, indent=2))
 
+    cs.clear_cache(comfy_server)  # e.g. the Evaluate workflow's solver is the bake workflow's: run it again
     t0 = time.time()
     hist = cs.run_workflow(comfy_server, api, timeout=900)
     wall = time.time() - t0
@@ -167,6 +194,12 @@ def test_workflow_runs(path, comfy_server, comfy_server_handle, object_info, tin
             data = _view(comfy_server, it)
             assert data.startswith(PNG_MAGIC), f"/view did not return a PNG for {it}"
             pngs[prefix] = f
+
+    # ErasePro Evaluate: its grid preview (temp) is served too
+    for nid in evaluate_ids:
+        previews = (outputs.get(nid) or {}).get("images") or []
+        assert previews and all(it.get("type") == "temp" for it in previews), outputs.get(nid)
+        assert _view(comfy_server, previews[0]).startswith(PNG_MAGIC)
 
     # the solver's report
     sol = outputs.get(solver_ids[0]) or {}

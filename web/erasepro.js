@@ -1,21 +1,25 @@
 // ComfyUI-ErasePro front-end extension (plain ES module, no build step).
 //
+// Both node renderers: the classic LiteGraph canvas and Nodes 2.0 (Vue nodes, setting
+// Comfy.VueNodes.Enabled), which never calls canvas drawing (onDrawForeground, a canvas widget's
+// draw). So the views below are DOM widgets (node.addDOMWidget): classic positions the element over
+// the canvas, Nodes 2.0 puts it in the node body. They are never serialised (widget.serialize =
+// false, options.serialize = false): widgets_values and the API prompt are unchanged. A front end
+// without addDOMWidget gets the older canvas widget (addViewWidget).
+//
 // ErasePro_ProgressiveSolver: the server sends `message.erasepro_report = [report]` with the node's
 //   "executed" message (the node returns {"ui": {"erasepro_report": [report]}, "result": ...}).
 //   The report is stored in node.properties.erasepro_report (serialised with the workflow, so it
-//   is re-drawn after a page reload or when the workflow is reopened) and drawn in a canvas
-//   widget under the other widgets: per-site relative dW bars (shallow text-encoder vs deep
-//   cross-attn) and a badge "residual 3.1e-7 · burden 0.41% · 0.52 s".
-//   A custom widget (not onDrawForeground) because the front end hands all free node height to
-//   multiline text widgets ("preserve", "prompts"): a widget with a fixed computeSize gets its
-//   own row. It is never serialised (serialize: false, last in the list), so widgets_values and
-//   the API prompt are unchanged.
-// ErasePro_ConceptPair: after target / anchor / concept_type / prompts change (300 ms debounce) it
-//   POSTs {target, anchor, concept_type, prompts} to /api/erasepro/tokens (nodes/routes.py; GET
-//   with the same query parameters works too) ->
+//   is shown again after a page reload or when the workflow is reopened) and drawn in a view under
+//   the other widgets: per-site relative dW bars (shallow text-encoder vs deep cross-attn) on a
+//   <canvas>, and the badge "residual 3.1e-7 · burden 0.41% · 0.52 s" as text.
+// ErasePro_ConceptPair: after target / anchor / concept_type / prompts change (300 ms debounce),
+//   and when the node is created or loaded, it POSTs {target, anchor, concept_type, prompts} to
+//   /api/erasepro/tokens (nodes/routes.py; GET with the same query parameters works too) ->
 //   {"target_tokens": n, "anchor_tokens": m, "overflow": ["template", ...], "error": null}
-//   and draws "target n tokens · anchor m tokens" plus an orange overflow warning (also a widget).
+//   and shows "target n tokens · anchor m tokens" plus an orange overflow warning (also a view).
 //   Any failure (route missing, bad JSON) shows no readout.
+// ErasePro_Evaluate needs nothing here: its grid is a standard preview image (ui.images).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -170,9 +174,43 @@ function addViewWidget(node, name, height, paint) {
 function removeWidget(node, name) {
   const i = (node.widgets || []).findIndex((w) => w && w.name === name);
   if (i >= 0) {
-    const [w] = node.widgets.splice(i, 1);
+    const w = node.widgets[i];
+    if (typeof node.removeWidget === "function") {
+      try { node.removeWidget(w); return; } catch (e) { /* fall back to splicing it out */ }
+    }
+    node.widgets.splice(i, 1);
     try { w?.onRemove?.(); } catch (e) { /* ignore */ }
   }
+}
+
+// A DOM widget (node.addDOMWidget): shown by both renderers, the LiteGraph canvas (classic, an
+// element positioned over the canvas) and Nodes 2.0 (Vue nodes render DOM widgets in the node
+// body; they never call canvas drawing). Never serialised. render(node, el) fills the element;
+// height(node) -> px (0 hides it). Front ends without addDOMWidget get the canvas widget.
+function addDomView(node, name, height, render, paint) {
+  const existing = findWidget(node, name);
+  if (existing) return existing;
+  if (typeof node.addDOMWidget !== "function") return addViewWidget(node, name, height, paint);
+  const el = document.createElement("div");
+  el.className = `erasepro-view ${name}`;
+  el.style.cssText = `box-sizing:border-box;width:100%;overflow:hidden;padding:0 ${PAD}px;font:${BADGE_FONT};color:${TEXT};`;
+  const h = () => { let v = 0; guard(`${name}.height`, () => { v = height(node); }); return Math.max(0, v); };
+  const widget = node.addDOMWidget(name, name, el, {
+    serialize: false, hideOnZoom: false, getValue: () => "", setValue: () => {},
+    getMinHeight: h, getMaxHeight: h, getHeight: h,
+  });
+  widget.serialize = false; // not in widgets_values
+  widget.eraseproRender = () => guard(`${name}.render`, () => {
+    el.style.height = `${h()}px`;
+    el.style.display = h() > 0 ? "block" : "none";
+    render(node, el);
+  });
+  return widget;
+}
+
+function refreshView(node, name) {
+  const w = findWidget(node, name);
+  if (w && typeof w.eraseproRender === "function") w.eraseproRender();
 }
 
 // ----------------------------------------------------------------------------- solver report
@@ -258,6 +296,45 @@ function drawChart(ctx, report, x, y, w, h) {
   }
 }
 
+function solverBadge(report) {
+  const prefix = String(report.method || "").toLowerCase() === "uce" ? "UCE · " : "";
+  const nWarn = Array.isArray(report.warnings) ? report.warnings.length : 0;
+  return { badge: prefix + badgeText(report), warnText: nWarn ? `⚠ ${nWarn}` : "" };
+}
+
+// Nodes 2.0 and classic alike: a <canvas> with the chart, the badge as text under it.
+function renderSolver(node, el) {
+  const report = getReport(node);
+  if (!report) { el.replaceChildren(); return; }
+  const ratio = window.devicePixelRatio || 1;
+  const w = Math.max(MIN_W - 2 * PAD, (el.clientWidth || MIN_W) - 2 * PAD);
+  let cv = el.querySelector("canvas");
+  if (!cv) {
+    cv = document.createElement("canvas");
+    cv.style.cssText = `display:block;width:100%;height:${CHART_H}px;`;
+    const line = document.createElement("div");
+    line.className = "erasepro-badge";
+    line.style.cssText = `margin-top:${PAD}px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;`;
+    el.replaceChildren(cv, line);
+  }
+  cv.width = Math.round(w * ratio);
+  cv.height = Math.round(CHART_H * ratio);
+  const ctx = cv.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, w, CHART_H);
+  drawChart(ctx, report, 0, 0, w, CHART_H);
+  const { badge, warnText } = solverBadge(report);
+  const line = el.querySelector(".erasepro-badge");
+  line.textContent = badge;
+  if (warnText) {
+    const warn = document.createElement("span");
+    warn.style.color = WARN;
+    warn.textContent = `  ${warnText}`;
+    line.appendChild(warn);
+  }
+  node._eraseproDrawn = { badge, chart: true, sites: Array.isArray(report.sites) ? report.sites.length : 0, dom: true, t: Date.now() };
+}
+
 function paintSolver(node, ctx, top, width, avail) {
   const report = getReport(node);
   if (!report) return;
@@ -272,12 +349,11 @@ function paintSolver(node, ctx, top, width, avail) {
   ctx.font = BADGE_FONT;
   ctx.textBaseline = "top";
   ctx.textAlign = "left";
-  const nWarn = Array.isArray(report.warnings) ? report.warnings.length : 0;
-  const warnText = nWarn ? `⚠ ${nWarn}` : "";
+  const label = solverBadge(report);
+  const warnText = label.warnText;
   const ww = warnText ? ctx.measureText(warnText).width + 6 : 0;
-  const prefix = String(report.method || "").toLowerCase() === "uce" ? "UCE · " : "";
   ctx.fillStyle = TEXT;
-  const badge = fit(ctx, prefix + badgeText(report), w - ww);
+  const badge = fit(ctx, label.badge, w - ww);
   ctx.fillText(badge, PAD, by);
   if (warnText) {
     ctx.fillStyle = WARN;
@@ -299,7 +375,8 @@ function persist() {
 
 function showReport(node) {
   if (getReport(node)) {
-    addViewWidget(node, REPORT_WIDGET, (n) => (getReport(n) ? REPORT_H : 0), paintSolver);
+    addDomView(node, REPORT_WIDGET, (n) => (getReport(n) ? REPORT_H : 0), renderSolver, paintSolver);
+    refreshView(node, REPORT_WIDGET);
     ensureSize(node);
   } else {
     removeWidget(node, REPORT_WIDGET);
@@ -364,6 +441,7 @@ async function fetchTokens(node, key) {
   }
   if (seq !== node._eraseproTokSeq || key !== node._eraseproTokKey) return; // a newer request owns the readout
   node._eraseproTokens = data;
+  refreshView(node, TOKENS_WIDGET);
   ensureSize(node);
 }
 
@@ -375,39 +453,49 @@ function scheduleTokens(node) {
   node._eraseproTokTimer = setTimeout(() => { fetchTokens(node, key); }, DEBOUNCE_MS);
 }
 
+// The readout's lines: [{text, warn}], the same in both renderers.
+function pairLines(t) {
+  const tok = (n) => (n === null ? "n/a" : `${n} token${n === 1 ? "" : "s"}`);
+  const lines = [{ text: `target ${tok(num(t.target_tokens))} · anchor ${tok(num(t.anchor_tokens))}`, warn: false }];
+  const overflow = Array.isArray(t.overflow) ? t.overflow : [];
+  if (overflow.length) {
+    const named = overflow.map(String).find((x) => x.trim() !== "{}");
+    const example = named ? `e.g. "${named}"` : "the concept alone";
+    lines.push({ text: `⚠ ${overflow.length} template${overflow.length === 1 ? "" : "s"} over one 77-token chunk: ${example}`, warn: true });
+  }
+  if (t.error) lines.push({ text: `⚠ ${String(t.error)}`, warn: true });
+  return lines;
+}
+
 function paintPair(node, ctx, top, width, avail) {
   const t = node._eraseproTokens;
   if (!t) return;
   const w = width - 2 * PAD;
   if (w < 40) return;
-  let y = top + 2;
-  const bottom = top + avail;
   ctx.font = BADGE_FONT;
   ctx.textBaseline = "top";
   ctx.textAlign = "left";
-  const tt = num(t.target_tokens);
-  const at = num(t.anchor_tokens);
-  const tok = (n) => (n === null ? "n/a" : `${n} token${n === 1 ? "" : "s"}`);
-  const lines = [`target ${tok(tt)} · anchor ${tok(at)}`];
-  ctx.fillStyle = TEXT;
-  ctx.fillText(fit(ctx, lines[0], w), PAD, y);
-  y += LINE_H;
-  const overflow = Array.isArray(t.overflow) ? t.overflow : [];
-  if (overflow.length && y + LINE_H <= bottom + 2) {
-    ctx.fillStyle = WARN;
-    const named = overflow.map(String).find((x) => x.trim() !== "{}");
-    const example = named ? `e.g. "${named}"` : "the concept alone";
-    const msg = `⚠ ${overflow.length} template${overflow.length === 1 ? "" : "s"} over one 77-token chunk: ${example}`;
-    lines.push(msg);
-    ctx.fillText(fit(ctx, msg, w), PAD, y);
-    y += LINE_H;
-  }
-  if (t.error && y + LINE_H <= bottom + 2) {
-    ctx.fillStyle = WARN;
-    lines.push(`⚠ ${String(t.error)}`);
-    ctx.fillText(fit(ctx, `⚠ ${String(t.error)}`, w), PAD, y);
-  }
-  node._eraseproDrawn = { lines, t: Date.now() }; // for tests and debugging
+  const lines = pairLines(t).filter((line, i) => top + 2 + (i + 1) * LINE_H <= top + avail + 2);
+  lines.forEach((line, i) => {
+    ctx.fillStyle = line.warn ? WARN : TEXT;
+    ctx.fillText(fit(ctx, line.text, w), PAD, top + 2 + i * LINE_H);
+  });
+  node._eraseproDrawn = { lines: lines.map((l) => l.text), t: Date.now() }; // for tests and debugging
+}
+
+function renderPair(node, el) {
+  const t = node._eraseproTokens;
+  if (!t) { el.replaceChildren(); return; }
+  const lines = pairLines(t);
+  el.replaceChildren(...lines.map((line) => {
+    const div = document.createElement("div");
+    div.className = "erasepro-tokens-line";
+    div.style.cssText = `height:${LINE_H}px;line-height:${LINE_H}px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;color:${line.warn ? WARN : TEXT};`;
+    div.textContent = line.text;
+    div.title = line.text;
+    return div;
+  }));
+  node._eraseproDrawn = { lines: lines.map((l) => l.text), dom: true, t: Date.now() };
 }
 
 function setupPair(nodeType) {
@@ -422,7 +510,11 @@ function setupPair(nodeType) {
         return r;
       };
     }
-    addViewWidget(node, TOKENS_WIDGET, (n) => { const k = tokenLines(n); return k ? k * LINE_H + 4 : 0; }, paintPair);
+    addDomView(node, TOKENS_WIDGET, (n) => { const k = tokenLines(n); return k ? k * LINE_H + 4 : 0; }, renderPair, paintPair);
+    scheduleTokens(node);
+  });
+  chain(nodeType.prototype, "onConfigure", function () {
+    scheduleTokens(this); // a loaded workflow: Nodes 2.0 never calls onDrawForeground
   });
   chain(nodeType.prototype, "onDrawForeground", function () {
     if (!this.flags?.collapsed) scheduleTokens(this); // edits that bypass widget callbacks, workflow loads (cheap compare)
