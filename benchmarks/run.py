@@ -11,6 +11,8 @@ of the per-site relative ΔW. Metric definitions: DESIGN §7 (erasepro_ops.metri
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import statistics
 import sys
@@ -308,9 +310,6 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
 def configured_solve(solver, erase, model, clip, cfg: dict):
     """``solve(chain) -> ErasureEdit`` for one configuration: the solver node itself when ``cfg``
     holds node inputs only, else the node's request with the other settings replaced."""
-    import dataclasses
-    import inspect
-
     node_keys = set(inspect.signature(solver.request).parameters)
     node_cfg = {k: v for k, v in cfg.items() if k in node_keys}
     extra = {k: v for k, v in cfg.items() if k not in node_keys}

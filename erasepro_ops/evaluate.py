@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .concepts import PLACEHOLDER, fill
-from .text import quote
+from .text import prompt_lines, quote  # noqa: F401  (prompt_lines: the node's held-out / unrelated inputs)
 
 PROMPTS_FILE = Path(__file__).with_name("data") / "evaluate_prompts.json"
 GROUPS = ("target", "held-out", "unrelated")
@@ -51,12 +51,6 @@ class EvalRow:
 def default_prompts() -> dict:
     """The shipped defaults: ``{"held_out": {concept_type: [template, ...]}, "unrelated": [...]}``."""
     return json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))
-
-
-def prompt_lines(text: str | None) -> tuple[str, ...] | None:
-    """Non-blank lines of a multi-line input, stripped; None for an empty input (use the defaults)."""
-    lines = tuple(line.strip() for line in (text or "").splitlines() if line.strip())
-    return lines or None
 
 
 def _target_rows(pair, count: int) -> list[EvalRow]:

@@ -1,4 +1,5 @@
-"""Quoting user text in messages: a long prompt is shortened to its first few words."""
+"""User text: prompts given one per line, and quoting them in messages (a long prompt is shortened
+to its first few words)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ def quote(text, max_words: int = MAX_WORDS, max_chars: int = MAX_CHARS) -> str:
     if len(short) > max_chars:
         short = short[:max_chars].rstrip()
     return f"{short + ' …'!r} ({len(words)} words)"
+
+
+def prompt_lines(text: str | None) -> tuple[str, ...] | None:
+    """Non-blank lines of a multi-line input, stripped; None when there are none (callers decide
+    whether that means "the defaults" or "nothing")."""
+    lines = tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+    return lines or None

@@ -35,6 +35,7 @@ from erasepro_ops import export  # noqa: E402  (pure)
 from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair  # noqa: E402
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # noqa: E402
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH  # noqa: E402
+from erasepro_ops.text import prompt_lines  # noqa: E402
 from erasepro_ops.contexts import (ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING,  # noqa: E402
                                    MAX_CONTEXT_TEMPLATES)
 
@@ -86,7 +87,7 @@ def read_lines(path: str | None) -> tuple[str, ...]:
     p = Path(path)
     if not p.is_file():
         raise CliError(f"preserve file {p} does not exist")
-    return tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    return prompt_lines(p.read_text(encoding="utf-8")) or ()
 
 
 # ----------------------------------------------------------------------------------------

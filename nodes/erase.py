@@ -194,9 +194,9 @@ def run_erasure(model, clip, request: Request, on_site: Callable[[str], None] | 
                               overflow_preserve_weight=request.overflow_preserve_weight, gap_floor=request.gap_floor)
 
     pairs = prompt_pairs(request.concepts)
-    own_padding = request.template_padding if request.method == "erasepro" and request.features == "all" else None
-    padding, suffix = [own_padding] * len(pairs), [True] * len(pairs)
-    if request.method == "erasepro" and request.features == "all" and request.context_templates:
+    every_position = request.method == "erasepro" and request.features == "all"  # not UCE's own rule
+    padding, suffix = [request.template_padding if every_position else None] * len(pairs), [True] * len(pairs)
+    if every_position and request.context_templates:
         contexts = context_prompt_pairs(request.concepts, request.context_templates)
         pairs, padding = pairs + contexts, padding + [request.context_padding] * len(contexts)
         suffix += [request.context_suffix] * len(contexts)

@@ -8,13 +8,14 @@ from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING
 from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
 from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH
+from erasepro_ops.text import prompt_lines
 
 from .erase import Request, run_erasure
 from .host import detect
 
 
 def preserve_lines(text: str) -> tuple[str, ...]:
-    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+    return prompt_lines(text) or ()
 
 
 class ProgressiveSolver:
