@@ -2,30 +2,34 @@
 
     python -m benchmarks.run [--models sd15,sdxl] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
 
-Models are built from ComfyUI's own classes at full size with random weights (tests/comfy_host).
-Every configuration runs the real solver node on the same concepts and preserve set, in one
-process, models already loaded. Prints a table, writes output/bench/<model>.json and a PNG chart
-of the per-site relative ΔW. Metric definitions: DESIGN §7 (erasepro_ops.metrics).
+Models are built from ComfyUI's own classes at full size with random weights (scripts/comfy_host).
+Every configuration runs the solve (``erasepro_ops.pipeline.run_erasure`` on the ComfyUI host) on
+the same concepts and preserve set, in one process, models already loaded. Prints a table, writes
+output/bench/<model>.json and a PNG chart of the per-site relative ΔW. The metrics are defined in
+erasepro_ops.metrics.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for extra in (REPO / "tests", REPO):
-    if str(extra) not in sys.path:
-        sys.path.append(str(extra))  # appended: ComfyUI's top-level `nodes` must win over this repo's nodes/
+from erasepro_comfy.apply import apply_edit
+from erasepro_comfy.host import ComfyHost
+from erasepro_ops.batches import align_prompts, preserve_ids, prompt_pairs
+from erasepro_ops.concepts import ConceptPair
+from erasepro_ops.pipeline import run_erasure
+from erasepro_ops.request import Request
+from erasepro_ops.summary import Summary
+from erasepro_ops.text import prompt_lines
+from scripts import comfy_host as H
 
-import comfy_host as H  # noqa: E402
+REPO = H.REPO
+NODE_INPUTS = {"shallow_rule": "rule", "context_sentences": "context_templates"}  # node input → Request field
 
 STYLES = ["van gogh", "claude monet", "pablo picasso", "salvador dali", "rembrandt", "frida kahlo", "gustav klimt",
           "edvard munch", "hokusai", "andy warhol", "georgia o'keeffe", "wassily kandinsky", "paul cezanne",
@@ -138,51 +142,48 @@ class LazyDeltas:
         return self.sites[i].delta()
 
 
-def build_chain(pack, concepts):
-    pair_node = pack.NODE_CLASS_MAPPINGS["ErasePro_ConceptPair"]()
-    chain = None
-    for target, kind in concepts:
-        (chain,) = pair_node.build(target, ANCHORS[kind], kind, concepts=chain)
-    return chain
+def build_chain(concepts) -> tuple[ConceptPair, ...]:
+    return tuple(ConceptPair(target, ANCHORS[kind], kind) for target, kind in concepts)
 
 
-def deep_features(erase, host, edited_clip, clip, arch, pairs):
+def deep_features(edited: ComfyHost, original: ComfyHost, pairs):
     """``(X', X, Y)`` at the deep sites for aligned prompt pairs, on all constrained columns:
     the targets through the edited and the original encoder, the anchors through the original."""
     from erasepro_ops.chain import Columns, inputs_with_partners
-    alignments, t_ids, a_ids = erase.align_prompts(clip, arch, pairs)
-    columns = Columns.from_alignments(alignments, erase.CONTEXT)
-    y_cond, _, _ = host.encode_batch(clip, arch.encoders, a_ids)
-    x_cond, _, _ = host.encode_batch(clip, arch.encoders, t_ids)
-    x_new, _, _ = host.encode_batch(edited_clip, arch.encoders, t_ids)
+    arch = original.architecture()
+    alignments, t_ids, a_ids = align_prompts(original, arch, pairs)
+    columns = Columns.from_alignments(alignments, arch.context)
+    y_cond = original.encode(a_ids).cond
+    x_cond = original.encode(t_ids).cond
+    x_new = edited.encode(t_ids).cond
     x, y = inputs_with_partners(x_cond, y_cond, columns)
     return inputs_with_partners(x_new, y_cond, columns)[0], x, y
 
 
-def prompt_pair_features(erase, host, edited_clip, clip, arch, pairs):
+def prompt_pair_features(edited: ComfyHost, original: ComfyHost, pairs):
     """``X'``: the deep sites' input for the targets of ``pairs`` through the edited encoder."""
     from erasepro_ops.chain import Columns, gather
-    alignments, t_ids, _ = erase.align_prompts(clip, arch, pairs)
-    x_new, _, _ = host.encode_batch(edited_clip, arch.encoders, t_ids)
-    return gather(x_new, Columns.from_alignments(alignments, erase.CONTEXT).target)
+    arch = original.architecture()
+    alignments, t_ids, _ = align_prompts(original, arch, pairs)
+    x_new = edited.encode(t_ids).cond
+    return gather(x_new, Columns.from_alignments(alignments, arch.context).target)
 
 
-def prompt_features(erase, host, clip, arch, prompts):
+def prompt_features(host: ComfyHost, prompts):
     """Deep-site input features (D × 77·P) of whole prompts, as the solver encodes preserve prompts."""
-    cond, _, _ = host.encode_batch(clip, arch.encoders, erase.preserve_ids(clip, arch, prompts))
+    cond = host.encode(preserve_ids(host, host.architecture(), prompts)).cond
     return cond.reshape(-1, cond.shape[-1]).T
 
 
 def held_out_pairs(concepts):
     """(target sentence, anchor sentence, pair) for every held-out template of the first concepts."""
-    from erasepro_ops.concepts import ConceptPair
     return [(tmpl.format(t), tmpl.format(ANCHORS[k]), ConceptPair(t, ANCHORS[k], k))
             for t, k in concepts[:HELD_OUT_CONCEPTS] for tmpl in HELD_OUT[k]]
 
 
-def column_roles(erase, clip, arch, pairs):
+def column_roles(host: ComfyHost, pairs):
     """The role of each constrained column (keep, concept, suffix, end, pad), in Columns order."""
-    alignments, _, _ = erase.align_prompts(clip, arch, pairs)
+    alignments, _, _ = align_prompts(host, host.architecture(), pairs)
     keep = sum(len(al.keep) for al in alignments)
     return ["keep"] * keep + [r for al in alignments for r in al.role]
 
@@ -212,19 +213,16 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
     import torch
     from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, preservation_drift
 
-    pack = H.load_pack()
-    erase = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
-    host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
-    solver = pack.NODE_CLASS_MAPPINGS["ErasePro_ProgressiveSolver"]()
     t0 = time.perf_counter()
     model, clip = load_models(kind, size, dtype)
     print(f"[{kind}] {size} random-weight model, {dtype}, ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    host = ComfyHost(model, clip)
     device = host.solve_device()
-    arch = host.detect(model, clip)
-    weights = host.effective_weights(model, arch.deep_keys)
+    arch = host.architecture()
+    weights = host.model_weights(arch.deep_keys)
     width = next(iter(weights.values())).shape[1]
-    k_pre = prompt_features(erase, host, clip, arch, PRESERVE)
-    k_unrel = prompt_features(erase, host, clip, arch, UNRELATED)
+    k_pre = prompt_features(host, PRESERVE)
+    k_unrel = prompt_features(host, UNRELATED)
 
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, eps_size, eps_size, generator=g)
@@ -238,14 +236,14 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
     rows = []
     for n in counts:
         concepts = concept_set(n)
-        chain = build_chain(pack, concepts)
-        warm_chain = build_chain(pack, concepts[:1])
+        chain = build_chain(concepts)
+        warm_chain = build_chain(concepts[:1])
         first_t, first_kind = concepts[0]
         first_a = ANCHORS[first_kind]
         held = held_out_pairs(concepts)
-        held_roles = column_roles(erase, clip, arch, held)
-        _, held_x, held_y = deep_features(erase, host, clip, clip, arch, held)  # the same for every config
-        solve_pairs = erase.prompt_pairs(tuple(chain))
+        held_roles = column_roles(host, held)
+        _, held_x, held_y = deep_features(host, host, held)  # the same for every config
+        solve_pairs = prompt_pairs(chain)
         solve_prompt = f"a painting by {first_t}"
         held_prompt = HELD_OUT[first_kind][2]
         base = {"t": eps(model, clip, solve_prompt), "a": eps(model, clip, f"a painting by {first_a}"),
@@ -253,7 +251,7 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
                 "u": eps(model, clip, UNRELATED[0])}
         uce_time = None
         for label, cfg in [c for c in (SWEEP if sweep else CONFIGS) if configs is None or c[0] in configs]:
-            solve = configured_solve(solver, erase, model, clip, cfg)
+            solve = configured_solve(host, cfg)
             solve(warm_chain)  # warm-up (tokenizer caches, model load): one concept
             times, peak = [], 0
             for _ in range(runs if n < 100 else 1):
@@ -265,16 +263,17 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
                     times.append(time.perf_counter() - start)
                 peak = max(peak, mem.peak)
             seconds = statistics.median(times)
-            s = edit.summary
-            m2, c2 = erase.apply_edit(model, clip, edit, 1.0)
+            s = Summary.from_dict(edit.summary)
+            m2, c2 = apply_edit(model, clip, edit, 1.0)
+            edited = ComfyHost(m2, c2)
             sites = {site.key: site for site in edit.part("model")}
             keys = list(arch.deep_keys)
             w_list = [weights[k] for k in keys]
             d_list = LazyDeltas([sites[k] for k in keys])
-            train_all = end_to_end_residual(w_list, d_list, *deep_features(erase, host, c2, clip, arch, solve_pairs))
-            held_new = prompt_pair_features(erase, host, c2, clip, arch, held)
+            train_all = end_to_end_residual(w_list, d_list, *deep_features(edited, host, solve_pairs))
+            held_new = prompt_pair_features(edited, host, held)
             held_res = role_residuals(w_list, d_list, held_new, held_x, held_y, held_roles)
-            drift = {name: preservation_drift(w_list, d_list, k_orig, prompt_features(erase, host, c2, arch, prompts))
+            drift = {name: preservation_drift(w_list, d_list, k_orig, prompt_features(edited, prompts))
                      for name, prompts, k_orig in (("preserve", PRESERVE, k_pre), ("unrelated", UNRELATED, k_unrel))}
             if uce_time is None:
                 uce_time = seconds
@@ -282,20 +281,20 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
                 "model": kind, "concepts": n, "config": label, **cfg,
                 "solve_seconds": seconds, "runs": len(times), "ratio_to_uce": seconds / uce_time,
                 "peak_extra_mib": peak / 2**20,
-                "train_residual": train_all, "own_columns_residual": s["train_residual"],
+                "train_residual": train_all, "own_columns_residual": s.train_residual,
                 "dtype": dtype, "held_out_residual": held_res["tail"], "held_out": held_res,
-                "empty_prompt_drift": s.get("empty_prompt_drift"),
+                "empty_prompt_drift": s.empty_prompt_drift,
                 "drift_preserve": drift["preserve"], "drift_unrelated": drift["unrelated"],
-                "deep_burden": s["deep_burden"], "constraints": s["constraints"], "deep_rank": s["deep_rank"],
-                "width": width, "warnings": s["warnings"],
+                "deep_burden": s.deep_burden, "constraints": s.constraints, "deep_rank": s.deep_rank,
+                "width": width, "warnings": list(s.warnings),
                 "eps_erasure": eps_erasure(eps(m2, c2, solve_prompt), base["a"], base["t"]),
                 "eps_erasure_held_out": eps_erasure(eps(m2, c2, held_prompt.format(first_t)), base["ha"], base["ht"]),
                 "eps_preservation": eps_preservation(eps(m2, c2, UNRELATED[0]), base["u"]),
-                "sites": [(site["name"], site["stage"], site["relative_change"]) for site in s["sites"]],
+                "sites": [(site.name, site.stage, site.relative_change) for site in s.sites],
             }
             rows.append(row)
             print_row(row)
-            del m2, c2, edit, sites  # full-size SDXL: keep one edit alive at a time
+            del m2, c2, edited, edit, sites  # full-size SDXL: keep one edit alive at a time
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"device": device_name(device), "torch": torch.__version__, "rows": rows}
     name = f"{kind}_{dtype}{'_sweep' if sweep else ''}"
@@ -307,19 +306,14 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
     return rows
 
 
-def configured_solve(solver, erase, model, clip, cfg: dict):
-    """``solve(chain) -> ErasureEdit`` for one configuration: the solver node itself when ``cfg``
-    holds node inputs only, else the node's request with the other settings replaced."""
-    node_keys = set(inspect.signature(solver.request).parameters)
-    node_cfg = {k: v for k, v in cfg.items() if k in node_keys}
-    extra = {k: v for k, v in cfg.items() if k not in node_keys}
-    preserve = "\n".join(PRESERVE)
+def configured_solve(host: ComfyHost, cfg: dict):
+    """``solve(chain) -> ErasureEdit`` for one configuration; ``cfg`` holds the solver node's input
+    names (``shallow_rule``, ``context_sentences``) or the Request's own field names."""
+    settings = {NODE_INPUTS.get(k, k): v for k, v in cfg.items()}
+    preserve = prompt_lines("\n".join(PRESERVE)) or ()
 
     def solve(chain):
-        if not extra:
-            return solver.solve(model=model, clip=clip, concepts=chain, preserve=preserve, **node_cfg)["result"][0]
-        request = dataclasses.replace(solver.request(concepts=chain, preserve=preserve, **node_cfg), **extra)
-        return erase.run_erasure(model, clip, request)
+        return run_erasure(host, Request(tuple(chain), preserve=preserve, **settings))
     return solve
 
 

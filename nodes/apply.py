@@ -1,7 +1,6 @@
 """Apply Erased UNet: the edit as non-destructive "diff" patches on clones of MODEL and CLIP."""
 
-from .edit_io import check_fingerprint
-from .erase import apply_edit
+from erasepro_comfy.apply import apply_edit, check_fingerprint
 
 
 class ApplyErasedUNet:

@@ -3,7 +3,7 @@
 from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair
 from erasepro_ops.text import quote
 
-from .host import EraseProError
+from erasepro_ops.errors import EraseProError
 
 
 class ConceptPairNode:

@@ -10,13 +10,12 @@ import dataclasses
 import os
 from pathlib import Path
 
-import comfy.lora
 import folder_paths
 
+from erasepro_comfy.apply import (check_against, check_fingerprint, comfy_key_map, load_edit_file,  # noqa: F401
+                                  save_edit_file)
 from erasepro_ops import export
-
-from .erase import check_sites
-from .host import EraseProError, fingerprint_of, log
+from erasepro_ops.errors import EraseProError, log
 
 DTYPES = list(export.STORAGE_DTYPES)
 
@@ -44,72 +43,6 @@ def _next_path(prefix: str, root: str) -> tuple[Path, str]:
                     counter = max(counter, int(digits) + 1)
     path = folder / f"{base}_{counter:05}_.safetensors"
     return path, os.path.relpath(path, root).replace(os.sep, "/")
-
-
-def save_edit_file(edit, path, dtype: str = "float32") -> Path:
-    try:
-        return export.save(edit, path, dtype)
-    except export.EditFileError as e:
-        raise EraseProError(str(e)) from None
-
-
-def load_edit_file(path):
-    try:
-        return export.load(path)
-    except export.EditFileError as e:
-        raise EraseProError(f"cannot load this ErasePro edit: {e}") from None
-
-
-def comfy_key_map(model=None, clip=None) -> dict[str, str]:
-    """ComfyUI's own LoRA-name → weight-key map for these models (as comfy.sd.load_lora_for_models)."""
-    key_map: dict[str, str] = {}
-    if model is not None:
-        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
-    if clip is not None:
-        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    return key_map
-
-
-def check_fingerprint(edit, model, clip) -> str:
-    """Raise EraseProError unless the MODEL/CLIP's edited layers are the ones ``edit`` was solved on.
-
-    Hashes only the edited sites' effective weights (host.fingerprint_of, one layer at a time), as
-    the solver did. Load ErasePro Edit and Apply Erased UNet both refuse with this one message.
-    """
-    model_sites, clip_sites = edit.part("model"), edit.part("clip")
-    parts = [(model, [s.key for s in model_sites])]
-    if clip_sites and clip is not None:
-        parts.append((clip.patcher, [s.key for s in clip_sites]))
-    got = fingerprint_of(parts)
-    if got != edit.fingerprint:
-        n = sum(len(keys) for _, keys in parts)
-        raise EraseProError(
-            "this edit was made for another base model: the fingerprint of the "
-            f"{n} edited layers is {got[:16]}… here, the edit expects {edit.fingerprint[:16]}…. "
-            "Load the checkpoint (and any LoRAs applied before the erasure) the edit was made from, "
-            "or set ignore_fingerprint on Load ErasePro Edit to apply it anyway (the erasure is then no "
-            "longer exact).")
-    return f"fingerprint OK ({got[:16]}…)"
-
-
-def check_against(edit, model, clip, ignore_fingerprint: bool = False) -> str:
-    """Raise EraseProError unless ``edit`` fits ``model``/``clip`` (shapes, then fingerprint).
-
-    Returns a one-line note on the check. Shapes are always checked (a mismatched edit cannot be
-    applied); the fingerprint check is skipped only with ``ignore_fingerprint``.
-    """
-    model_sites, clip_sites = edit.part("model"), edit.part("clip")
-    check_sites(model.model_state_dict(), model_sites, "MODEL")
-    if clip_sites:
-        if clip is None:
-            if not ignore_fingerprint:
-                raise EraseProError("this edit also changes the text encoder: connect the CLIP so its fingerprint "
-                                    "can be checked (and use the CLIP on Apply Erased UNet)")
-        else:
-            check_sites(clip.patcher.model_state_dict(), clip_sites, "CLIP")
-    if ignore_fingerprint:
-        return "fingerprint not checked (ignore_fingerprint)"
-    return check_fingerprint(edit, model, clip)
 
 
 class SaveEraseProEdit:

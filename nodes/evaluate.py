@@ -16,7 +16,7 @@ from erasepro_ops.evaluate_grid import draw_grid, draw_score_chart
 from erasepro_ops.report import report_to_image_tensor
 
 from .evaluate_run import SamplerSetup, check_models, image_embeddings, progress_bar, render
-from .host import EraseProError
+from erasepro_ops.errors import EraseProError
 
 PREVIEW_PREFIX = "erasepro_evaluate"
 

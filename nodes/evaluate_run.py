@@ -15,7 +15,8 @@ import comfy.model_management
 import comfy.sample
 import comfy.utils
 
-from .host import EraseProError, detect
+from erasepro_comfy.host import detect
+from erasepro_ops.errors import EraseProError
 
 log = logging.getLogger("ErasePro")
 
@@ -53,10 +54,10 @@ def check_models(original_model, original_clip, erased_model, erased_clip) -> No
         except EraseProError as e:
             raise EraseProError(f"ErasePro Evaluate: {which}_model / {which}_clip: {e}") from e
     a, b = archs
-    if a.family != b.family or a.deep_keys != b.deep_keys or a.context_width != b.context_width:
+    if a.name != b.name or a.deep_keys != b.deep_keys or a.context_width != b.context_width:
         raise EraseProError(
-            f"ErasePro Evaluate: original_model ({a.family.upper()}, {len(a.deep_keys)} cross-attention K/V layers) "
-            f"and erased_model ({b.family.upper()}, {len(b.deep_keys)}) are different architectures: connect the "
+            f"ErasePro Evaluate: original_model ({a.name.upper()}, {len(a.deep_keys)} cross-attention K/V layers) "
+            f"and erased_model ({b.name.upper()}, {len(b.deep_keys)}) are different architectures: connect the "
             "MODEL and CLIP from Apply Erased UNet, made from the same checkpoint as the original")
 
 

@@ -10,8 +10,9 @@ from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAUL
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH
 from erasepro_ops.text import prompt_lines
 
-from .erase import Request, run_erasure
-from .host import detect
+from erasepro_comfy.host import ComfyHost
+from erasepro_ops.pipeline import run_erasure
+from erasepro_ops.request import Request
 
 
 def preserve_lines(text: str) -> tuple[str, ...]:
@@ -69,9 +70,8 @@ class ProgressiveSolver:
               preserve_strength=0.0, features="all", overflow_damping=DEFAULT_OVERFLOW_DAMPING,
               keep_empty_prompt=True, retain_strength=DEFAULT_RETAIN_STRENGTH,
               template_padding=DEFAULT_TEMPLATE_PADDING, context_sentences=DEFAULT_CONTEXT_TEMPLATES):
-        arch = detect(model, clip)
-        total = sum(e.shallow_depth(progressive_layers) for e in arch.encoders) + len(arch.deep_keys) + (1 if arch.pooled_width else 0)
-        bar = comfy.utils.ProgressBar(total)
+        host = ComfyHost(model, clip)
+        bar = comfy.utils.ProgressBar(host.architecture().site_count(progressive_layers))
 
         def step(_name):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -80,7 +80,7 @@ class ProgressiveSolver:
         request = self.request(concepts, progressive_layers, method, preserve, shallow_rule, preserve_strength,
                                features, overflow_damping, keep_empty_prompt, retain_strength, template_padding,
                                context_sentences)
-        edit = run_erasure(model, clip, request, on_site=step)
-        report = {k: v for k, v in edit.summary.items()}
+        edit = run_erasure(host, request, on_site=step)
+        report = dict(edit.summary)
         image = report_to_image_tensor(draw_report(report))
         return {"ui": {"erasepro_report": [report]}, "result": (edit, image, summary_text(report))}

@@ -16,11 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+import torch
 
-import comfy_host as H  # noqa: E402
-import torch  # noqa: E402
+from scripts import comfy_host as H
 
 STYLE = ("Van Gogh", "a painting", "style")
 OBJECT = ("golden retriever", "a dog", "object")

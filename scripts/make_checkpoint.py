@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-import comfy_host as host  # noqa: E402
+import comfy_host as host  # noqa: E402  (scripts/, on sys.path when this runs as a script)
 
 FORMAT_VERSION = "1"
 

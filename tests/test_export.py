@@ -87,7 +87,7 @@ def apply_node(pack, model, edit, clip, strength=1.0):
 
 
 def site_weights(eio, model, clip, edit):
-    from_host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    import erasepro_comfy.host as from_host
     w = from_host.effective_weights(model, [s.key for s in edit.part("model")])
     if edit.part("clip"):
         w.update(from_host.effective_weights(clip.patcher, [s.key for s in edit.part("clip")]))
@@ -266,7 +266,7 @@ def test_bad_files_are_refused_and_apply_nothing(pack, eio, export, loras):
     save_file({"lora_unet_a.lora_up.weight": torch.zeros(4, 1)}, str(d / "plain.safetensors"))
     case("plain LoRA", "plain.safetensors", "not an ErasePro edit")
 
-    from_host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    import erasepro_comfy.host as from_host
     before = (len(model.patches), len(clip.patcher.patches))
     for label, (name, expect) in cases.items():
         with pytest.raises(from_host.EraseProError) as e:
@@ -318,7 +318,7 @@ def test_damaged_bytes_are_refused_by_the_checksum(pack, eio, export, loras):
     assert len(sites) == len(edit.sites) and all(len(s["sha256"]) == 64 for s in sites)
     assert "float16 bytes" in meta["erasepro.fingerprint_method"] and "float32" not in meta["erasepro.fingerprint_method"]
     assert "sha256" in meta["erasepro.checksum_method"]
-    from_host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    import erasepro_comfy.host as from_host
 
     # valid but absurd floats (8.6e35) over one deep and one text-encoder site's factors
     for site in (edit.part("model")[0], edit.part("clip")[0]):
@@ -370,7 +370,7 @@ def test_file_without_checksums_loads_with_a_warning(pack, eio, export, loras):
 # ----------------------------------------------------------------------------------------
 def test_apply_refuses_an_edit_for_another_model_with_loads_message(pack, eio, loras):
     model, clip, edit = solved(pack, "sd15")
-    from_host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    import erasepro_comfy.host as from_host
     other_model, other_clip = H.build("sd15", seed=1)
     name, _ = save_node(pack, edit, "wrong/edit")
     with pytest.raises(from_host.EraseProError) as applied:
@@ -460,9 +460,8 @@ def deep_residuals(batch):
     import comfy.sd
     from erasepro_ops import export
     from erasepro_ops.chain import Columns, inputs_with_partners
-    H.load_pack()
-    erase = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
-    host = sys.modules[f"{H.PACK_MODULE}.nodes.host"]
+    import erasepro_comfy.host as host
+    from erasepro_ops.batches import align_prompts, prompt_pairs
     edit = export.load(batch["out"])
     orig_model, orig_clip = comfy.sd.load_checkpoint_guess_config(str(batch["ckpt"]), output_vae=False)[:2]
     baked_model, baked_clip = comfy.sd.load_checkpoint_guess_config(str(batch["baked"]), output_vae=False)[:2]
@@ -472,17 +471,15 @@ def deep_residuals(batch):
     arch = host.detect(orig_model, orig_clip)
     fp = host.fingerprint({**host.effective_weights(orig_model, [s.key for s in edit.part("model")]),
                            **host.effective_weights(orig_clip.patcher, [s.key for s in edit.part("clip")])})
-    if hasattr(erase, "align_prompts"):
-        alignments, target_ids, anchor_ids = erase.align_prompts(orig_clip, arch, erase.prompt_pairs(concepts))
-    else:
-        alignments, target_ids, anchor_ids = erase._align_all(orig_clip, arch, concepts)
-    columns = Columns.from_alignments(alignments, erase.CONTEXT)  # features "all" (the CLI's default)
+    alignments, target_ids, anchor_ids = align_prompts(host.ComfyHost(orig_model, orig_clip), arch,
+                                                       prompt_pairs(concepts))
+    columns = Columns.from_alignments(alignments, arch.context)  # features "all" (the CLI's default)
     y_cond = host.encode_batch(orig_clip, arch.encoders, anchor_ids)[0]
     # X: the baked CLIP's own encoders (the shallow edits are baked into its weights)
     x_cond = host.encode_batch(baked_clip, host.detect(baked_model, baked_clip).encoders, target_ids)[0]
     x, y = inputs_with_partners(x_cond, y_cond, columns)
     x, y = x.double(), y.double()
-    # normalised by the *unedited* model's gap, as the solver reports it (DESIGN §7: 1 = untouched)
+    # normalised by the *unedited* model's gap, as the solver reports it (1 = untouched)
     x0, _ = inputs_with_partners(host.encode_batch(orig_clip, arch.encoders, target_ids)[0], y_cond, columns)
     x0 = x0.double()
     w_o = host.effective_weights(orig_model, arch.deep_keys)
@@ -540,19 +537,21 @@ def test_batch_command_erases_20_concepts_and_bakes(batch):
 
 
 def test_batch_20_concepts_over_the_rank_budget_are_damped_least_squares_and_say_so(batch):
-    """20 concepts × 77 positions exceed SD1.5's 768-wide deep sites (DESIGN §3): the overflow (padding)
+    """20 concepts × 77 positions exceed SD1.5's 768-wide deep sites: the overflow (padding)
     is fitted by damped least squares, so no site changes by more than its own weight (undamped:
     shallow ΔW/W 39, deep burden 2.6, drift 1.8 on unrelated prompts), the residual stays below
     UCE's on the same columns, and the summary says why."""
     res = deep_residuals(batch)
     summary = res["edit"].summary
     import comfy.sd
-    erase = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
+    from erasepro_comfy.host import ComfyHost
     from erasepro_ops.concepts import ConceptPair
+    from erasepro_ops.pipeline import run_erasure
+    from erasepro_ops.request import Request
     concepts = tuple(ConceptPair(**{k: c[k] for k in ("target", "anchor", "concept_type", "prompts")})
                      for c in res["edit"].settings["concepts"])
     model, clip = comfy.sd.load_checkpoint_guess_config(str(batch["ckpt"]), output_vae=False)[:2]
-    uce = erase.run_erasure(model, clip, erase.Request(concepts, progressive_layers=0, method="uce")).summary
+    uce = run_erasure(ComfyHost(model, clip), Request(concepts, progressive_layers=0, method="uce")).summary
     shallow = [s["relative_change"] for s in summary["sites"] if s["stage"] == "shallow"]
     print(f"[batch] all-column residual {res['all']:.3e} (UCE on the same columns {uce['train_residual']:.3e}), "
           f"deep rank {summary['deep_rank']} of 768, deep burden {summary['deep_burden']:.3f} "

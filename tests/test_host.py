@@ -286,7 +286,7 @@ def test_effective_weights_on_the_old_comfyui_api(host, monkeypatch):
     import sys
     import comfy.lora
     host.load_pack()
-    pack_host = sys.modules[f"{host.PACK_MODULE}.nodes.host"]
+    import erasepro_comfy.host as pack_host
     model, clip = host.build("sd15", "tiny", seed=0)
     keys = [k for k in model.model_state_dict() if k.endswith("attn2.to_k.weight")]
     patched = model.clone()

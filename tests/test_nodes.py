@@ -9,6 +9,11 @@ import pytest
 import torch
 
 import comfy_host as H
+from erasepro_comfy.host import ComfyHost
+from erasepro_ops.concepts import ConceptPair
+from erasepro_ops.errors import EraseProError
+from erasepro_ops.pipeline import run_erasure
+from erasepro_ops.request import Request
 
 TARGET, SAME_LENGTH_ANCHOR = "van gogh", "claude monet"  # two BPE tokens each
 SOLVE_PROMPT = "a painting by {}"  # one of the style templates
@@ -61,7 +66,7 @@ def erase(nodes, model, clip, target, anchor, S=0, method="erasepro", concept_ty
 
 
 def eps_erasure(model, clip, new_model, new_clip, target_prompt, anchor_prompt):
-    """DESIGN §7: ‖ε'(target) − ε(anchor)‖ / ‖ε(target) − ε(anchor)‖."""
+    """Erasure in the UNet's output: ‖ε'(target) − ε(anchor)‖ / ‖ε(target) − ε(anchor)‖."""
     e_t, e_a = eps(model, clip, target_prompt), eps(model, clip, anchor_prompt)
     return float((eps(new_model, new_clip, target_prompt) - e_a).norm() / (e_t - e_a).norm())
 
@@ -140,8 +145,8 @@ def test_lora_loaded_before_the_solver_is_respected(nodes, pack):
     # weights): Apply refuses it, and forced on anyway it no longer erases exactly.
     with pytest.raises(ValueError, match="another base model"):
         nodes[2].apply(model, edit, 1.0, clip)
-    erase_mod = __import__(f"{H.PACK_MODULE}.nodes.erase", fromlist=["apply_edit"])
-    bare_model, _ = erase_mod.apply_edit(model, clip, edit, 1.0)
+    from erasepro_comfy.apply import apply_edit
+    bare_model, _ = apply_edit(model, clip, edit, 1.0)
     bare_erasure = eps_erasure(model, clip, bare_model, c2, t_prompt, a_prompt)
     print(f"LoRA: eps erasure with the LoRA {with_lora_erasure:.2e}, edit moved onto the bare model {bare_erasure:.2e}")
     assert edit.summary["train_residual"] <= 1e-4
@@ -339,17 +344,15 @@ def test_concept_tokens_past_the_budget_are_not_called_exact(nodes):
     tokens and the words after them) exceeds 768 columns, so only the prefixes are exact and the
     summary must say so rather than promise exact concept tokens."""
     import random
-    import sys
-    erase_mod = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
     words = ("red blue green small large old new bright dark quiet loud soft hard warm cold wooden metal glass "
              "stone river mountain forest city street house window door garden flower tree bird cat dog horse boat "
              "car train bridge tower castle market harbor field cloud rain snow sun moon star night morning").split()
     rng = random.Random(0)
     lines = tuple("{} " + " ".join(rng.sample(words, 50)) for _ in range(17))
     model, clip = H.build("sd15")
-    concepts = (erase_mod.ConceptPair("van gogh", "a painter", "custom", lines),)
-    s = erase_mod.run_erasure(model, clip, erase_mod.Request(concepts, progressive_layers=0,
-                                                             template_padding=ALL_PADDING)).summary
+    concepts = (ConceptPair("van gogh", "a painter", "custom", lines),)
+    s = run_erasure(ComfyHost(model, clip), Request(concepts, progressive_layers=0,
+                                                    template_padding=ALL_PADDING)).summary
     print(f"{s['constraints']} columns: exact {s['exact_parts']}, least squares {s['least_squares_parts']}, "
           f"train residual {s['train_residual']:.3e}")
     assert s["exact_parts"] == ["prefixes"]
@@ -363,8 +366,6 @@ def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
     """Past the rank budget the preserve prompts' padding joins the erasure's damped fit, weighted by
     ``overflow_preserve_weight``: they drift no more than under UCE (official: last token, its own soft
     preserve term), far less than with weight 1, and the edit stays gentle."""
-    import sys
-    erase_mod = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
     model, clip = H.build("sd15")
     pair, _, _ = nodes
     concepts = twelve_concepts(pair)
@@ -375,15 +376,15 @@ def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
             "default": every}
     s = {}
     for label, kw in runs.items():
-        s[label] = erase_mod.run_erasure(model, clip, erase_mod.Request(tuple(concepts), preserve=preserve, **kw)).summary
+        s[label] = run_erasure(ComfyHost(model, clip), Request(tuple(concepts), preserve=preserve, **kw)).summary
         print(f"{label}: train residual {s[label]['train_residual']:.3e}, preserve drift "
               f"{s[label]['preservation_drift']:.3e}, deep burden {s[label]['deep_burden']:.3f}")
     assert s["default"]["overflow_damped"] and s["default"]["constraints"] > s["default"]["rank_budget"]
     assert s["default"]["preservation_drift"] <= s["uce"]["preservation_drift"]
     assert s["default"]["preservation_drift"] < 0.5 * s["w=1"]["preservation_drift"]
     assert s["default"]["train_residual"] < 0.5 and s["default"]["deep_burden"] < 1.0
-    with pytest.raises(erase_mod.EraseProError, match="overflow_preserve_weight"):
-        erase_mod.run_erasure(model, clip, erase_mod.Request(tuple(concepts), overflow_preserve_weight=0.0, **every))
+    with pytest.raises(EraseProError, match="overflow_preserve_weight"):
+        run_erasure(ComfyHost(model, clip), Request(tuple(concepts), overflow_preserve_weight=0.0, **every))
 
 
 def test_long_prompt_is_quoted_short(nodes):
@@ -413,7 +414,7 @@ def test_nan_in_an_untouched_text_encoder_weight_names_encoder_and_prompt(nodes,
     block: the shallow sites are fc2 of the first blocks) stops the solve at the first encode,
     naming the encoder and a prompt, in a short message. Two concepts: 16 prompts a batch, more than
     host.PROBE_BATCH, so one prompt is encoded first and named alone."""
-    host = __import__(f"{H.PACK_MODULE}.nodes.host", fromlist=["EraseProError"])
+    import erasepro_comfy.host as host
     model, clip = H.build(kind)
     _nan_at(clip, attr, lambda t: t.encoder.layers[-1].self_attn.q_proj.weight.__setitem__((0, 0), float("nan")))
     pair, solver, _ = nodes
@@ -434,7 +435,7 @@ def test_nan_in_an_untouched_text_encoder_weight_names_encoder_and_prompt(nodes,
 def test_nan_in_one_token_embedding_names_the_prompts_that_use_it(nodes, pack):
     """NaN in the token embedding row of a word only the target uses: the anchors encode fine,
     the target prompts do not, and the message quotes one of them."""
-    host = __import__(f"{H.PACK_MODULE}.nodes.host", fromlist=["EraseProError"])
+    import erasepro_comfy.host as host
     model, clip = H.build("sd15")
     token = clip.tokenize("gogh")["l"][0][1][0]
     _nan_at(clip, "clip_l", lambda t: t.embeddings.token_embedding.weight[token].fill_(float("nan")))

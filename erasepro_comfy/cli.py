@@ -12,32 +12,31 @@ full erased checkpoint through ``comfy.sd.save_checkpoint`` (what ComfyUI's Chec
 
 This module imports nothing from ComfyUI at import time: :func:`main` puts the ComfyUI folder
 (``$COMFYUI`` or ``<repo>/.comfyui``) first on ``sys.path``, picks ``--cpu`` when there is no GPU,
-then imports ComfyUI and this pack (as ``ComfyUI_ErasePro``).
+then imports ComfyUI's ``comfy`` package and ``erasepro_comfy.host``. It needs neither the node
+classes nor ComfyUI's ``nodes`` module.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_MODULE = "ComfyUI_ErasePro"
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # erasepro_ops
+from erasepro_ops import export
+from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair
+from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES
+from erasepro_ops.errors import EraseProError
+from erasepro_ops.pipeline import run_erasure
+from erasepro_ops.summary import Summary
+from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT
+from erasepro_ops.request import Request
+from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH
+from erasepro_ops.text import prompt_lines
 
-from erasepro_ops import export  # noqa: E402  (pure)
-from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair  # noqa: E402
-from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # noqa: E402
-from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH  # noqa: E402
-from erasepro_ops.text import prompt_lines  # noqa: E402
-from erasepro_ops.contexts import (ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING,  # noqa: E402
-                                   MAX_CONTEXT_TEMPLATES)
+REPO = Path(__file__).resolve().parents[1]
 
 
 class CliError(Exception):
@@ -98,7 +97,7 @@ def comfy_dir() -> Path:
 
 
 def setup_comfy(force_cpu: bool = False):
-    """Put ComfyUI first on sys.path, choose --cpu without a GPU, import ComfyUI and the pack."""
+    """Put ComfyUI first on sys.path, choose --cpu without a GPU, import ComfyUI and its host."""
     d = comfy_dir()
     if not (d / "comfy" / "sd.py").is_file():
         raise CliError(f"no ComfyUI at {d}: set COMFYUI=/path/to/ComfyUI (or run scripts/bootstrap.sh)")
@@ -106,9 +105,6 @@ def setup_comfy(force_cpu: bool = False):
     if s in sys.path:
         sys.path.remove(s)
     sys.path.insert(0, s)
-    m = sys.modules.get("nodes")  # this repo's nodes/ must never shadow ComfyUI's nodes.py
-    if m is not None and not str(getattr(m, "__file__", "") or "").startswith(s):
-        del sys.modules["nodes"]
     if "comfy.model_management" not in sys.modules:
         import torch
         import comfy.cli_args
@@ -119,21 +115,9 @@ def setup_comfy(force_cpu: bool = False):
     import comfy.model_management  # noqa: F401
     import comfy.sd  # noqa: F401
     import comfy.utils  # noqa: F401
-    pack = sys.modules.get(PACK_MODULE)
-    if pack is None:
-        spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_MODULE] = pack
-        try:
-            spec.loader.exec_module(pack)
-        except BaseException:
-            sys.modules.pop(PACK_MODULE, None)
-            raise
-    erase = importlib.import_module(f"{PACK_MODULE}.nodes.erase")
-    edit_io = importlib.import_module(f"{PACK_MODULE}.nodes.edit_io")
-    host = importlib.import_module(f"{PACK_MODULE}.nodes.host")
-    return comfy, erase, edit_io, host
+    import erasepro_comfy.apply
+    import erasepro_comfy.host
+    return comfy, erasepro_comfy.host, erasepro_comfy.apply
 
 
 def _mb(n: int) -> str:
@@ -150,7 +134,7 @@ def cmd_erase(args) -> int:
     for p in (out, Path(args.bake) if args.bake else None):
         if p is not None and p.exists() and not args.force:
             raise CliError(f"{p} exists; pass --force to overwrite")
-    comfy, erase, edit_io, host = setup_comfy(args.cpu)
+    comfy, host, apply = setup_comfy(args.cpu)
     from tqdm import tqdm
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -162,10 +146,9 @@ def cmd_erase(args) -> int:
     if clip is None:
         raise CliError(f"{ckpt.name} has no text encoder; ErasePro needs the CLIP of the checkpoint")
     load_s = time.perf_counter() - t0
-    arch = host.detect(model, clip)
-    total = (sum(e.shallow_depth(args.progressive_layers) for e in arch.encoders) + len(arch.deep_keys)
-             + (1 if arch.pooled_width else 0))
-    request = erase.Request(concepts=pairs, progressive_layers=int(args.progressive_layers), method=args.method,
+    comfy_host = host.ComfyHost(model, clip)
+    total = comfy_host.architecture().site_count(args.progressive_layers)
+    request = Request(concepts=pairs, progressive_layers=int(args.progressive_layers), method=args.method,
                             rule=args.rule, preserve=preserve, preserve_strength=float(args.preserve_strength),
                             overflow_damping=float(args.overflow_damping),
                             overflow_preserve_weight=float(args.overflow_preserve_weight),
@@ -176,28 +159,28 @@ def cmd_erase(args) -> int:
             bar.set_postfix_str(name.split(".weight")[0][-40:], refresh=False)
             bar.update(1)
         t1 = time.perf_counter()
-        edit = erase.run_erasure(model, clip, request, on_site=step)
+        edit = run_erasure(comfy_host, request, on_site=step)
         solve_s = time.perf_counter() - t1
 
     # every site must be a LoRA key ComfyUI's own loader maps to that weight
-    key_map = edit_io.comfy_key_map(model, clip)
+    key_map = apply.comfy_key_map(model, clip)
     family = edit.settings.get("family")
     unmapped = [s.key for s in edit.sites if key_map.get(export.lora_name(s.key, family)) != s.key]
     if unmapped:
         raise CliError(f"ComfyUI's LoRA loader would not map {len(unmapped)} site(s), e.g. {unmapped[0]}")
-    edit_io.save_edit_file(edit, out, args.dtype)
-    s = edit.summary
+    apply.save_edit_file(edit, out, args.dtype)
+    s = Summary.from_dict(edit.summary)
     ckpt_size, lora_size = ckpt.stat().st_size, out.stat().st_size
-    say(f"solve {solve_s:.1f} s (load {load_s:.1f} s), {len(edit.sites)} layers, deep rank {s.get('deep_rank')}, "
-        f"train residual {s.get('train_residual', float('nan')):.3e}, deep burden {s.get('deep_burden', float('nan')):.3e}")
-    for w in s.get("warnings") or []:
+    say(f"solve {solve_s:.1f} s (load {load_s:.1f} s), {len(edit.sites)} layers, deep rank {s.deep_rank}, "
+        f"train residual {s.train_residual:.3e}, deep burden {s.deep_burden:.3e}")
+    for w in s.warnings:
         say(f"warning: {w}")
     say(f"wrote {out} ({_mb(lora_size)}, {args.dtype}) — the checkpoint is {_mb(ckpt_size)} "
         f"({lora_size / ckpt_size:.2%})")
     if args.bake:
         bake = Path(args.bake)
         bake.parent.mkdir(parents=True, exist_ok=True)
-        new_model, new_clip = erase.apply_edit(model, clip, edit, float(args.strength))
+        new_model, new_clip = apply.apply_edit(model, clip, edit, float(args.strength))
         _, meta = export.to_state_dict(edit, args.dtype)
         meta = {k: v for k, v in meta.items() if k.startswith("erasepro.") and k != "erasepro.sites"}
         meta["erasepro.baked_strength"] = repr(float(args.strength))
@@ -275,12 +258,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, export.EditFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # EraseProError and friends: the user's input
-        if type(e).__name__ != "EraseProError":
-            raise
+    except (CliError, export.EditFileError, EraseProError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

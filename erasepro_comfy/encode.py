@@ -1,0 +1,195 @@
+"""Running ComfyUI's text encoders: batches of token-id chunks, first-block inputs, float32 overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from erasepro_ops.errors import EraseProError
+from erasepro_ops.family import COMBINE_SEQUENCE, COMBINE_WIDTH
+from erasepro_ops.text import quote
+
+PROBE_BATCH = 8  # batches larger than this are probed with one prompt first (probe_encoders)
+
+
+def encoder_module(clip, enc) -> torch.nn.Module:
+    """The ``comfy.sd1_clip.SDClipModel`` of ``enc`` (an ``erasepro_ops.family.TextEncoder``)."""
+    return getattr(clip.cond_stage_model, enc.name)
+
+
+def encoder_layers(clip, enc):
+    return encoder_module(clip, enc).transformer.text_model.encoder.layers
+
+
+class LayerInputCapture:
+    """Capture what ComfyUI passes to the first encoder layer: ``(hidden, mask, optimized_attention)``."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.calls = []
+        self.handle = layer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        x = args[0]
+        mask = args[1] if len(args) > 1 else None
+        attention = args[2] if len(args) > 2 else None
+        self.calls.append((x.detach().clone(), mask, attention))
+
+    def remove(self):
+        self.handle.remove()
+
+
+class _Captured(Exception):
+    """Stops an encode once the first layer's input is captured."""
+
+
+def first_layer_inputs(clip, encoders, chunks_per_encoder) -> list:
+    """Each encoder's first-layer input ``(hidden, mask, attention)`` for a batch of chunks, without
+    running the encoder's layers (only its embeddings)."""
+    clip.load_model()
+    captured = []
+    with torch.no_grad():
+        for enc, chunks in zip(encoders, chunks_per_encoder):
+            first = encoder_layers(clip, enc)[0]
+            hook = LayerInputCapture(first)
+
+            def stop(module, args):
+                raise _Captured
+
+            stopper = first.register_forward_pre_hook(stop)
+            try:
+                encoder_module(clip, enc).encode([list(c) for c in chunks])
+            except _Captured:
+                pass
+            finally:
+                hook.remove()
+                stopper.remove()
+            captured.append(hook.calls[0])
+    return captured
+
+
+@dataclass
+class ClipLayerBlock:
+    """A ComfyUI ``CLIPLayer`` seen through ``erasepro_ops.chain.MLPBlock``."""
+
+    name: str
+    layer: torch.nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    mask: torch.Tensor | None
+    attention: object
+
+    def mlp_input(self, h):
+        layer = self.layer
+        dtype = h.dtype
+        h_mid = h + layer.self_attn(layer.layer_norm1(h), self.mask, self.attention).to(dtype)
+        x = layer.mlp.activation(layer.mlp.fc1(layer.layer_norm2(h_mid))).to(dtype)
+        return h_mid, x
+
+
+class LinearOverride:
+    """Forward hooks that recompute chosen linear layers in float32 with the weights given.
+
+    ``weights`` maps a weight key on the CLIP (``clip_l.….mlp.fc2.weight``) to ``(weight, bias)``.
+    The shallow edits go through the encoder this way at full precision: patched into a float16
+    text encoder they would be rounded, and the deep sites would fit that rounding noise.
+    """
+
+    def __init__(self, root: torch.nn.Module, weights: dict):
+        self.handles = []
+        for key, (weight, bias) in weights.items():
+            module = root.get_submodule(key.removesuffix(".weight"))
+            self.handles.append(module.register_forward_hook(self._hook(weight, bias)))
+
+    @staticmethod
+    def _hook(weight, bias):
+        def hook(module, args, out):
+            x = args[0]
+            w = weight.to(x.device, torch.float32)
+            b = None if bias is None else bias.to(x.device, torch.float32)
+            return torch.nn.functional.linear(x.to(torch.float32), w, b).to(out.dtype)
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _chunk_text(clip, enc: Encoder, ids) -> str:
+    """The prompt a token-id chunk holds, decoded by the encoder's own tokenizer (for messages)."""
+    ids = [int(t) for t in ids]
+    if ids and ids[0] == enc.special.start:
+        ids = ids[1:]
+    if enc.special.end in ids:
+        ids = ids[: ids.index(enc.special.end)]
+    try:
+        return getattr(clip.tokenizer, enc.name).tokenizer.decode(ids).strip()
+    except Exception:  # noqa: BLE001 - only for a message
+        return f"<{len(ids)} tokens>"
+
+
+def check_features(clip, enc: Encoder, chunks, *features) -> None:
+    """Raise EraseProError naming ``enc`` and the prompt(s) whose features are not finite.
+
+    ``features`` are the encoder's outputs for ``chunks`` (batch first; None is skipped). NaN/Inf
+    there means a weight on the text path (any of them, edited or not) is corrupt.
+    """
+    bad = None
+    for f in features:
+        if f is None:
+            continue
+        rows = ~torch.isfinite(f.reshape(f.shape[0], -1)).all(dim=1)
+        bad = rows if bad is None else bad | rows
+    if bad is None or not bool(bad.any()):
+        return
+    index = bad.nonzero().flatten().tolist()
+    prompts = ", ".join(quote(_chunk_text(clip, enc, chunks[i])) for i in index[:2])
+    more = f" and {len(index) - 2} more prompt(s)" if len(index) > 2 else ""
+    raise EraseProError(
+        f"the text encoder {enc.name} gives NaN/Inf features for {prompts}{more}: its weights are corrupt "
+        "(or a LoRA on it is). Load the checkpoint again, or remove the LoRA")
+
+
+def probe_encoders(clip, encoders, chunks_per_encoder) -> None:
+    """Encode one prompt per encoder and check it, so a corrupt text encoder stops the solve before
+    a long batch encode (check_features on the whole batch catches prompt-specific NaN after)."""
+    with torch.no_grad():
+        for enc, chunks in zip(encoders, chunks_per_encoder):
+            if len(chunks) > PROBE_BATCH:
+                z, p = encoder_module(clip, enc).encode([list(chunks[0])])[:2]
+                check_features(clip, enc, chunks[:1], z, p)
+
+
+def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, overrides: dict | None = None,
+                 combine: str = COMBINE_WIDTH):
+    """Encode a batch of single chunks through ComfyUI's own text-encoder modules.
+
+    ``chunks_per_encoder[i]`` is a list of token-id chunks for ``encoders[i]``. Returns
+    ``(cond [B, 77, D_total], pooled [B, P] or None, captured)`` (``combine``: the encoders'
+    outputs side by side, or one after the other along the tokens) where ``captured[i]`` is the
+    first layer's input ``(hidden, mask, attention)`` of encoder ``i`` when ``capture``.
+    ``overrides``: linear layers computed in float32 with other weights (:class:`LinearOverride`).
+    """
+    clip.load_model()
+    probe_encoders(clip, encoders, chunks_per_encoder)
+    outs, pooled, captured = [], None, []
+    with torch.no_grad():
+        for enc, chunks in zip(encoders, chunks_per_encoder):
+            hook = LayerInputCapture(encoder_layers(clip, enc)[0]) if capture else None
+            override = LinearOverride(clip.cond_stage_model, overrides) if overrides else None
+            try:
+                z, p = encoder_module(clip, enc).encode([list(c) for c in chunks])[:2]
+            finally:
+                if hook is not None:
+                    hook.remove()
+                if override is not None:
+                    override.remove()
+            check_features(clip, enc, chunks, z, p)
+            outs.append(z.float())
+            pooled = p.float() if p is not None else None
+            if hook is not None:
+                captured.append(hook.calls[0])
+    if combine == COMBINE_SEQUENCE:
+        return torch.cat(outs, dim=1), pooled, captured
+    length = min(o.shape[1] for o in outs)
+    return torch.cat([o[:, :length] for o in outs], dim=-1), pooled, captured

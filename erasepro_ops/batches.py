@@ -1,0 +1,142 @@
+"""The prompts of a solve as token-id batches and constrained columns.
+
+Every concept's templates (and context sentences) pair a target prompt with its anchor prompt;
+the preserve prompts pair with themselves. Each text encoder tokenises them its own way, but all
+must agree on which positions hold what (:func:`align_prompts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .chain import Columns
+from .concepts import ConceptPair, align_chunks, expand, preserve_alignment
+from .contexts import context_pairs
+from .errors import EraseProError
+from .family import Architecture
+from .host import Host
+from .request import Request
+from .text import quote
+
+
+def prompt_pairs(concepts) -> list[tuple[str, str, ConceptPair]]:
+    """Every concept's templates as ``(target prompt, anchor prompt, pair)``."""
+    return [(t, a, pair) for pair in concepts for t, a in expand(pair)]
+
+
+def context_prompt_pairs(concepts, n: int) -> list[tuple[str, str, ConceptPair]]:
+    """Every concept's first ``n`` context sentences (``erasepro_ops.contexts``) not among its templates."""
+    return [(t, a, pair) for pair in concepts for t, a in context_pairs(pair, n, set(expand(pair)))]
+
+
+def align_prompts(host: Host, arch: Architecture, pairs):
+    """Per prompt pair: the alignment (shared by all encoders) and each encoder's chunk ids."""
+    alignments, target_ids, anchor_ids = [], [[] for _ in arch.encoders], [[] for _ in arch.encoders]
+    for t_prompt, a_prompt, pair in pairs:
+        found = None
+        for i, enc in enumerate(arch.encoders):
+            t_chunks = host.tokenize(t_prompt, enc)
+            a_chunks = host.tokenize(a_prompt, enc)
+            try:
+                al = align_chunks(t_chunks, a_chunks, enc.special, anchor_empty=not pair.anchor,
+                                  target_prompt=t_prompt, anchor_prompt=a_prompt)
+            except ValueError as e:
+                raise EraseProError(f"concept {quote(pair.target)} → {quote(pair.anchor)}: {e}") from e
+            if found is None:
+                found = al
+            elif (al.keep, al.move, al.partner) != (found.keep, found.move, found.partner):
+                raise EraseProError(f"the text encoders tokenise {quote(t_prompt)} differently; cannot align it")
+            target_ids[i].append(t_chunks[al.target_chunk])
+            anchor_ids[i].append(a_chunks[al.anchor_chunk])
+        alignments.append(found)
+    return alignments, target_ids, anchor_ids
+
+
+def preserve_ids(host: Host, arch: Architecture, prompts):
+    """Each encoder's first-chunk token ids for whole prompts (preserve or unrelated)."""
+    ids = [[] for _ in arch.encoders]
+    for text in prompts:
+        for i, enc in enumerate(arch.encoders):
+            ids[i].append(host.tokenize(text, enc)[0])
+    return ids
+
+
+def preserve_alignments(arch: Architecture, prompts, ids):
+    """The preserve prompts as self-paired constraints (the same positions for every encoder)."""
+    alignments = []
+    for j, text in enumerate(prompts):
+        per_encoder = [preserve_alignment(text, ids[i][j], enc.special) for i, enc in enumerate(arch.encoders)]
+        if any(al.role != per_encoder[0].role for al in per_encoder):
+            raise EraseProError(f"the text encoders tokenise the preserve prompt {quote(text)} differently")
+        alignments.append(per_encoder[0])
+    return alignments
+
+
+def preserve_conflicts(pairs, alignments, target_ids, preserve_prompts, preserve_tokens) -> list[str]:
+    """Warnings for preserve prompts that contain an erased concept's tokens: they cannot be both
+    erased and kept; the concept's own columns come first, the preserve prompt's are fitted after."""
+    warnings, seen = [], set()
+    for (_, _, pair), al, ids in zip(pairs, alignments, target_ids[0]):
+        concept = [ids[p] for p in al.positions("concept")]
+        for text, chunk in zip(preserve_prompts, preserve_tokens[0]):
+            if (pair.target, text) in seen or not concept:
+                continue
+            if any(list(chunk[i:i + len(concept)]) == concept for i in range(len(chunk) - len(concept) + 1)):
+                seen.add((pair.target, text))
+                warnings.append(f"preserve prompt {quote(text)} contains the erased concept {quote(pair.target)}: it cannot be "
+                                "both erased and kept; the erasure wins. Remove it from the preserve prompts")
+    return warnings
+
+
+def cat_inputs(a, b):
+    """Join two captured first-block inputs ``(hidden, mask, attention)`` along the batch."""
+    (h_a, mask, attention), (h_b, mask_b, _) = a, b
+    if mask is not None and mask.dim() > 2 and mask.shape[0] > 1:
+        mask = torch.cat([mask, mask_b])
+    return torch.cat([h_a, h_b]), mask, attention
+
+
+@dataclass(frozen=True)
+class Batches:
+    """A solve's prompts: the erasure's pairs (templates, then context sentences) and the kept prompts."""
+
+    pairs: list  # (target prompt, anchor prompt, ConceptPair)
+    alignments: list
+    target_ids: list  # per encoder, one chunk per pair
+    anchor_ids: list
+    kept_prompts: tuple[str, ...]  # the user's preserve prompts, then the empty prompt when kept
+    preserve_tokens: list | None  # per encoder, one chunk per kept prompt; None without any
+    columns: Columns
+    exact_preserve: bool  # ErasePro: the kept prompts are constraints (V* = W_o K), ranked last
+    soft_preserve: bool  # they weight the solve softly (UCE, or preserve_strength > 0)
+
+    @property
+    def n_target(self) -> int:
+        return len(self.alignments)
+
+    def conflicts(self) -> list[str]:
+        if self.preserve_tokens is None:
+            return []
+        return preserve_conflicts(self.pairs, self.alignments, self.target_ids, self.kept_prompts,
+                                  self.preserve_tokens)
+
+
+def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
+    pairs = prompt_pairs(request.concepts)
+    every_position = request.every_position
+    padding, suffix = [request.template_padding if every_position else None] * len(pairs), [True] * len(pairs)
+    if every_position and request.context_templates:
+        contexts = context_prompt_pairs(request.concepts, request.context_templates)
+        pairs, padding = pairs + contexts, padding + [request.context_padding] * len(contexts)
+        suffix += [request.context_suffix] * len(contexts)
+    alignments, target_ids, anchor_ids = align_prompts(host, arch, pairs)
+    kept = request.preserve_prompts()
+    preserve_tokens = preserve_ids(host, arch, kept) if kept else None
+    exact = request.method == "erasepro" and preserve_tokens is not None
+    columns = Columns.from_alignments(
+        alignments, arch.context, last_token_only=request.features == "last_token", padding=padding,
+        suffix=suffix, preserve=preserve_alignments(arch, kept, preserve_tokens) if exact else ())
+    soft = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
+    return Batches(pairs, alignments, target_ids, anchor_ids, kept, preserve_tokens, columns, exact, soft)

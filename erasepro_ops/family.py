@@ -1,0 +1,125 @@
+"""What the pipeline needs to know about a model family, as plain data.
+
+A :class:`ModelFamily` names its text encoders (:class:`TextEncoderSpec`), how the diffusion
+model receives their outputs, which of its layers read per-token text features (the deep sites)
+and which one reads a pooled text embedding, if any. A host (``erasepro_ops.host``) resolves it
+on a loaded model into an :class:`Architecture`: the same description plus what only the loaded
+weights tell (each encoder's depth and width, its special tokens, the deep sites' keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .concepts import SpecialTokens
+
+REFERENCE_DEPTH = 12  # progressive_layers counts blocks of a 12-layer encoder; deeper encoders scale it
+COMBINE_WIDTH = "width"  # the encoders' outputs side by side, one token per position (SDXL)
+COMBINE_SEQUENCE = "sequence"  # one encoder's tokens after the other's (SD3)
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder. Its shallow sites are the MLP output projections of its first blocks
+    (:class:`erasepro_ops.chain.MLPBlock`), their weight keys ``shallow_site`` with ``{index}``."""
+
+    name: str  # the host's name for it (clip_l, clip_g, …); prefixes its weight keys
+    token_key: str  # its key in the host's tokens dict
+    shallow_site: str  # weight key of block {index}'s MLP output projection
+    causal: bool = True  # causal attention: a position sees only the tokens before it
+    context: int = 77  # tokens per chunk
+
+    def shallow_key(self, index: int) -> str:
+        return self.shallow_site.format(index=index)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # sd15 / sd2 / sdxl: stored with every edit
+    label: str  # for messages: SD1.x
+    encoders: tuple[TextEncoderSpec, ...]
+    deep_sites: tuple[str, ...]  # suffixes of the diffusion model's module names that read the text features
+    deep_prefix: str = "diffusion_model."  # the deep sites' weight keys: prefix + module name + ".weight"
+    combine: str = COMBINE_WIDTH
+    pooled_site: str | None = None  # weight key of the layer reading the pooled embedding
+    pooled_encoder: int = -1  # the encoder whose pooled output that layer reads
+
+    @property
+    def context(self) -> int:
+        """Token positions per prompt in the features the deep sites read."""
+        if self.combine == COMBINE_SEQUENCE:
+            return sum(e.context for e in self.encoders)
+        return min(e.context for e in self.encoders)
+
+
+def clip_encoder(name: str, token_key: str) -> TextEncoderSpec:
+    """A CLIP text transformer as ComfyUI's ``cond_stage_model.<name>`` holds it."""
+    return TextEncoderSpec(name, token_key, f"{name}.transformer.text_model.encoder.layers.{{index}}.mlp.fc2.weight")
+
+
+CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")
+SD15 = ModelFamily("sd15", "SD1.x", (clip_encoder("clip_l", "l"),), CROSS_ATTENTION_KV)
+SD2 = ModelFamily("sd2", "SD2.x", (clip_encoder("clip_h", "h"),), CROSS_ATTENTION_KV)
+SDXL = ModelFamily("sdxl", "SDXL", (clip_encoder("clip_l", "l"), clip_encoder("clip_g", "g")), CROSS_ATTENTION_KV,
+                   pooled_site="diffusion_model.label_emb.0.0.weight")
+FAMILIES = {f.name: f for f in (SD15, SD2, SDXL)}
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A :class:`TextEncoderSpec` on a loaded model."""
+
+    spec: TextEncoderSpec
+    special: SpecialTokens
+    depth: int  # blocks
+    width: int  # output features per token
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def token_key(self) -> str:
+        return self.spec.token_key
+
+    def shallow_key(self, index: int) -> str:
+        return self.spec.shallow_key(index)
+
+    def shallow_depth(self, progressive_layers: int) -> int:
+        """``S`` for this encoder: ``progressive_layers`` of 12, scaled to this encoder's depth."""
+        n = self.depth
+        return min(n - 1, round(progressive_layers * n / REFERENCE_DEPTH)) if progressive_layers > 0 else 0
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A :class:`ModelFamily` resolved on a loaded model."""
+
+    family: ModelFamily
+    encoders: tuple[TextEncoder, ...]
+    deep_keys: tuple[str, ...]  # the deep sites' weight keys, model order
+    pooled_width: int = 0  # columns of the pooled site that read the pooled embedding; 0: none
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def context(self) -> int:
+        return self.family.context
+
+    @property
+    def context_width(self) -> int:
+        """The deep sites' input width (768 / 1024 / 2048): the erasure's rank budget."""
+        if self.family.combine == COMBINE_SEQUENCE:
+            return max(e.width for e in self.encoders)
+        return sum(e.width for e in self.encoders)
+
+    @property
+    def pooled_site(self) -> str | None:
+        return self.family.pooled_site if self.pooled_width else None
+
+    def site_count(self, progressive_layers: int) -> int:
+        """How many sites a solve with ``progressive_layers`` edits (for progress bars)."""
+        shallow = sum(e.shallow_depth(progressive_layers) for e in self.encoders)
+        return shallow + len(self.deep_keys) + (1 if self.pooled_width else 0)

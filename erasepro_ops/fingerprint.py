@@ -1,0 +1,26 @@
+"""Which weights an edit was solved on, as one hash."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def hash_weight(h, key: str, weight: torch.Tensor) -> None:
+    w = weight.detach().to("cpu", torch.float16).contiguous()
+    h.update(key.encode())
+    h.update(str(tuple(w.shape)).encode())
+    h.update(w.numpy().tobytes())
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the edited sites' original weights (key, shape, float16 bytes), sorted by key.
+
+    Rounded to float16 so one checkpoint gives one fingerprint whether it is loaded in float32
+    (CPU) or float16 (GPU, and ComfyUI's text encoders everywhere).
+    """
+    h = hashlib.sha256()
+    for key in sorted(weights):
+        hash_weight(h, key, weights[key])
+    return h.hexdigest()

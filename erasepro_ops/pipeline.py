@@ -1,0 +1,120 @@
+"""The whole solve on a host's model: batches, shallow chain, deep sites, pooled site, figures."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .batches import Batches, build_batches, cat_inputs
+from .chain import SolverSettings, inputs_with_partners
+from .deep import solve_pooled, solve_with_fallback
+from .edit import ErasureEdit
+from .family import Architecture
+from .figures import summarise
+from .fingerprint import fingerprint
+from .host import Host
+from .request import Request
+from .shallow import site_edits, soft_weighting, solve_shallow
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``(batch, tokens, width)`` → ``(batch·tokens, width)``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _kept_features(k, k_edited, n_user: int, empty: bool = False):
+    """``(K, K')`` as in × columns for the user's preserve prompts (the first ``n_user`` rows), or
+    with ``empty`` for the empty prompt after them; None when there are none."""
+    if k is None:
+        return None
+    rows = slice(n_user, n_user + 1) if empty else slice(0, n_user)
+    if rows.stop - rows.start <= 0 or k.shape[0] < rows.stop:
+        return None
+    return _flat(k[rows]).T, _flat(k_edited[rows]).T
+
+
+class _Originals:
+    """The unedited text encoders' outputs: anchors, targets, kept prompts (with first-block inputs)."""
+
+    def __init__(self, host: Host, b: Batches):
+        self.y, self.y_pooled, self.anchor_in = host.encode(b.anchor_ids, capture=True)
+        self.x0, self.x0_pooled, self.target_in = host.encode(b.target_ids, capture=True)
+        self.k = self.k_pooled = self.preserve_in = None
+        if b.preserve_tokens is not None:
+            self.k, self.k_pooled, self.preserve_in = host.encode(b.preserve_tokens, capture=True)
+
+    def constrained(self, b: Batches):
+        """``(Y, X_0, anchor inputs, target inputs)`` with the kept prompts joining both batches
+        (each paired with itself) when they are constraints."""
+        if not b.exact_preserve:
+            return self.y, self.x0, self.anchor_in, self.target_in
+        return (torch.cat([self.y, self.k]), torch.cat([self.x0, self.k]),
+                [cat_inputs(a, p) for a, p in zip(self.anchor_in, self.preserve_in)],
+                [cat_inputs(t, p) for t, p in zip(self.target_in, self.preserve_in)])
+
+
+def _deep_inputs(host: Host, b: Batches, o: _Originals, edited_layers):
+    """The text features the deep sites read with the shallow edits applied (float32 whatever dtype
+    the text encoder is in): ``(targets and kept prompts, their pooled embeddings)``."""
+    if edited_layers:
+        batch = b.target_ids if b.preserve_tokens is None else [t + p for t, p in zip(b.target_ids, b.preserve_tokens)]
+        x_all, pooled_all, _ = host.encode(batch, overrides=edited_layers)
+        return x_all, pooled_all
+    # the text encoder is unchanged: its original outputs are the deep sites' inputs
+    x_all = o.x0 if o.k is None else torch.cat([o.x0, o.k])
+    pooled_all = o.x0_pooled if o.k_pooled is None or o.x0_pooled is None else torch.cat([o.x0_pooled, o.k_pooled])
+    return x_all, pooled_all
+
+
+def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | None = None) -> ErasureEdit:
+    """Solve the edit for ``request`` on the effective weights of the host's model."""
+    request.check()
+    arch: Architecture = host.architecture()
+    start = time.perf_counter()
+    settings = SolverSettings(method=request.method, device=str(host.solve_device()), rtol=request.rtol,
+                              overflow_damping=request.overflow_damping, preserve_strength=request.preserve_strength,
+                              overflow_preserve_weight=request.overflow_preserve_weight, gap_floor=request.gap_floor)
+    b = build_batches(host, arch, request)
+    columns, n_target = b.columns, b.n_target
+    o = _Originals(host, b)
+    y_cond, x0_cond, anchor_in, target_in = o.constrained(b)
+
+    soft = soft_weighting(host, arch, request, o.preserve_in if b.soft_preserve else None)
+    shallow = solve_shallow(host, arch, request, settings, columns, anchor_in, target_in, soft, on_site)
+
+    x_all, pooled_all = _deep_inputs(host, b, o, shallow.edited)
+    x_cond = x_all if b.exact_preserve else x_all[:n_target]
+    k_edited = x_all[n_target:] if b.preserve_tokens is not None else None
+    deep_weights = host.model_weights(arch.deep_keys)
+    x, y = inputs_with_partners(x_cond, y_cond, columns)
+    preserve = _flat(o.k).T if b.soft_preserve else None
+    deep_results = solve_with_fallback(host, deep_weights, x, y, columns.groups, settings, preserve, on_site,
+                                       columns.n_erasure)
+    model_edits = site_edits(deep_results, "model", "deep")
+    model_weights = dict(deep_weights)
+
+    if arch.pooled_width:
+        px, py = pooled_all[:n_target], o.y_pooled
+        if b.exact_preserve:  # the preserve prompts' pooled embeddings stay too, after the targets'
+            px, py = torch.cat([px, pooled_all[n_target:]]), torch.cat([py, o.k_pooled])
+        pooled_result, pooled_edit, model_weights[arch.pooled_site] = solve_pooled(host, arch, px, py, n_target,
+                                                                                   settings, on_site)
+        deep_results = deep_results + [pooled_result]
+        model_edits.append(pooled_edit)
+
+    seconds = time.perf_counter() - start
+    n_user = len(request.preserve)
+    x0, _ = inputs_with_partners(x0_cond, y_cond, columns)
+    # Relative to the unedited model's gap (‖W_o X_0 − V*‖, X_0 without shallow edits), so 1 means
+    # "as far from the anchor as the original model" whatever S is.
+    summary = summarise(request, arch.name, arch.pooled_site, columns, shallow.results, deep_results, deep_weights,
+                        gap=(y - x0)[:, : columns.n_erasure],
+                        rank_budget=int(x.shape[0]), templates=n_target, seconds=seconds,
+                        preserve_features=_kept_features(o.k, k_edited, n_user),
+                        empty_features=_kept_features(o.k, k_edited, n_user, empty=True)
+                        if len(b.kept_prompts) > n_user else None,
+                        warnings=b.conflicts())
+    return ErasureEdit(tuple(shallow.edits + model_edits), request.settings_record(arch.name), summary.to_dict(),
+                       fingerprint({**shallow.weights, **model_weights}))
