@@ -12,11 +12,13 @@ erasepro_ops.metrics.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from erasepro_comfy.apply import apply_edit
 from erasepro_comfy.host import ComfyHost
@@ -208,95 +210,56 @@ def load_models(kind: str, size: str, dtype: str):
     return H.build(kind, size)
 
 
+@dataclasses.dataclass
+class Bench:
+    """One model loaded for the benchmark, with what every configuration is measured against."""
+
+    kind: str
+    dtype: str
+    host: ComfyHost
+    weights: dict  # the deep sites' original weights
+    eps: Callable  # eps(model, clip, prompt): the UNet's noise prediction on fixed latents
+    k_pre: object  # the preserve prompts' deep-site features
+    k_unrel: object  # the unrelated prompts'
+
+    @classmethod
+    def load(cls, kind: str, size: str, dtype: str, eps_size: int) -> Bench:
+        import torch
+        t0 = time.perf_counter()
+        model, clip = load_models(kind, size, dtype)
+        print(f"[{kind}] {size} random-weight model, {dtype}, ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        host = ComfyHost(model, clip)
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn(2, 4, eps_size, eps_size, generator=g)
+        timesteps = torch.tensor([300.0, 800.0])
+
+        def eps(m, c, text):
+            cond, pooled = H.encode(c, text)
+            pooled = pooled.expand(2, -1) if pooled is not None else None
+            return H.unet_eps(m, cond.expand(2, -1, -1), pooled, latents, timesteps).float()
+
+        weights = host.model_weights(host.architecture().deep_keys)
+        return cls(kind, dtype, host, weights, eps, prompt_features(host, PRESERVE), prompt_features(host, UNRELATED))
+
+
 def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full", configs=None,
             dtype: str = "fp16", sweep: bool = False):
     import torch
-    from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, preservation_drift
-
-    t0 = time.perf_counter()
-    model, clip = load_models(kind, size, dtype)
-    print(f"[{kind}] {size} random-weight model, {dtype}, ready in {time.perf_counter() - t0:.1f} s", flush=True)
-    host = ComfyHost(model, clip)
-    device = host.solve_device()
-    arch = host.architecture()
-    weights = host.model_weights(arch.deep_keys)
-    width = next(iter(weights.values())).shape[1]
-    k_pre = prompt_features(host, PRESERVE)
-    k_unrel = prompt_features(host, UNRELATED)
-
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, eps_size, eps_size, generator=g)
-    timesteps = torch.tensor([300.0, 800.0])
-
-    def eps(m, c, text):
-        cond, pooled = H.encode(c, text)
-        pooled = pooled.expand(2, -1) if pooled is not None else None
-        return H.unet_eps(m, cond.expand(2, -1, -1), pooled, latents, timesteps).float()
-
+    bench = Bench.load(kind, size, dtype, eps_size)
     rows = []
     for n in counts:
         concepts = concept_set(n)
-        chain = build_chain(concepts)
-        warm_chain = build_chain(concepts[:1])
-        first_t, first_kind = concepts[0]
-        first_a = ANCHORS[first_kind]
-        held = held_out_pairs(concepts)
-        held_roles = column_roles(host, held)
-        _, held_x, held_y = deep_features(host, host, held)  # the same for every config
-        solve_pairs = prompt_pairs(chain)
-        solve_prompt = f"a painting by {first_t}"
-        held_prompt = HELD_OUT[first_kind][2]
-        base = {"t": eps(model, clip, solve_prompt), "a": eps(model, clip, f"a painting by {first_a}"),
-                "ht": eps(model, clip, held_prompt.format(first_t)), "ha": eps(model, clip, held_prompt.format(first_a)),
-                "u": eps(model, clip, UNRELATED[0])}
         uce_time = None
+        setup = concept_setup(bench, concepts)
         for label, cfg in [c for c in (SWEEP if sweep else CONFIGS) if configs is None or c[0] in configs]:
-            solve = configured_solve(host, cfg)
-            solve(warm_chain)  # warm-up (tokenizer caches, model load): one concept
-            times, peak = [], 0
-            for _ in range(runs if n < 100 else 1):
-                with PeakMemory(torch.device(device)) as mem:
-                    start = time.perf_counter()
-                    edit = solve(chain)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-                peak = max(peak, mem.peak)
-            seconds = statistics.median(times)
-            s = Summary.from_dict(edit.summary)
-            m2, c2 = apply_edit(model, clip, edit, 1.0)
-            edited = ComfyHost(m2, c2)
-            sites = {site.key: site for site in edit.part("model")}
-            keys = list(arch.deep_keys)
-            w_list = [weights[k] for k in keys]
-            d_list = LazyDeltas([sites[k] for k in keys])
-            train_all = end_to_end_residual(w_list, d_list, *deep_features(edited, host, solve_pairs))
-            held_new = prompt_pair_features(edited, host, held)
-            held_res = role_residuals(w_list, d_list, held_new, held_x, held_y, held_roles)
-            drift = {name: preservation_drift(w_list, d_list, k_orig, prompt_features(edited, prompts))
-                     for name, prompts, k_orig in (("preserve", PRESERVE, k_pre), ("unrelated", UNRELATED, k_unrel))}
-            if uce_time is None:
-                uce_time = seconds
-            row = {
-                "model": kind, "concepts": n, "config": label, **cfg,
-                "solve_seconds": seconds, "runs": len(times), "ratio_to_uce": seconds / uce_time,
-                "peak_extra_mib": peak / 2**20,
-                "train_residual": train_all, "own_columns_residual": s.train_residual,
-                "dtype": dtype, "held_out_residual": held_res["tail"], "held_out": held_res,
-                "empty_prompt_drift": s.empty_prompt_drift,
-                "drift_preserve": drift["preserve"], "drift_unrelated": drift["unrelated"],
-                "deep_burden": s.deep_burden, "constraints": s.constraints, "deep_rank": s.deep_rank,
-                "width": width, "warnings": list(s.warnings),
-                "eps_erasure": eps_erasure(eps(m2, c2, solve_prompt), base["a"], base["t"]),
-                "eps_erasure_held_out": eps_erasure(eps(m2, c2, held_prompt.format(first_t)), base["ha"], base["ht"]),
-                "eps_preservation": eps_preservation(eps(m2, c2, UNRELATED[0]), base["u"]),
-                "sites": [(site.name, site.stage, site.relative_change) for site in s.sites],
-            }
+            row = measure_config(bench, setup, label, cfg, runs if n < 100 else 1)
+            uce_time = row["solve_seconds"] if uce_time is None else uce_time
+            row = {"model": kind, "concepts": n, "config": label, **cfg, **row,
+                   "ratio_to_uce": row["solve_seconds"] / uce_time}
             rows.append(row)
             print_row(row)
-            del m2, c2, edited, edit, sites  # full-size SDXL: keep one edit alive at a time
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = {"device": device_name(device), "torch": torch.__version__, "rows": rows}
+    info = {"device": device_name(bench.host.solve_device()), "torch": torch.__version__, "rows": rows}
     name = f"{kind}_{dtype}{'_sweep' if sweep else ''}"
     (out_dir / f"{name}.json").write_text(json.dumps(info, indent=1))
     if sweep:
@@ -304,6 +267,70 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
     else:
         draw_sites(rows, out_dir / f"{name}_sites.png")
     return rows
+
+
+def concept_setup(bench: Bench, concepts) -> dict:
+    """What every configuration on ``concepts`` is measured against: held-out features, the UNet's
+    output on the original model."""
+    host, eps = bench.host, bench.eps
+    model, clip = host.model, host.clip
+    chain = build_chain(concepts)
+    first_t, first_kind = concepts[0]
+    first_a = ANCHORS[first_kind]
+    held = held_out_pairs(concepts)
+    _, held_x, held_y = deep_features(host, host, held)  # the same for every config
+    solve_prompt = f"a painting by {first_t}"
+    held_prompt = HELD_OUT[first_kind][2]
+    base = {"t": eps(model, clip, solve_prompt), "a": eps(model, clip, f"a painting by {first_a}"),
+            "ht": eps(model, clip, held_prompt.format(first_t)), "ha": eps(model, clip, held_prompt.format(first_a)),
+            "u": eps(model, clip, UNRELATED[0])}
+    return dict(chain=chain, warm_chain=build_chain(concepts[:1]), held=held, held_roles=column_roles(host, held),
+                held_x=held_x, held_y=held_y, solve_pairs=prompt_pairs(chain), base=base,
+                solve_prompt=solve_prompt, held_target=held_prompt.format(first_t))
+
+
+def measure_config(bench: Bench, setup: dict, label: str, cfg: dict, runs: int) -> dict:
+    """One configuration's timing and figures on one concept set."""
+    import torch
+    from erasepro_ops.metrics import end_to_end_residual, eps_erasure, eps_preservation, preservation_drift
+    host, eps, base = bench.host, bench.eps, setup["base"]
+    device = host.solve_device()
+    solve = configured_solve(host, cfg)
+    solve(setup["warm_chain"])  # warm-up (tokenizer caches, model load): one concept
+    times, peak = [], 0
+    for _ in range(runs):
+        with PeakMemory(torch.device(device)) as mem:
+            start = time.perf_counter()
+            edit = solve(setup["chain"])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = max(peak, mem.peak)
+    s = Summary.from_dict(edit.summary)
+    m2, c2 = apply_edit(host.model, host.clip, edit, 1.0)
+    edited = ComfyHost(m2, c2)
+    sites = {site.key: site for site in edit.part("model")}
+    keys = list(host.architecture().deep_keys)
+    w_list = [bench.weights[k] for k in keys]
+    d_list = LazyDeltas([sites[k] for k in keys])
+    train_all = end_to_end_residual(w_list, d_list, *deep_features(edited, host, setup["solve_pairs"]))
+    held_new = prompt_pair_features(edited, host, setup["held"])
+    held_res = role_residuals(w_list, d_list, held_new, setup["held_x"], setup["held_y"], setup["held_roles"])
+    drift = {name: preservation_drift(w_list, d_list, k_orig, prompt_features(edited, prompts))
+             for name, prompts, k_orig in (("preserve", PRESERVE, bench.k_pre), ("unrelated", UNRELATED, bench.k_unrel))}
+    return {
+        "solve_seconds": statistics.median(times), "runs": len(times), "peak_extra_mib": peak / 2**20,
+        "train_residual": train_all, "own_columns_residual": s.train_residual,
+        "dtype": bench.dtype, "held_out_residual": held_res["tail"], "held_out": held_res,
+        "empty_prompt_drift": s.empty_prompt_drift,
+        "drift_preserve": drift["preserve"], "drift_unrelated": drift["unrelated"],
+        "deep_burden": s.deep_burden, "constraints": s.constraints, "deep_rank": s.deep_rank,
+        "width": next(iter(bench.weights.values())).shape[1], "warnings": list(s.warnings),
+        "eps_erasure": eps_erasure(eps(m2, c2, setup["solve_prompt"]), base["a"], base["t"]),
+        "eps_erasure_held_out": eps_erasure(eps(m2, c2, setup["held_target"]), base["ha"], base["ht"]),
+        "eps_preservation": eps_preservation(eps(m2, c2, UNRELATED[0]), base["u"]),
+        "sites": [(site.name, site.stage, site.relative_change) for site in s.sites],
+    }
 
 
 def configured_solve(host: ComfyHost, cfg: dict):

@@ -148,12 +148,7 @@ def cmd_erase(args) -> int:
     load_s = time.perf_counter() - t0
     comfy_host = host.ComfyHost(model, clip)
     total = comfy_host.architecture().site_count(args.progressive_layers)
-    request = Request(concepts=pairs, progressive_layers=int(args.progressive_layers), method=args.method,
-                            rule=args.rule, preserve=preserve, preserve_strength=float(args.preserve_strength),
-                            overflow_damping=float(args.overflow_damping),
-                            overflow_preserve_weight=float(args.overflow_preserve_weight),
-                            keep_empty_prompt=not args.no_keep_empty, retain_strength=float(args.retain_strength),
-                            template_padding=int(args.template_padding), context_templates=int(args.context_sentences))
+    request = _request(args, pairs, preserve)
     with tqdm(total=total, desc="erasing", unit="layer", file=sys.stderr, disable=args.quiet) as bar:
         def step(name):
             bar.set_postfix_str(name.split(".weight")[0][-40:], refresh=False)
@@ -178,23 +173,37 @@ def cmd_erase(args) -> int:
     say(f"wrote {out} ({_mb(lora_size)}, {args.dtype}) — the checkpoint is {_mb(ckpt_size)} "
         f"({lora_size / ckpt_size:.2%})")
     if args.bake:
-        bake = Path(args.bake)
-        bake.parent.mkdir(parents=True, exist_ok=True)
-        new_model, new_clip = apply.apply_edit(model, clip, edit, float(args.strength))
-        _, meta = export.to_state_dict(edit, args.dtype)
-        meta = {k: v for k, v in meta.items() if k.startswith("erasepro.") and k != "erasepro.sites"}
-        meta["erasepro.baked_strength"] = repr(float(args.strength))
-        meta["erasepro.base_checkpoint"] = ckpt.name
-        t2 = time.perf_counter()
-        tmp = bake.with_name(bake.name + ".tmp")
-        try:
-            comfy.sd.save_checkpoint(str(tmp), new_model, new_clip, vae, metadata=meta)
-            tmp.replace(bake)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        say(f"baked {bake} ({_mb(bake.stat().st_size)}) in {time.perf_counter() - t2:.1f} s")
+        _bake(comfy, apply, args, ckpt, edit, model, clip, vae, say)
     return 0
+
+
+def _request(args, pairs, preserve) -> Request:
+    return Request(concepts=pairs, progressive_layers=int(args.progressive_layers), method=args.method,
+                   rule=args.rule, preserve=preserve, preserve_strength=float(args.preserve_strength),
+                   overflow_damping=float(args.overflow_damping),
+                   overflow_preserve_weight=float(args.overflow_preserve_weight),
+                   keep_empty_prompt=not args.no_keep_empty, retain_strength=float(args.retain_strength),
+                   template_padding=int(args.template_padding), context_templates=int(args.context_sentences))
+
+
+def _bake(comfy, apply, args, ckpt: Path, edit, model, clip, vae, say) -> None:
+    """The full erased checkpoint, through ComfyUI's own checkpoint writer."""
+    bake = Path(args.bake)
+    bake.parent.mkdir(parents=True, exist_ok=True)
+    new_model, new_clip = apply.apply_edit(model, clip, edit, float(args.strength))
+    _, meta = export.to_state_dict(edit, args.dtype)
+    meta = {k: v for k, v in meta.items() if k.startswith("erasepro.") and k != "erasepro.sites"}
+    meta["erasepro.baked_strength"] = repr(float(args.strength))
+    meta["erasepro.base_checkpoint"] = ckpt.name
+    t2 = time.perf_counter()
+    tmp = bake.with_name(bake.name + ".tmp")
+    try:
+        comfy.sd.save_checkpoint(str(tmp), new_model, new_clip, vae, metadata=meta)
+        tmp.replace(bake)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    say(f"baked {bake} ({_mb(bake.stat().st_size)}) in {time.perf_counter() - t2:.1f} s")
 
 
 def cmd_info(args) -> int:

@@ -28,8 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(1, str(REPO))  # erasepro_ops (this runs as a script: only scripts/ is on the path)
 
 import comfy_server as cs  # noqa: E402
+from erasepro_ops.summary import Summary  # noqa: E402
 
 DEFAULT_WORKFLOW = REPO / "workflows" / "erasepro_style_erasure.json"
 SOLVER = "ErasePro_ProgressiveSolver"
@@ -166,43 +168,41 @@ def main(argv=None) -> int:
     report = (sol.get("erasepro_report") or [None])[0]
     if report is None:
         raise RuntimeError(f"the solver returned no erasepro_report (outputs: {sorted(sol)})")
+    figures = Summary.from_dict(report)
     summary = {
         "workflow": str(a.workflow),
         "checkpoint": ckpt_name,
         "random_weights": random_weights,
-        "concepts": report.get("concepts"),
-        "method": report.get("method"),
-        "progressive_layers": report.get("progressive_layers"),
-        "train_residual": report.get("train_residual"),
-        "deep_burden": report.get("deep_burden"),
-        "solve_seconds": report.get("solve_seconds"),
+        "concepts": list(figures.concepts),
+        "method": figures.method,
+        "progressive_layers": figures.progressive_layers,
+        "train_residual": figures.train_residual,
+        "deep_burden": figures.deep_burden,
+        "solve_seconds": figures.solve_seconds,
         "workflow_seconds": wall,
-        "sites": [{"name": s.get("name"), "stage": s.get("stage"), "relative_change": s.get("relative_change"),
-                   "residual": s.get("residual")} for s in report.get("sites") or []],
-        "warnings": report.get("warnings") or [],
+        "sites": [{"name": s.name, "stage": s.stage, "relative_change": s.relative_change, "residual": s.residual}
+                  for s in figures.sites],
+        "warnings": list(figures.warnings),
         "images": images,
         "report": report,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
-    sites = summary["sites"]
-    deep = [s for s in sites if s["stage"] == "deep"]
-    shallow = [s for s in sites if s["stage"] == "shallow"]
-
     def mean(xs):
-        xs = [x for x in xs if isinstance(x, (int, float))]
+        xs = list(xs)
         return sum(xs) / len(xs) if xs else float("nan")
 
+    deep, shallow = figures.deep_sites(), figures.shallow_sites()
     print()
     print("ErasePro demo")
-    print(f"  erased         : {', '.join(summary['concepts'] or [])} ({summary['method']}, "
-          f"S={summary['progressive_layers']} progressive layers)")
-    print(f"  train residual : {summary['train_residual']:.2e}  (0 = the target's features now equal the anchor's)")
-    print(f"  deep burden    : {summary['deep_burden']:.2%}  (mean change per deep site "
-          f"{mean(s['relative_change'] for s in deep):.2%}, per shallow site "
-          f"{mean(s['relative_change'] for s in shallow):.2%}; {len(deep)} deep / {len(shallow)} shallow sites)")
-    print(f"  solve time     : {summary['solve_seconds']:.1f} s  (whole workflow {wall:.1f} s)")
-    for w in summary["warnings"]:
+    print(f"  erased         : {', '.join(figures.concepts)} ({figures.method}, "
+          f"S={figures.progressive_layers} progressive layers)")
+    print(f"  train residual : {figures.train_residual:.2e}  (0 = the target's features now equal the anchor's)")
+    print(f"  deep burden    : {figures.deep_burden:.2%}  (mean change per deep site "
+          f"{mean(s.relative_change for s in deep):.2%}, per shallow site "
+          f"{mean(s.relative_change for s in shallow):.2%}; {len(deep)} deep / {len(shallow)} shallow sites)")
+    print(f"  solve time     : {figures.solve_seconds:.1f} s  (whole workflow {wall:.1f} s)")
+    for w in figures.warnings:
         print(f"  warning        : {w}")
     for k, v in images.items():
         print(f"  {k + ' image':<15}: {os.path.relpath(v, Path.cwd())}")
