@@ -26,7 +26,6 @@ from erasepro_ops.batches import align_prompts, preserve_ids, prompt_pairs
 from erasepro_ops.concepts import ConceptPair
 from erasepro_ops.pipeline import run_erasure
 from erasepro_ops.request import Request
-from erasepro_ops.summary import Summary
 from erasepro_ops.text import prompt_lines
 from scripts import comfy_host as H
 
@@ -306,7 +305,7 @@ def measure_config(bench: Bench, setup: dict, label: str, cfg: dict, runs: int) 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peak = max(peak, mem.peak)
-    s = Summary.from_dict(edit.summary)
+    s = edit.figures
     m2, c2 = apply_edit(host.model, host.clip, edit, 1.0)
     edited = ComfyHost(m2, c2)
     sites = {site.key: site for site in edit.part("model")}

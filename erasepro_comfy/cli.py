@@ -30,7 +30,6 @@ from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair
 from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES
 from erasepro_ops.errors import EraseProError
 from erasepro_ops.pipeline import run_erasure
-from erasepro_ops.summary import Summary
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT
 from erasepro_ops.request import Request
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH
@@ -164,7 +163,7 @@ def cmd_erase(args) -> int:
     if unmapped:
         raise CliError(f"ComfyUI's LoRA loader would not map {len(unmapped)} site(s), e.g. {unmapped[0]}")
     apply.save_edit_file(edit, out, args.dtype)
-    s = Summary.from_dict(edit.summary)
+    s = edit.figures
     ckpt_size, lora_size = ckpt.stat().st_size, out.stat().st_size
     say(f"solve {solve_s:.1f} s (load {load_s:.1f} s), {len(edit.sites)} layers, deep rank {s.deep_rank}, "
         f"train residual {s.train_residual:.3e}, deep burden {s.deep_burden:.3e}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .summary import Summary
+
 
 @dataclass(frozen=True)
 class SiteEdit:
@@ -42,10 +44,15 @@ class ErasureEdit:
     """An ERASEPRO_EDIT: every site's update, the settings that made it and its measured figures."""
 
     sites: tuple[SiteEdit, ...]
-    settings: dict = field(default_factory=dict)  # concepts, method, progressive_layers, rule, preserve, version
-    summary: dict = field(default_factory=dict)  # metrics (DESIGN §7), timings, ranks
+    settings: dict = field(default_factory=dict)  # erasepro_ops.request.Request.settings_record()
+    summary: dict = field(default_factory=dict)  # erasepro_ops.summary.Summary.to_dict(): figures, timings, ranks
     fingerprint: str = ""  # hash of the edited sites' original weights
     fingerprint_ignored: bool = False  # Load ErasePro Edit's ignore_fingerprint: Apply does not check it either
+
+    @property
+    def figures(self) -> Summary:
+        """The summary as a typed value."""
+        return Summary.from_dict(self.summary)
 
     def part(self, part: str) -> tuple[SiteEdit, ...]:
         return tuple(s for s in self.sites if s.part == part)

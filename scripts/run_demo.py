@@ -169,10 +169,16 @@ def main(argv=None) -> int:
     if report is None:
         raise RuntimeError(f"the solver returned no erasepro_report (outputs: {sorted(sol)})")
     figures = Summary.from_dict(report)
+    info = {"workflow": str(a.workflow), "checkpoint": ckpt_name, "random_weights": random_weights}
+    write_summary(out, figures, report, info, images, wall)
+    print_summary(out, figures, images, wall, random_weights)
+    return 0
+
+
+def write_summary(out: Path, figures: Summary, report: dict, info: dict, images: dict, wall: float) -> None:
+    """<out>/summary.json: the run and the solver's figures."""
     summary = {
-        "workflow": str(a.workflow),
-        "checkpoint": ckpt_name,
-        "random_weights": random_weights,
+        **info,
         "concepts": list(figures.concepts),
         "method": figures.method,
         "progressive_layers": figures.progressive_layers,
@@ -188,6 +194,8 @@ def main(argv=None) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
+
+def print_summary(out: Path, figures: Summary, images: dict, wall: float, random_weights: bool) -> None:
     def mean(xs):
         xs = list(xs)
         return sum(xs) / len(xs) if xs else float("nan")
@@ -211,7 +219,6 @@ def main(argv=None) -> int:
         print("  NOTE: the checkpoint has random weights, so the before/after images are noise.")
         print("        The meaningful output is the report (residual, burden, per-layer change).")
         print("        Run with CKPT=/path/to/an/sd15.safetensors to see a real erasure.")
-    return 0
 
 
 if __name__ == "__main__":

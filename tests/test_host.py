@@ -280,7 +280,7 @@ def test_server_is_loopback_only():
 # ------------------------------------------------------------------ (d) older ComfyUI APIs
 def test_effective_weights_on_the_old_comfyui_api(host, monkeypatch):
     """Early-2024 ComfyUI: get_key_patches() gives bare tensors (not (weight, convert)) and weights
-    are patched by ModelPatcher.calculate_weight (no comfy.lora.calculate_weight). nodes/host.py
+    are patched by ModelPatcher.calculate_weight (no comfy.lora.calculate_weight). erasepro_comfy/weights.py
     gives the same effective weights and fingerprint both ways (tests/test_old_comfyui.py runs the
     real old ComfyUI)."""
     import sys

