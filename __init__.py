@@ -5,7 +5,7 @@ import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
-    sys.path.append(_HERE)  # makes `erasepro_ops` importable; appended so ComfyUI's own `nodes` wins
+    sys.path.append(_HERE)  # makes `erasepro_ops` and `erasepro_comfy` importable; appended so ComfyUI's own `nodes` wins
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 

@@ -3,16 +3,15 @@
 import comfy.model_management
 import comfy.utils
 
+from erasepro_comfy.host import ComfyHost
 from erasepro_ops.chain import METHODS, SHALLOW_RULES
-from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING
-from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
 from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES
+from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING
+from erasepro_ops.pipeline import run_erasure
+from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
+from erasepro_ops.request import Request
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH
 from erasepro_ops.text import prompt_lines
-
-from erasepro_comfy.host import ComfyHost
-from erasepro_ops.pipeline import run_erasure
-from erasepro_ops.request import Request
 
 
 def preserve_lines(text: str) -> tuple[str, ...]:
