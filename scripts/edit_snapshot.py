@@ -11,6 +11,7 @@ summary without its timing. ``--compare`` lists every case whose fingerprint dif
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import sys
@@ -64,11 +65,13 @@ def _model(kind: str, load: str):
 def snapshot() -> dict:
     mappings = H.load_pack().NODE_CLASS_MAPPINGS
     pair, solver = mappings["ErasePro_ConceptPair"](), mappings["ErasePro_ProgressiveSolver"]()
-    out, models = {}, {}
+    out, loaded, models = {}, None, None
     for name, kind, load, concepts, inputs in CASES:
-        if (kind, load) not in models:
-            models[(kind, load)] = _model(kind, load)
-        model, clip = models[(kind, load)]
+        if (kind, load) != loaded:  # one model in memory at a time (the cases come grouped by model)
+            models = model = clip = None
+            gc.collect()
+            loaded, models = (kind, load), _model(kind, load)
+        model, clip = models
         chained = None
         for target, anchor, ctype in concepts:
             (chained,) = pair.build(target, anchor, ctype, "", chained)
