@@ -175,7 +175,7 @@ def prompt_features(erase, host, clip, arch, prompts):
 
 def held_out_pairs(concepts):
     """(target sentence, anchor sentence, pair) for every held-out template of the first concepts."""
-    from erasepro_ops.concepts import ConceptPair
+    from erasepro_ops.templates import ConceptPair
     return [(tmpl.format(t), tmpl.format(ANCHORS[k]), ConceptPair(t, ANCHORS[k], k))
             for t, k in concepts[:HELD_OUT_CONCEPTS] for tmpl in HELD_OUT[k]]
 

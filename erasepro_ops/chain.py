@@ -26,7 +26,7 @@ Keep-constraints (the prefix before the concept) always ask for ``V* = W_o X``.
 
 Preserve prompts ride along as extra rows of both batches, each paired with itself: their
 columns ask for the original model's features at every site (``V* = W_o K``), ranked after the
-concept and end tokens (:data:`~erasepro_ops.concepts.ROLE_PRIORITY`). The 3072-wide ``fc2``
+concept and end tokens (:data:`~erasepro_ops.alignment.ROLE_PRIORITY`). The 3072-wide ``fc2``
 sites fit them next to the erasure, so they leave the shallow blocks exactly as they entered.
 
 Deep sites (:func:`solve_deep`) share one ``X``: the encoder output for the target prompts with
@@ -45,7 +45,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from .concepts import ROLE_PRIORITY, PromptAlignment
+from .alignment import ROLE_PRIORITY, PromptAlignment
 from .linalg import DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
 from .solve import ConstraintSystem, SharedUpdate, SiteSolution, UCESystem
 
@@ -95,7 +95,7 @@ class Columns:
     ) -> "Columns":
         """All constrained columns (DESIGN §3), or with ``last_token_only`` just each template's last
         concept token and no keep-constraints — the features the official UCE edits. ``preserve``
-        (from :func:`~erasepro_ops.concepts.preserve_alignment`) adds preserve prompts' columns.
+        (from :func:`~erasepro_ops.alignment.preserve_alignment`) adds preserve prompts' columns.
         ``padding[p]``, when not None, keeps only the first that many padding positions of prompt
         ``p``, and ``suffix[p]`` False drops its suffix positions (context sentences: their concept
         and end columns carry the erasure)."""

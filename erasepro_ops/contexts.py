@@ -1,6 +1,6 @@
 """Context sentences: more varied prompts per concept, aligned at the concept and end tokens only.
 
-A concept type's templates (``concepts.TEMPLATES``) are short and few, so an edit solved on them
+A concept type's templates (``templates.TEMPLATES``) are short and few, so an edit solved on them
 alone generalises poorly to the sentences users write: the concept at other positions, after
 adjectives, inside lists, in long prompts. ``data/extra_templates.json`` ships twenty varied
 sentences per built-in type. The solve adds the first ``n`` of them for every concept and
@@ -16,7 +16,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .concepts import ConceptPair, fill
+from .templates import ConceptPair, fill
 
 CONTEXT_FILE = Path(__file__).with_name("data") / "extra_templates.json"
 

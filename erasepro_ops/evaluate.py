@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .concepts import PLACEHOLDER, fill
+from .templates import PLACEHOLDER, fill
 from .text import prompt_lines, quote  # noqa: F401  (prompt_lines: the node's held-out / unrelated inputs)
 
 PROMPTS_FILE = Path(__file__).with_name("data") / "evaluate_prompts.json"

@@ -87,12 +87,6 @@ def worst_drift(site_terms: Iterable[tuple[float, float]], k: torch.Tensor, k_ed
     return max([worst] + [ratio([t]) for t in site_terms])
 
 
-def relative_change(weight: torch.Tensor, delta_norm: float) -> float:
-    """Per-site ``‖ΔW‖_F / ‖W_o‖_F``."""
-    base = float(weight.to(torch.float64).norm())
-    return delta_norm / base if base > 0 else 0.0
-
-
 def deep_burden(weight_norms: Sequence[float], delta_norms: Sequence[float]) -> float:
     """``Σ_deep ‖ΔW‖_F / Σ_deep ‖W_o‖_F``."""
     total = sum(weight_norms)

@@ -115,14 +115,6 @@ def _residual_solution(update: LowRankUpdate, r: torch.Tensor, dwx: torch.Tensor
     return SiteSolution(update, residual, left, initial)
 
 
-def preservation_weighting(preserve: torch.Tensor, lam: float, alpha: float) -> torch.Tensor:
-    """``C = λI + α K Kᵀ / M`` for preserve features ``K`` (in × M), in float64."""
-    k = preserve.to(torch.float64)
-    c = k @ k.T * (alpha / max(k.shape[1], 1))
-    c.diagonal().add_(lam)
-    return c
-
-
 def _fills(n_columns: int, rank: int, limit: int, used: int) -> bool:
     """A group overflows a limit when it has more columns than room left and its directions fill it."""
     return n_columns > limit - used and used + rank >= limit - 1
@@ -422,17 +414,6 @@ class SharedUpdate:
         return SiteSolution(LowRankUpdate(w @ self.z, self.down, self.down_gram), residual, after, before)
 
 
-def zero_residual_update(
-    weight: torch.Tensor,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    groups: Sequence[int] | None = None,
-    **kwargs,
-) -> SiteSolution:
-    """One-site convenience: ``ConstraintSystem.build(x, groups, **kwargs).solve(weight, target)``."""
-    return ConstraintSystem.build(x, groups, **kwargs).solve(weight, target)
-
-
 @dataclass(frozen=True)
 class UCESystem:
     """UCE's shared inverse: ``down = s_e Xᵀ (λI + s_e X Xᵀ + s_p K Kᵀ)⁻¹`` (N × in)."""
@@ -491,7 +472,3 @@ class UCESystem:
         f = d - (d @ self.down) @ self.x
         return SharedUpdate.from_parts(z, down, d[:, :report_columns], f[:, :report_columns])
 
-
-def uce_update(weight, x, target, preserve=None, **kwargs) -> SiteSolution:
-    """One-site convenience for the UCE baseline."""
-    return UCESystem.build(x, preserve, **kwargs).solve(weight, target)

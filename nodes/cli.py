@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # erasepro_ops
 
 from erasepro_ops import export  # noqa: E402  (pure)
-from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair  # noqa: E402
+from erasepro_ops.templates import CONCEPT_TYPES, ConceptPair  # noqa: E402
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # noqa: E402
 from erasepro_ops.retain import DEFAULT_RETAIN_STRENGTH  # noqa: E402
 from erasepro_ops.text import prompt_lines  # noqa: E402

@@ -13,7 +13,9 @@ import comfy.model_management
 
 from erasepro_ops import __version__
 from erasepro_ops.chain import Columns, SolverSettings, inputs_with_partners, progressive_shallow, solve_deep
-from erasepro_ops.concepts import PART_NAMES, ROLE_PRIORITY, ConceptPair, align_chunks, expand, preserve_alignment, token_chunks
+from erasepro_ops.alignment import PART_NAMES, ROLE_PRIORITY, align_chunks, preserve_alignment
+from erasepro_ops.templates import ConceptPair, expand
+from erasepro_ops.tokens import token_chunks
 from erasepro_ops.contexts import (DEFAULT_CONTEXT_PADDING, DEFAULT_CONTEXT_SUFFIX, DEFAULT_CONTEXT_TEMPLATES,
                                    DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES, context_pairs)
 from erasepro_ops.edit import ErasureEdit, SiteEdit

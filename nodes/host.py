@@ -16,7 +16,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
 
-from erasepro_ops.concepts import SpecialTokens
+from erasepro_ops.tokens import SpecialTokens
 from erasepro_ops.text import quote
 
 log = logging.getLogger("ErasePro")

@@ -24,7 +24,8 @@ import sys
 import threading
 from collections import OrderedDict
 
-from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair, expand, fill, overflow
+from erasepro_ops.templates import CONCEPT_TYPES, ConceptPair, expand, fill
+from erasepro_ops.tokens import overflow
 
 ROUTE = "/erasepro/tokens"
 MAX_CHARS = 1000  # target, anchor, concept_type

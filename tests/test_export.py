@@ -466,7 +466,7 @@ def deep_residuals(batch):
     edit = export.load(batch["out"])
     orig_model, orig_clip = comfy.sd.load_checkpoint_guess_config(str(batch["ckpt"]), output_vae=False)[:2]
     baked_model, baked_clip = comfy.sd.load_checkpoint_guess_config(str(batch["baked"]), output_vae=False)[:2]
-    from erasepro_ops.concepts import ConceptPair
+    from erasepro_ops.templates import ConceptPair
     concepts = tuple(ConceptPair(**{k: c[k] for k in ("target", "anchor", "concept_type", "prompts")})
                      for c in edit.settings["concepts"])
     arch = host.detect(orig_model, orig_clip)
@@ -548,7 +548,7 @@ def test_batch_20_concepts_over_the_rank_budget_are_damped_least_squares_and_say
     summary = res["edit"].summary
     import comfy.sd
     erase = sys.modules[f"{H.PACK_MODULE}.nodes.erase"]
-    from erasepro_ops.concepts import ConceptPair
+    from erasepro_ops.templates import ConceptPair
     concepts = tuple(ConceptPair(**{k: c[k] for k in ("target", "anchor", "concept_type", "prompts")})
                      for c in res["edit"].settings["concepts"])
     model, clip = comfy.sd.load_checkpoint_guess_config(str(batch["ckpt"]), output_vae=False)[:2]
