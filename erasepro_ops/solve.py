@@ -227,6 +227,68 @@ class _Fit:
                                 tuple(self.exact_groups))
 
 
+def _check_settings(x: torch.Tensor, rtol: float, overflow_damping: float, overflow_weight: float) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"features X must be a 2-D (in × N) matrix, got shape {tuple(x.shape)}")
+    if not rtol > 0:
+        raise ValueError("rtol must be positive")
+    if not overflow_damping >= 0:
+        raise ValueError("overflow_damping must be 0 or more")
+    if not overflow_weight > 0:
+        raise ValueError("overflow_weight must be positive")
+
+
+def _group_ids(groups: Sequence[int] | torch.Tensor | None, n: int) -> torch.Tensor:
+    """Each column's priority as a CPU tensor (all 0 when ``groups`` is None)."""
+    if groups is None:
+        return torch.zeros(n, dtype=torch.long)
+    group_ids = torch.as_tensor(groups, dtype=torch.long).cpu()
+    if group_ids.shape != (n,):
+        raise ValueError(f"groups must give one priority per column ({n}), got {tuple(group_ids.shape)}")
+    return group_ids
+
+
+def _weighting(preserve: torch.Tensor | None, width: int, lam: float, alpha: float,
+               device: torch.device) -> PreserveWeighting | None:
+    """``C^{-1/2}`` for ``C = λI + α K Kᵀ / M``, or None for ``C = I`` (no preserve features or α = 0)."""
+    if preserve is None or not alpha > 0:
+        return None
+    if preserve.shape[0] != width:
+        raise ValueError(f"preserve features have width {preserve.shape[0]}, the site has {width}")
+    check_finite("preserve features", preserve)
+    return PreserveWeighting.build(preserve.to(device), lam, alpha)
+
+
+def _fit_groups(fit: _Fit, group_ids: torch.Tensor, unbudgeted: set[int], overflow_weight: float,
+                device: torch.device) -> None:
+    """Fit the groups in priority order, one step each, or merged where an overflow takes in the
+    unbudgeted groups still waiting."""
+    xt = fit.xt
+    pending = [[g] for g in torch.unique(group_ids).tolist()]  # a step fits one group, or merged ones
+    merged_gram = None  # the Gram matrix of a merged step, from its parts
+    while pending:
+        ids = pending.pop(0)
+        budgeted = [g for g in ids if g not in unbudgeted]
+        cols, cw = _step_columns(group_ids, ids, budgeted, overflow_weight, xt)
+        xg = xt[:, cols]
+        y = _outside(fit.basis, xg) * cw
+        gram, merged_gram = merged_gram, None
+        if gram is None and y.shape[0] <= y.shape[1]:
+            gram = y @ y.T
+        waiting = [h for h in pending if set(h) <= unbudgeted]
+        if budgeted and waiting and fit.may_overflow(cols.numel()) and fit.overflows(
+                cols.numel(), min(_rank(y, gram, fit.threshold), fit.room), budgeted=True):
+            # From here on the erasure is least squares: the preserve groups still waiting join
+            # its damped fit (weighted) instead of getting only the directions it leaves over.
+            more = sum(waiting, [])
+            if gram is not None:
+                y_more = _outside(fit.basis, xt[:, _columns_of(group_ids, more, device)]) * overflow_weight
+                merged_gram = gram + y_more @ y_more.T
+            pending = [ids + more] + [h for h in pending if h not in waiting]
+            continue
+        fit.add(ids, cols, xg, y, cw, gram, bool(budgeted))
+
+
 @dataclass(frozen=True)
 class ConstraintSystem:
     """The factorisation of ``X`` (and ``C``) shared by every site constrained on the same columns."""
@@ -276,60 +338,19 @@ class ConstraintSystem:
         them when they join an overflowing erasure's fit; ``report_columns`` the number of
         leading columns the unaligned energy is measured on (default all; preserve columns come last).
         """
-        if x.dim() != 2:
-            raise ValueError(f"features X must be a 2-D (in × N) matrix, got shape {tuple(x.shape)}")
-        if not rtol > 0:
-            raise ValueError("rtol must be positive")
-        if not overflow_damping >= 0:
-            raise ValueError("overflow_damping must be 0 or more")
-        if not overflow_weight > 0:
-            raise ValueError("overflow_weight must be positive")
+        _check_settings(x, rtol, overflow_damping, overflow_weight)
         device = x.device if device is None else torch.device(device)
         x64 = x.to(device=device, dtype=torch.float64)
         check_finite("features X", x64)
         width, n = x64.shape
         budget = width if budget is None else min(int(budget), width)
-        if groups is None:
-            group_ids = torch.zeros(n, dtype=torch.long)
-        else:
-            group_ids = torch.as_tensor(groups, dtype=torch.long).cpu()
-            if group_ids.shape != (n,):
-                raise ValueError(f"groups must give one priority per column ({n}), got {tuple(group_ids.shape)}")
-
-        cis, c_max = None, 1.0
-        if preserve is not None and alpha > 0:
-            if preserve.shape[0] != width:
-                raise ValueError(f"preserve features have width {preserve.shape[0]}, the site has {width}")
-            check_finite("preserve features", preserve)
-            cis = PreserveWeighting.build(preserve.to(device), lam, alpha)
-            c_max = cis.c_max
+        group_ids = _group_ids(groups, n)
+        cis = _weighting(preserve, width, lam, alpha, device)
+        c_max = 1.0 if cis is None else cis.c_max
         xt = x64 if cis is None else cis.left(x64)
 
         fit = _Fit(xt, rtol * spectral_norm_estimate(x64) / c_max**0.5, budget, overflow_damping)
-        unbudgeted = set(unbudgeted)
-        pending = [[g] for g in torch.unique(group_ids).tolist()]  # a step fits one group, or merged ones
-        merged_gram = None  # the Gram matrix of a merged step, from its parts
-        while pending:
-            ids = pending.pop(0)
-            budgeted = [g for g in ids if g not in unbudgeted]
-            cols, cw = _step_columns(group_ids, ids, budgeted, overflow_weight, xt)
-            xg = xt[:, cols]
-            y = _outside(fit.basis, xg) * cw
-            gram, merged_gram = merged_gram, None
-            if gram is None and y.shape[0] <= y.shape[1]:
-                gram = y @ y.T
-            waiting = [h for h in pending if set(h) <= unbudgeted]
-            if budgeted and waiting and fit.may_overflow(cols.numel()) and fit.overflows(
-                    cols.numel(), min(_rank(y, gram, fit.threshold), fit.room), budgeted=True):
-                # From here on the erasure is least squares: the preserve groups still waiting join
-                # its damped fit (weighted) instead of getting only the directions it leaves over.
-                more = sum(waiting, [])
-                if gram is not None:
-                    y_more = _outside(fit.basis, xt[:, _columns_of(group_ids, more, device)]) * overflow_weight
-                    merged_gram = gram + y_more @ y_more.T
-                pending = [ids + more] + [h for h in pending if h not in waiting]
-                continue
-            fit.add(ids, cols, xg, y, cw, gram, bool(budgeted))
+        _fit_groups(fit, group_ids, set(unbudgeted), overflow_weight, device)
         return fit.system(x64, cis, report_columns, rtol)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
