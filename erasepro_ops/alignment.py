@@ -20,10 +20,11 @@ __all__ = ["ROLE_PRIORITY", "PART_NAMES", "PromptAlignment", "align_chunks", "pr
 ROLE_PRIORITY: dict[str, int] = {
     "keep": 0, "concept": 1, "suffix": 1, "end": 2, "preserve": 3, "pad": 4, "preserve_pad": 5,
 }
-"""Order in which the rank budget is spent (docs/DESIGN.md, *Rank budget*): keep-constraints, concept tokens (and
-the template words after them), the end token, the preserve prompts' own tokens, the target's
-padding, then the preserve prompts' padding (the solver sorts each group by decreasing energy).
-Lower is spent first."""
+"""The order in which the solver fits the constraint groups, lower first (docs/DESIGN.md, *Rank
+budget*): keep-constraints, concept tokens (and the template words after them), the end token,
+the preserve prompts' own tokens, the target's padding, then the preserve prompts' padding. Within
+a group the directions are taken by decreasing singular value. The two preserve groups do not
+count toward the rank budget (``chain.PRESERVE_GROUPS``)."""
 
 PART_NAMES: dict[int, str] = {
     ROLE_PRIORITY["keep"]: "prefixes", ROLE_PRIORITY["concept"]: "concept tokens", ROLE_PRIORITY["end"]: "end tokens",

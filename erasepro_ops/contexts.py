@@ -37,9 +37,8 @@ ALL_PADDING = 77
 DEFAULT_TEMPLATE_PADDING = 8
 """Padding positions after each template's end token that the erasure aligns exactly. Every
 position (:data:`ALL_PADDING`) erases the template prompts themselves to the last digit, but those
-near-identical padding columns fill the rank budget and move every prompt's padding with them:
-unlisted prompts drifted 2.5× as much as with UCE, the UNet changed by 80 % for a concept whose
-anchor has another token count, and unseen sentences were erased less."""
+near-identical padding columns fill the rank budget and move every prompt's padding with them
+(README.md, *Which positions are aligned*, has the figures)."""
 
 
 @lru_cache(maxsize=1)

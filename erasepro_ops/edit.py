@@ -43,8 +43,8 @@ class ErasureEdit:
 
     sites: tuple[SiteEdit, ...]
     settings: dict = field(default_factory=dict)  # concepts, method, progressive_layers, rule, preserve, version
-    summary: dict = field(default_factory=dict)  # metrics (DESIGN §7), timings, ranks
-    fingerprint: str = ""  # hash of the edited sites' original weights
+    summary: dict = field(default_factory=dict)  # metrics (docs/DESIGN.md, *Metrics*), timings, ranks
+    fingerprint: str = ""  # SHA-256 of the edited sites' original effective weights, float16-rounded
     fingerprint_ignored: bool = False  # Load ErasePro Edit's ignore_fingerprint: Apply does not check it either
 
     def part(self, part: str) -> tuple[SiteEdit, ...]:

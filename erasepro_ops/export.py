@@ -1,7 +1,7 @@
 """An ErasureEdit as a LoRA file and back: exact low-rank factors, kohya key names, metadata.
 
 Pure (no ComfyUI import). ErasePro's updates are exact low-rank products ``ΔW = up @ down``
-(DESIGN §2), so every site is stored as its own factors with ``alpha = rank`` (LoRA scale 1):
+(docs/DESIGN.md, *Edit file*), so every site is stored as its own factors with ``alpha = rank`` (LoRA scale 1):
 the file *is* the edit, with no approximation beyond the storage dtype.
 
 Key layout (kohya / A1111 / Forge, and ComfyUI's ``comfy.lora.model_lora_keys_*``):
@@ -140,7 +140,7 @@ def compact(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Factors of the same ``ΔW`` with rank at most ``min(out, in)``, exactly.
 
     The solver's factors have the rank of its compressed constraint matrix, which can exceed a
-    narrow layer's width (e.g. 604 constraints on a 320-wide K/V projection). Then ``ΔW`` is
+    narrow layer's width (e.g. several hundred constraints on a 320-wide K/V projection). Then ``ΔW`` is
     stored as ``I @ ΔW`` (or ``ΔW @ I``) with ``ΔW = (up @ down)`` multiplied in float64 and cast
     to float32 — the very tensor :meth:`SiteEdit.delta` gives, so applying it is bit-identical,
     and ComfyUI's float32 ``lora_up @ lora_down`` with an identity factor is exact too.

@@ -1,4 +1,7 @@
-"""The metrics of DESIGN §7, one definition shared by tests, benchmark and report.
+"""Figures computed from weights, updates and features (docs/DESIGN.md, *Metrics*), used by the
+solver node's summary, the benchmark and the tests. The per-site residual and relative change
+come from the solve itself (``solve.SiteSolution``, ``chain.SiteResult``); :func:`alignment_residual`
+recomputes the former from dense updates. The report only formats what the summary holds.
 
 Site-level figures aggregate over sites as root-sum-of-squares ratios, e.g. the train residual
 over deep sites ``s`` is ``sqrt(Σ_s ‖W'_s X − V*_s‖²) / sqrt(Σ_s ‖W_o,s X − V*_s‖²)``.

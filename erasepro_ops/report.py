@@ -10,7 +10,7 @@
      "warnings": ["..."]}
 
 Every key is optional here; missing, ``None``, NaN or infinite numbers show as "n/a". The per-site
-``relative_change`` is ``‖ΔW‖_F / ‖W_o‖_F`` (DESIGN §7). Numbers are formatted like the browser badge
+``relative_change`` is ``‖ΔW‖_F / ‖W_o‖_F`` (docs/DESIGN.md, *Metrics*). Numbers are formatted like the browser badge
 (``web/erasepro.js``): residual ``3.1e-7``, burden ``0.41%``, time ``0.52 s``.
 No ComfyUI import here.
 """

@@ -3,7 +3,7 @@
 A site is a linear layer with weight ``W_o`` (out × in). ``X`` (in × N) holds the site's input
 features for the constrained columns and ``V`` (out × N) what they must produce after the edit.
 
-Zero-residual (ErasePro, DESIGN §2)::
+Zero-residual (ErasePro; docs/DESIGN.md, *Solvers*)::
 
     minimise ‖(W − W_o) C^{1/2}‖_F²   subject to   W X = V
     ΔW = R (Xᵀ C⁻¹ X)⁺ Xᵀ C⁻¹,   R = V − W_o X
@@ -11,8 +11,9 @@ Zero-residual (ErasePro, DESIGN §2)::
 ``C = I`` is the published objective; ``C = λI + α K Kᵀ / M`` (``K`` the preserve features) keeps
 the preserve outputs still. With ``X̃ = C^{-1/2} X`` the update is ``ΔW = R X̃⁺ C^{-1/2}``.
 
-The columns come in priority groups (keep-constraints, concept tokens, end token, padding). They
-are solved in order: group ``g`` is matched as closely as possible (exactly when its columns are
+The columns come in priority groups (keep-constraints, concept tokens, end token, preserve
+prompts, padding, preserve padding: :data:`~erasepro_ops.alignment.ROLE_PRIORITY`). They are
+solved in order: group ``g`` is matched as closely as possible (exactly when its columns are
 independent of the earlier groups' span) without disturbing earlier groups, i.e. with
 
     Y_g = P_{<g} X̃_g,   ΔW̃_g = R̃_g Y_g⁺,   R̃_g = R_g − ΔW̃_{<g} X̃_g
@@ -24,25 +25,20 @@ residual is reported. ``Y_g⁺`` keeps singular values above ``rtol · s_max(X) 
 since ``σ_i(C^{-1/2} X) ≥ σ_i(X) / sqrt(λ_max(C))``, every direction of ``X`` above
 ``rtol · s_max(X)`` stays exact however strongly ``C`` weights the preserve features.
 
-Overflow. When a group has more columns than the width left and its directions fill it (the
-rank budget of DESIGN §3 is spent), it and every later group get damped least squares::
+Overflow. When a group has more columns than the width (or the rank budget) left and its
+directions fill it, it and every later group get damped least squares::
 
     ΔW̃_g = R̃_g Y_g⁺(μ),   Y_g⁺(μ) = V diag(s / (s² + μ)) Uᵀ,   μ = (ρ · s_max(X̃))²
 
 An exact fit of the weakest of hundreds of near-parallel padding columns costs ``1/s`` each and
 moves every other prompt sharing those directions; the damping (ρ = ``overflow_damping``) caps
-that. Measured on the tiny SD1.5, 20 concepts in one solve (1540 columns, 768 wide): undamped
-deep burden 9.2 and drift 2.2 on unrelated prompts; ρ = 1e-3 gives 1.0 and 0.46 for a train
-residual of 0.17 instead of 0.12, with the concept and end columns still exact. Groups that fit
-(one concept: 604 of 768) are never damped. Groups listed as ``unbudgeted`` (the preserve
+that. Groups that fit are never damped. Groups listed as ``unbudgeted`` (the preserve
 prompts' columns) do not count toward the budget and overflow only the site's width: a 3072-wide
 text-encoder site keeps them exact next to an erasure that fills the 768-wide budget. When the
 erasure itself overflows, the unbudgeted groups still waiting join its damped fit, their columns
 weighted by ``w`` (``overflow_weight``): weighted least squares ``‖(ΔW̃X̃ − R) diag(c)‖²``, ``c = 1``
 or ``w``. Placed after the overflow instead, they would get no direction at all (all taken);
-placed before it, exactly, they would leave the erasure too little. Measured on the tiny SD1.5,
-20 concepts, 8 preserve prompts, S = 1: preserve drift 0.124 (after) → 0.026 (w = 1) → 2.2e-3
-(w = 10; UCE 3.6e-3) for a train residual of 0.156 → 0.165 → 0.195.
+placed before it, exactly, they would leave the erasure too little.
 
 Deep sites ask for ``V*_s = W_s Y`` (the anchor's features through the site's own weight), so
 ``R_s = W_s (Y − X)`` and every site's update is ``ΔW_s = W_s T`` with one shared ``T = Z down``

@@ -1,4 +1,4 @@
-"""The progressive chain (DESIGN §4) on a small random pre-LN transformer feeding random K/V sites."""
+"""The progressive chain (docs/DESIGN.md, *Progressive chain*) on a small random pre-LN transformer feeding random K/V sites."""
 
 from dataclasses import dataclass
 

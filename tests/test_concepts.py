@@ -1,4 +1,5 @@
-"""Concept expansion and token alignment (DESIGN §3) on hand-made CLIP-style token ids."""
+"""Concept expansion, token ids and token alignment (docs/DESIGN.md, *Prompts* and *Columns*) on
+hand-made CLIP-style token ids."""
 
 from __future__ import annotations
 

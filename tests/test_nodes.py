@@ -61,7 +61,7 @@ def erase(nodes, model, clip, target, anchor, S=0, method="erasepro", concept_ty
 
 
 def eps_erasure(model, clip, new_model, new_clip, target_prompt, anchor_prompt):
-    """DESIGN §7: ‖ε'(target) − ε(anchor)‖ / ‖ε(target) − ε(anchor)‖."""
+    """docs/DESIGN.md, *Metrics*: ‖ε'(target) − ε(anchor)‖ / ‖ε(target) − ε(anchor)‖."""
     e_t, e_a = eps(model, clip, target_prompt), eps(model, clip, anchor_prompt)
     return float((eps(new_model, new_clip, target_prompt) - e_a).norm() / (e_t - e_a).norm())
 

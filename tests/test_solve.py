@@ -1,4 +1,4 @@
-"""The zero-residual site solve and the UCE baseline (DESIGN §2), on random problems."""
+"""The zero-residual site solve and the UCE baseline (docs/DESIGN.md, *Solvers*), on random problems."""
 
 import pytest
 import torch
