@@ -28,7 +28,8 @@ Keep-constraints (the prefix before the concept) always ask for ``V* = W_o X``.
 Preserve prompts ride along as extra rows of both batches, each paired with itself: their
 columns ask for the original model's features at every site (``V* = W_o K``), ranked after the
 concept and end tokens (:data:`~erasepro_ops.alignment.ROLE_PRIORITY`). The wide ``fc2`` sites
-(3072 inputs on CLIP-L) fit them next to the erasure, so they leave the shallow blocks exactly as they entered.
+(3072 inputs on CLIP-L) fit them next to the erasure, so they leave the shallow blocks exactly as
+they entered.
 
 Deep sites (:func:`solve_deep`) share one ``X``: the encoder output for the target prompts with
 the shallow edits applied, ``V* = W_o Y_out`` with ``Y_out`` the original encoder output for
