@@ -23,7 +23,7 @@ from typing import Callable
 from erasepro_comfy.apply import apply_edit
 from erasepro_comfy.host import ComfyHost
 from erasepro_ops.batches import align_prompts, preserve_ids, prompt_pairs
-from erasepro_ops.concepts import ConceptPair
+from erasepro_ops.templates import ConceptPair
 from erasepro_ops.pipeline import run_erasure
 from erasepro_ops.request import Request
 from erasepro_ops.text import prompt_lines

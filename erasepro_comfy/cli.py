@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from erasepro_ops import export
-from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair
+from erasepro_ops.templates import CONCEPT_TYPES, ConceptPair
 from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES
 from erasepro_ops.errors import EraseProError
 from erasepro_ops.pipeline import run_erasure

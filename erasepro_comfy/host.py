@@ -12,7 +12,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
 
-from erasepro_ops.concepts import SpecialTokens, token_chunks
+from erasepro_ops.tokens import SpecialTokens, token_chunks
 from erasepro_ops.errors import EraseProError, log  # noqa: F401  (re-exported)
 from erasepro_ops.family import FAMILIES, Architecture, ModelFamily, TextEncoder
 from erasepro_ops.fingerprint import fingerprint  # noqa: F401  (re-exported)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .chain import Columns
-from .concepts import ConceptPair, align_chunks, expand, preserve_alignment
+from .templates import ConceptPair, expand
+from .alignment import align_chunks, preserve_alignment
 from .contexts import context_pairs
 from .errors import EraseProError
 from .family import Architecture

@@ -1,4 +1,5 @@
-"""The progressive chain of DESIGN §4: shallow text-encoder sites first, deep K/V sites last.
+"""The progressive chain (docs/DESIGN.md, *Progressive chain*): shallow text-encoder sites first,
+deep K/V sites last.
 
 Shallow sites are the MLP output projections (``fc2``) of the first ``S`` blocks of a pre-LN
 transformer encoder. A block is seen through :class:`MLPBlock`::
@@ -26,8 +27,9 @@ Keep-constraints (the prefix before the concept) always ask for ``V* = W_o X``.
 
 Preserve prompts ride along as extra rows of both batches, each paired with itself: their
 columns ask for the original model's features at every site (``V* = W_o K``), ranked after the
-concept and end tokens (:data:`~erasepro_ops.concepts.ROLE_PRIORITY`). The 3072-wide ``fc2``
-sites fit them next to the erasure, so they leave the shallow blocks exactly as they entered.
+concept and end tokens (:data:`~erasepro_ops.alignment.ROLE_PRIORITY`). The wide ``fc2`` sites
+(3072 inputs on CLIP-L) fit them next to the erasure, so they leave the shallow blocks exactly as
+they entered.
 
 Deep sites (:func:`solve_deep`) share one ``X``: the encoder output for the target prompts with
 the shallow edits applied, ``V* = W_o Y_out`` with ``Y_out`` the original encoder output for
@@ -45,7 +47,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from .concepts import ROLE_PRIORITY, PromptAlignment
+from .alignment import ROLE_PRIORITY, PromptAlignment
 from .linalg import DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
 from .solve import ConstraintSystem, SharedUpdate, SiteSolution, UCESystem
 
@@ -93,9 +95,9 @@ class Columns:
         preserve: Sequence[PromptAlignment] = (), padding: Sequence[int | None] | None = None,
         suffix: Sequence[bool] | None = None,
     ) -> "Columns":
-        """All constrained columns (DESIGN §3), or with ``last_token_only`` just each template's last
+        """All constrained columns (docs/DESIGN.md, *Columns*), or with ``last_token_only`` just each template's last
         concept token and no keep-constraints — the features the official UCE edits. ``preserve``
-        (from :func:`~erasepro_ops.concepts.preserve_alignment`) adds preserve prompts' columns.
+        (from :func:`~erasepro_ops.alignment.preserve_alignment`) adds preserve prompts' columns.
         ``padding[p]``, when not None, keeps only the first that many padding positions of prompt
         ``p``, and ``suffix[p]`` False drops its suffix positions (context sentences: their concept
         and end columns carry the erasure)."""
@@ -157,7 +159,7 @@ def inputs_with_partners(x_target: torch.Tensor, y_anchor: torch.Tensor, columns
 
 @dataclass(frozen=True)
 class SolverSettings:
-    """Which closed form to use and its constants (DESIGN §2)."""
+    """Which closed form to use and its constants (docs/DESIGN.md, *Solvers*)."""
 
     method: str = "erasepro"
     rtol: float = DEFAULT_RTOL
@@ -235,7 +237,7 @@ def progressive_shallow(
     preserve_index: torch.Tensor | None = None,
     on_site: Callable[[str], None] | None = None,
 ) -> list[SiteResult]:
-    """Solve the shallow sites in order (DESIGN §4.1).
+    """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
     ``h_target``/``h_anchor`` (P × T × D) are the hidden states entering ``blocks[0]``;
     ``h_preserve`` (optional) those of the prompts the ``C`` weighting keeps still (preserve
@@ -297,8 +299,8 @@ def solve_deep(
 ) -> list[SiteResult]:
     """Solve every deep site that reads the same features ``X`` (D × N), ``V*_s = W_s Y``.
 
-    One factorisation of ``X`` and one shared map serve all sites (DESIGN §6: decompose once,
-    not once per site); each site then costs one ``out × in × rank`` product. Residuals and the
+    One factorisation of ``X`` and one shared map serve all sites (decompose once, not once per
+    site); each site then costs one ``out × in × rank`` product. Residuals and the
     unaligned energy are reported on the first ``report_columns`` columns (the erasure's).
     ErasePro leaves settled columns (:func:`settled_columns`) where they are; when all are, no
     site changes and nothing is factorised.

@@ -1,6 +1,6 @@
 """Context sentences: more varied prompts per concept, aligned at the concept and end tokens only.
 
-A concept type's templates (``concepts.TEMPLATES``) are short and few, so an edit solved on them
+A concept type's templates (``templates.TEMPLATES``) are short and few, so an edit solved on them
 alone generalises poorly to the sentences users write: the concept at other positions, after
 adjectives, inside lists, in long prompts. ``data/extra_templates.json`` ships twenty varied
 sentences per built-in type. The solve adds the first ``n`` of them for every concept and
@@ -16,7 +16,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .concepts import ConceptPair, fill
+from .templates import ConceptPair, fill
 
 CONTEXT_FILE = Path(__file__).with_name("data") / "extra_templates.json"
 
@@ -37,9 +37,8 @@ ALL_PADDING = 77
 DEFAULT_TEMPLATE_PADDING = 8
 """Padding positions after each template's end token that the erasure aligns exactly. Every
 position (:data:`ALL_PADDING`) erases the template prompts themselves to the last digit, but those
-near-identical padding columns fill the rank budget and move every prompt's padding with them:
-unlisted prompts drifted 2.5× as much as with UCE, the UNet changed by 80 % for a concept whose
-anchor has another token count, and unseen sentences were erased less."""
+near-identical padding columns fill the rank budget and move every prompt's padding with them
+(README.md, *Which positions are aligned*, has the figures)."""
 
 
 @lru_cache(maxsize=1)

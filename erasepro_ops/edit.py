@@ -46,7 +46,7 @@ class ErasureEdit:
     sites: tuple[SiteEdit, ...]
     settings: dict = field(default_factory=dict)  # erasepro_ops.request.Request.settings_record()
     summary: dict = field(default_factory=dict)  # erasepro_ops.summary.Summary.to_dict(): figures, timings, ranks
-    fingerprint: str = ""  # hash of the edited sites' original weights
+    fingerprint: str = ""  # SHA-256 of the edited sites' original effective weights, float16-rounded
     fingerprint_ignored: bool = False  # Load ErasePro Edit's ignore_fingerprint: Apply does not check it either
 
     @property

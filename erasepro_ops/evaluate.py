@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .concepts import PLACEHOLDER, fill
+from .templates import PLACEHOLDER, fill
 from .text import prompt_lines, quote  # noqa: F401  (prompt_lines: the node's held-out / unrelated inputs)
 
 PROMPTS_FILE = Path(__file__).with_name("data") / "evaluate_prompts.json"
@@ -70,8 +70,8 @@ def _held_out_rows(pair, templates: Sequence[str]) -> list[EvalRow]:
 
 def evaluation_rows(pairs: Sequence, held_out: Sequence[str] | None = None, unrelated: Sequence[str] | None = None,
                     targets_per_concept: int = TARGETS_PER_CONCEPT) -> list[EvalRow]:
-    """The grid's rows, grouped: each pair's first ``targets_per_concept`` templates (the solver's
-    own prompts), the held-out templates (``{}`` = the concept; default: the shipped ones for the
+    """The grid's rows, grouped: each pair's first ``targets_per_concept`` templates other than the
+    bare concept (the solver's own prompts; the bare concept when it is the only one), the held-out templates (``{}`` = the concept; default: the shipped ones for the
     pair's concept type), then the unrelated prompts (default: the shipped set). ``None`` means
     the default; an explicitly empty list is an error. Duplicate prompts are listed once."""
     if not pairs:

@@ -1,7 +1,7 @@
 """An ErasureEdit as a LoRA file and back: exact low-rank factors, kohya key names, metadata.
 
 Pure (no ComfyUI import). ErasePro's updates are exact low-rank products ``ΔW = up @ down``
-(DESIGN §2), so every site is stored as its own factors with ``alpha = rank`` (LoRA scale 1):
+(docs/DESIGN.md, *Edit file*), so every site is stored as its own factors with ``alpha = rank`` (LoRA scale 1):
 the file *is* the edit, with no approximation beyond the storage dtype.
 
 Key layout (kohya / A1111 / Forge, and ComfyUI's ``comfy.lora.model_lora_keys_*``):
@@ -140,7 +140,7 @@ def compact(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Factors of the same ``ΔW`` with rank at most ``min(out, in)``, exactly.
 
     The solver's factors have the rank of its compressed constraint matrix, which can exceed a
-    narrow layer's width (e.g. 604 constraints on a 320-wide K/V projection). Then ``ΔW`` is
+    narrow layer's width (e.g. several hundred constraints on a 320-wide K/V projection). Then ``ΔW`` is
     stored as ``I @ ΔW`` (or ``ΔW @ I``) with ``ΔW = (up @ down)`` multiplied in float64 and cast
     to float32 — the very tensor :meth:`SiteEdit.delta` gives, so applying it is bit-identical,
     and ComfyUI's float32 ``lora_up @ lora_down`` with an identity factor is exact too.
@@ -154,46 +154,45 @@ def compact(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return dense, torch.eye(in_dim, dtype=torch.float32)
 
 
-def to_state_dict(edit: ErasureEdit, dtype: str = "float32") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of the LoRA file for ``edit``; float32 keeps the factors bit-exact."""
-    if dtype not in STORAGE_DTYPES:
-        raise EditFileError(f"storage dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
-    if not edit.sites:
-        raise EditFileError("the edit has no sites: nothing to save")
-    tdtype = STORAGE_DTYPES[dtype]
-    family = _family(edit)
-    tensors: dict[str, torch.Tensor] = {}
-    sites = []
-    for s in edit.sites:
-        name = lora_name(s.key, family)
-        if any(x["name"] == name for x in sites):
-            raise EditFileError(f"two sites map to the LoRA name {name}")
-        up, down = s.up.detach().cpu(), s.down.detach().cpu()
-        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise EditFileError(f"{s.key}: factors {tuple(up.shape)} and {tuple(down.shape)} do not multiply")
+def _stored_factors(s: SiteEdit, tdtype: torch.dtype, dtype: str) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+    """``(solver_rank, up, down, rank)``: a site's factors checked, compacted and cast to the
+    storage dtype (half dtypes get balanced factors)."""
+    up, down = s.up.detach().cpu(), s.down.detach().cpu()
+    if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise EditFileError(f"{s.key}: factors {tuple(up.shape)} and {tuple(down.shape)} do not multiply")
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise EditFileError(f"{s.key}: the edit contains NaN/Inf; refusing to save it")
+    solver_rank = int(up.shape[1])
+    up, down = compact(up, down)
+    rank = int(up.shape[1])
+    if rank > 0 and tdtype != torch.float32:
+        u, d = _balanced(up, down)
+        up, down = u.to(tdtype), d.to(tdtype)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-            raise EditFileError(f"{s.key}: the edit contains NaN/Inf; refusing to save it")
-        solver_rank = int(up.shape[1])
-        up, down = compact(up, down)
-        rank = int(up.shape[1])
-        if rank > 0:
-            if tdtype == torch.float32:
-                up32, down32 = up.to(torch.float32), down.to(torch.float32)
-            else:
-                u, d = _balanced(up, down)
-                up32, down32 = u.to(tdtype), d.to(tdtype)
-                if not (torch.isfinite(up32).all() and torch.isfinite(down32).all()):
-                    raise EditFileError(f"{s.key}: the factors overflow {dtype}; save as float32")
-            # copies: the returned tensors never alias the edit's factors
-            tensors[f"{name}.lora_up.weight"] = up32.to(tdtype).contiguous().clone()
-            tensors[f"{name}.lora_down.weight"] = down32.to(tdtype).contiguous().clone()
-            tensors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
-        stored = [tensors[name + x] for x in _SUFFIXES] if rank > 0 else []
-        sites.append({"name": name, "key": s.key, "part": s.part, "stage": s.stage, "rank": rank,
-                      "solver_rank": solver_rank,
-                      "shape": [int(up.shape[0]), int(down.shape[1])],
-                      "relative_change": float(s.relative_change), "residual": float(s.residual),
-                      "sha256": site_checksum(name, stored, s.relative_change, s.residual)})
+            raise EditFileError(f"{s.key}: the factors overflow {dtype}; save as float32")
+    elif rank > 0:
+        up, down = up.to(torch.float32), down.to(torch.float32)
+    return solver_rank, up, down, rank
+
+
+def _site_entry(s: SiteEdit, name: str, tdtype: torch.dtype, dtype: str,
+                tensors: dict[str, torch.Tensor]) -> dict:
+    """Store one site's tensors in ``tensors``; its entry in the metadata's site list."""
+    solver_rank, up, down, rank = _stored_factors(s, tdtype, dtype)
+    if rank > 0:
+        # copies: the returned tensors never alias the edit's factors
+        tensors[f"{name}.lora_up.weight"] = up.to(tdtype).contiguous().clone()
+        tensors[f"{name}.lora_down.weight"] = down.to(tdtype).contiguous().clone()
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
+    stored = [tensors[name + x] for x in _SUFFIXES] if rank > 0 else []
+    return {"name": name, "key": s.key, "part": s.part, "stage": s.stage, "rank": rank,
+            "solver_rank": solver_rank,
+            "shape": [int(up.shape[0]), int(down.shape[1])],
+            "relative_change": float(s.relative_change), "residual": float(s.residual),
+            "sha256": site_checksum(name, stored, s.relative_change, s.residual)}
+
+
+def _metadata(edit: ErasureEdit, family: str, sites: list[dict], dtype: str) -> dict[str, str]:
     settings = dict(edit.settings)
     max_rank = max(x["rank"] for x in sites)
     meta = {
@@ -226,7 +225,25 @@ def to_state_dict(edit: ErasureEdit, dtype: str = "float32") -> tuple[dict[str, 
     for k in ("train_residual", "deep_burden", "deep_rank", "pooled_residual", "solve_seconds"):
         if edit.summary.get(k) is not None:
             meta[f"erasepro.{k}"] = repr(edit.summary[k])
-    return tensors, meta
+    return meta
+
+
+def to_state_dict(edit: ErasureEdit, dtype: str = "float32") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of the LoRA file for ``edit``; float32 keeps the factors bit-exact."""
+    if dtype not in STORAGE_DTYPES:
+        raise EditFileError(f"storage dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+    if not edit.sites:
+        raise EditFileError("the edit has no sites: nothing to save")
+    tdtype = STORAGE_DTYPES[dtype]
+    family = _family(edit)
+    tensors: dict[str, torch.Tensor] = {}
+    sites = []
+    for s in edit.sites:
+        name = lora_name(s.key, family)
+        if any(x["name"] == name for x in sites):
+            raise EditFileError(f"two sites map to the LoRA name {name}")
+        sites.append(_site_entry(s, name, tdtype, dtype, tensors))
+    return tensors, _metadata(edit, family, sites, dtype)
 
 
 def save(edit: ErasureEdit, path: str | os.PathLike, dtype: str = "float32") -> Path:
@@ -338,15 +355,8 @@ def _loads(meta: dict, key: str, source: str):
         raise EditFileError(f"{source}: metadata {key!r} is not valid JSON ({e})") from None
 
 
-def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str = "edit") -> ErasureEdit:
-    """An ErasureEdit from LoRA tensors + metadata, after checking every tensor.
-
-    Checks: the format version, the site list, each site's up/down/alpha present, 2-D, floating,
-    shapes ``(out, r)``/``(r, in)`` matching the recorded site shape and rank, ``alpha == r``,
-    finite values, each site's data against its checksum (:func:`site_checksum`; a file without
-    checksums, from an older ErasePro, loads with a warning), the LoRA name matching the weight
-    key, and no tensor left over.
-    """
+def _check_meta(meta: dict[str, str], source: str) -> tuple[str, list, dict, dict]:
+    """``(fingerprint, site entries, settings, summary)`` after checking the format and the JSON."""
     fmt = meta.get("erasepro.format")
     if fmt is None:
         raise EditFileError(f"{source}: not an ErasePro edit (no erasepro metadata)")
@@ -360,6 +370,65 @@ def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], sour
     summary = _loads(meta, "erasepro.summary", source)
     if not isinstance(sites_meta, list) or not sites_meta or not isinstance(settings, dict) or not isinstance(summary, dict):
         raise EditFileError(f"{source}: malformed ErasePro metadata (sites/settings/summary)")
+    return fp, sites_meta, settings, summary
+
+
+def _site_header(i: int, sm, family: str | None, source: str, seen_keys: set[str]):
+    """``(name, key, part, stage, rank, out_dim, in_dim, relative_change, residual)`` of site entry
+    ``i``, checked against the entries before it and its LoRA name."""
+    try:
+        name, key, part, stage = str(sm["name"]), str(sm["key"]), str(sm["part"]), str(sm["stage"])
+        rank = int(sm["rank"])
+        out_dim, in_dim = (int(x) for x in sm["shape"])
+        rel, res = float(sm["relative_change"]), float(sm["residual"])
+    except (KeyError, TypeError, ValueError):
+        raise EditFileError(f"{source}: malformed site entry #{i} in the metadata") from None
+    if part not in ("model", "clip") or rank < 0 or out_dim <= 0 or in_dim <= 0 or key in seen_keys:
+        raise EditFileError(f"{source}: malformed site entry #{i} ({key})")
+    if (part == "model") != key.startswith("diffusion_model."):
+        raise EditFileError(f"{source}: site {key} is marked part={part!r}")
+    seen_keys.add(key)
+    if lora_name(key, family) != name:
+        raise EditFileError(f"{source}: LoRA name {name} does not belong to the weight {key}")
+    return name, key, part, stage, rank, out_dim, in_dim, rel, res
+
+
+def _site_tensors(tensors: dict[str, torch.Tensor], name: str, key: str, rank: int, out_dim: int, in_dim: int,
+                  source: str, used: set[str]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``(up, down, stored)`` of a site with rank > 0: its float32 factors after checking each
+    stored tensor (``stored``: up, down, alpha as in the file)."""
+    names = [name + s for s in _SUFFIXES]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise EditFileError(f"{source}: tensor(s) {missing} missing for {key}")
+    up_t, down_t, alpha_t = (tensors[n] for n in names)
+    used.update(names)
+    for n, t in zip(names, (up_t, down_t, alpha_t)):
+        if not t.is_floating_point():
+            raise EditFileError(f"{source}: {n} has dtype {t.dtype}, expected a float tensor")
+    if tuple(up_t.shape) != (out_dim, rank) or tuple(down_t.shape) != (rank, in_dim):
+        raise EditFileError(
+            f"{source}: wrong shapes for {key}: lora_up {tuple(up_t.shape)}, lora_down {tuple(down_t.shape)}; "
+            f"expected ({out_dim}, {rank}) and ({rank}, {in_dim})")
+    if alpha_t.numel() != 1 or float(alpha_t.reshape(())) != float(rank):
+        raise EditFileError(f"{source}: {name}.alpha must be the rank {rank} (scale 1), "
+                            f"got {alpha_t.reshape(-1)[:1].tolist()}")
+    up, down = up_t.to(torch.float32), down_t.to(torch.float32)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise EditFileError(f"{source}: {name} contains NaN/Inf values; the file is corrupt")
+    return up, down, [up_t, down_t, alpha_t]
+
+
+def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str = "edit") -> ErasureEdit:
+    """An ErasureEdit from LoRA tensors + metadata, after checking every tensor.
+
+    Checks: the format version, the site list, each site's up/down/alpha present, 2-D, floating,
+    shapes ``(out, r)``/``(r, in)`` matching the recorded site shape and rank, ``alpha == r``,
+    finite values, each site's data against its checksum (:func:`site_checksum`; a file without
+    checksums, from an older ErasePro, loads with a warning), the LoRA name matching the weight
+    key, and no tensor left over.
+    """
+    fp, sites_meta, settings, summary = _check_meta(meta, source)
     family = meta.get("erasepro.family") or settings.get("family")
     # Files from before checksums existed have neither the method nor per-site checksums.
     checksummed = "erasepro.checksum_method" in meta or any(isinstance(sm, dict) and "sha256" in sm
@@ -369,46 +438,13 @@ def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], sour
                     "verified; re-save it to add them", source)
     used: set[str] = set()
     sites = []
-    seen_keys = set()
+    seen_keys: set[str] = set()
     for i, sm in enumerate(sites_meta):
-        try:
-            name, key, part, stage = str(sm["name"]), str(sm["key"]), str(sm["part"]), str(sm["stage"])
-            rank = int(sm["rank"])
-            out_dim, in_dim = (int(x) for x in sm["shape"])
-            rel, res = float(sm["relative_change"]), float(sm["residual"])
-        except (KeyError, TypeError, ValueError):
-            raise EditFileError(f"{source}: malformed site entry #{i} in the metadata") from None
-        if part not in ("model", "clip") or rank < 0 or out_dim <= 0 or in_dim <= 0 or key in seen_keys:
-            raise EditFileError(f"{source}: malformed site entry #{i} ({key})")
-        if (part == "model") != key.startswith("diffusion_model."):
-            raise EditFileError(f"{source}: site {key} is marked part={part!r}")
-        seen_keys.add(key)
-        if lora_name(key, family) != name:
-            raise EditFileError(f"{source}: LoRA name {name} does not belong to the weight {key}")
-        stored = []
+        name, key, part, stage, rank, out_dim, in_dim, rel, res = _site_header(i, sm, family, source, seen_keys)
         if rank == 0:
-            up, down = torch.zeros(out_dim, 0), torch.zeros(0, in_dim)
+            up, down, stored = torch.zeros(out_dim, 0), torch.zeros(0, in_dim), []
         else:
-            names = [name + s for s in _SUFFIXES]
-            missing = [n for n in names if n not in tensors]
-            if missing:
-                raise EditFileError(f"{source}: tensor(s) {missing} missing for {key}")
-            up_t, down_t, alpha_t = (tensors[n] for n in names)
-            used.update(names)
-            for n, t in zip(names, (up_t, down_t, alpha_t)):
-                if not t.is_floating_point():
-                    raise EditFileError(f"{source}: {n} has dtype {t.dtype}, expected a float tensor")
-            if tuple(up_t.shape) != (out_dim, rank) or tuple(down_t.shape) != (rank, in_dim):
-                raise EditFileError(
-                    f"{source}: wrong shapes for {key}: lora_up {tuple(up_t.shape)}, lora_down {tuple(down_t.shape)}; "
-                    f"expected ({out_dim}, {rank}) and ({rank}, {in_dim})")
-            if alpha_t.numel() != 1 or float(alpha_t.reshape(())) != float(rank):
-                raise EditFileError(f"{source}: {name}.alpha must be the rank {rank} (scale 1), "
-                                    f"got {alpha_t.reshape(-1)[:1].tolist()}")
-            up, down = up_t.to(torch.float32), down_t.to(torch.float32)
-            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-                raise EditFileError(f"{source}: {name} contains NaN/Inf values; the file is corrupt")
-            stored = [up_t, down_t, alpha_t]
+            up, down, stored = _site_tensors(tensors, name, key, rank, out_dim, in_dim, source, used)
         if checksummed and site_checksum(name, stored, rel, res) != sm.get("sha256"):
             raise EditFileError(f"{source}: the edit file is damaged: site {key}'s data do not match its checksum; "
                                 "save the edit again from the solver (or restore the file)")

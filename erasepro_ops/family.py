@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .concepts import SpecialTokens
+from .tokens import SpecialTokens
 
 REFERENCE_DEPTH = 12  # progressive_layers counts blocks of a 12-layer encoder; deeper encoders scale it
 COMBINE_WIDTH = "width"  # the encoders' outputs side by side, one token per position (SDXL)

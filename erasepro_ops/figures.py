@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from .concepts import PART_NAMES, ROLE_PRIORITY
+from .alignment import PART_NAMES, ROLE_PRIORITY
 from .metrics import deep_burden, drift_terms, ratio, residual_against_gap, worst_drift
 from .request import Request
 from .summary import SiteFigure, Summary

@@ -1,4 +1,7 @@
-"""The metrics of DESIGN §7, one definition shared by tests, benchmark and report.
+"""Figures computed from weights, updates and features (docs/DESIGN.md, *Metrics*), used by the
+solver node's summary, the benchmark and the tests. The per-site residual and relative change
+come from the solve itself (``solve.SiteSolution``, ``chain.SiteResult``); :func:`alignment_residual`
+recomputes the former from dense updates. The report only formats what the summary holds.
 
 Site-level figures aggregate over sites as root-sum-of-squares ratios, e.g. the train residual
 over deep sites ``s`` is ``sqrt(Σ_s ‖W'_s X − V*_s‖²) / sqrt(Σ_s ‖W_o,s X − V*_s‖²)``.
@@ -85,12 +88,6 @@ def worst_drift(site_terms: Iterable[tuple[float, float]], k: torch.Tensor, k_ed
     base = float(k64.norm())
     worst = float((e64 - k64).norm()) / base if base > 0 else 0.0
     return max([worst] + [ratio([t]) for t in site_terms])
-
-
-def relative_change(weight: torch.Tensor, delta_norm: float) -> float:
-    """Per-site ``‖ΔW‖_F / ‖W_o‖_F``."""
-    base = float(weight.to(torch.float64).norm())
-    return delta_norm / base if base > 0 else 0.0
 
 
 def deep_burden(weight_norms: Sequence[float], delta_norms: Sequence[float]) -> float:

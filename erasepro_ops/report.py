@@ -10,7 +10,7 @@
      "warnings": ["..."]}
 
 Every key is optional here; missing, ``None``, NaN or infinite numbers show as "n/a". The per-site
-``relative_change`` is ``‖ΔW‖_F / ‖W_o‖_F`` (DESIGN §7). Numbers are formatted like the browser badge
+``relative_change`` is ``‖ΔW‖_F / ‖W_o‖_F`` (docs/DESIGN.md, *Metrics*). Numbers are formatted like the browser badge
 (``web/erasepro.js``): residual ``3.1e-7``, burden ``0.41%``, time ``0.52 s``.
 No ComfyUI import here.
 """
@@ -298,57 +298,57 @@ class _Text:
 
 
 # ----------------------------------------------------------------------------- chart
-def draw_report(report: dict | None, width: int = 768, height: int = 384) -> np.ndarray:
-    """Draw ``report`` as a chart: H x W x 3 uint8 (title, per-site relative dW bars, legend, footer)."""
-    width = max(64, int(width))
-    height = max(64, int(height))
-    report = report if isinstance(report, dict) else {}
-    img = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(img)
+class _Canvas:
+    """The image being drawn, its two text sizes and the spacing derived from its size."""
 
-    scale = min(width / 768.0, height / 384.0)
-    big = _Text(draw, max(9, int(round(15 * scale))))
-    small = _Text(draw, max(8, int(round(12 * scale))))
-    hb, hs = big.height(), small.height()
-    pad = max(4, int(round(12 * scale)))
-    line_gap = max(2, int(round(4 * scale)))
+    def __init__(self, width: int, height: int):
+        self.width, self.height = width, height
+        self.img = Image.new("RGB", (width, height), BACKGROUND)
+        self.draw = ImageDraw.Draw(self.img)
+        scale = min(width / 768.0, height / 384.0)
+        self.big = _Text(self.draw, max(9, int(round(15 * scale))))
+        self.small = _Text(self.draw, max(8, int(round(12 * scale))))
+        self.hb, self.hs = self.big.height(), self.small.height()
+        self.pad = max(4, int(round(12 * scale)))
+        self.line_gap = max(2, int(round(4 * scale)))
 
-    sites = _sites(report)
-    concepts = _concepts(report)
-    warnings = _warnings(report)
 
-    # --- title: method, S, concepts
-    y = pad
+def _draw_title(c: _Canvas, report: dict, concepts: list[str], y: int) -> int:
+    """Method, S and the concepts on one line; returns the y below it."""
     s_txt = _format_count(report.get("progressive_layers"))
     head = f"{_method_label(report)}  S={s_txt}  "
-    hw = big.put((pad, y), head, fill=TEXT, max_w=width - 2 * pad)
+    hw = c.big.put((c.pad, y), head, fill=TEXT, max_w=c.width - 2 * c.pad)
     if concepts:
         ctext = f"{len(concepts)} concept{'s' if len(concepts) != 1 else ''}: " + "; ".join(concepts)
     else:
         ctext = "no concepts"
-    big.put((pad + hw, y), ctext, fill=MUTED, max_w=width - 2 * pad - hw)
-    y += hb + line_gap
+    c.big.put((c.pad + hw, y), ctext, fill=MUTED, max_w=c.width - 2 * c.pad - hw)
+    return y + c.hb + c.line_gap
 
-    # --- legend (only stages that are present, or both when empty)
+
+def _draw_legend(c: _Canvas, sites: list[dict], y: int) -> int:
+    """One swatch per stage present (both when there are no sites), and "n/a" when a value is
+    missing; returns the y below it."""
     present = []
     for s in sites:
         st = _stage(s)
         if st not in present:
             present.append(st)
     order = [st for st in ("shallow", "deep", "other") if st in present] or ["shallow", "deep"]
-    lx = pad
-    sw = max(6, hs - 2)
+    lx = c.pad
+    sw = max(6, c.hs - 2)
     for st in order:
-        draw.rectangle([lx, y + 2, lx + sw, y + 2 + sw], fill=STAGE_COLORS[st])
-        lx += sw + line_gap + 2
-        lx += small.put((lx, y), STAGE_LABELS[st], fill=TEXT, max_w=max(0, width - pad - lx)) + 3 * pad
+        c.draw.rectangle([lx, y + 2, lx + sw, y + 2 + sw], fill=STAGE_COLORS[st])
+        lx += sw + c.line_gap + 2
+        lx += c.small.put((lx, y), STAGE_LABELS[st], fill=TEXT, max_w=max(0, c.width - c.pad - lx)) + 3 * c.pad
     if any(_num(s.get("relative_change")) is None for s in sites):
-        draw.rectangle([lx, y + 2, lx + sw, y + 2 + sw], fill=NA_COLOR)
-        lx += sw + line_gap + 2
-        small.put((lx, y), "n/a", fill=TEXT, max_w=max(0, width - pad - lx))
-    y += hs + line_gap * 2
+        c.draw.rectangle([lx, y + 2, lx + sw, y + 2 + sw], fill=NA_COLOR)
+        lx += sw + c.line_gap + 2
+        c.small.put((lx, y), "n/a", fill=TEXT, max_w=max(0, c.width - c.pad - lx))
+    return y + c.hs + c.line_gap * 2
 
-    # --- footer (computed first so the chart takes the rest)
+
+def _footer_lines(c: _Canvas, report: dict, warnings: list[str]) -> list[tuple[str, tuple, _Text]]:
     footer1 = (
         f"train residual {format_sci(report.get('train_residual'))}   "
         f"deep burden {format_percent(report.get('deep_burden'))}   "
@@ -359,106 +359,138 @@ def draw_report(report: dict | None, width: int = 768, height: int = 384) -> np.
         f"preservation drift {format_sci(report.get('preservation_drift'))}   "
         f"unaligned energy {format_sci(report.get('unaligned_energy'))}"
     )
-    footer_lines = [(footer1, TEXT, small), (footer2, MUTED, small)]
+    lines = [(footer1, TEXT, c.small), (footer2, MUTED, c.small)]
     if warnings:
         more = f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""
-        footer_lines.append((f"warning: {warnings[0]}{more}", WARN, small))
-    footer_h = len(footer_lines) * (hs + line_gap)
-    footer_top = height - pad - footer_h
+        lines.append((f"warning: {warnings[0]}{more}", WARN, c.small))
+    return lines
 
-    # --- chart frame
-    values = [_num(s.get("relative_change")) for s in sites]
-    finite = [max(0.0, v) for v in values if v is not None]
-    vmax = max(finite) if finite else 0.0
-    top_label = f"max {format_sci(vmax, 3)}" if finite else "max n/a"
-    y_axis_w = max(small.width(top_label), small.width("relative dW")) + line_gap * 2
-    cx0 = pad + y_axis_w
-    cx1 = width - pad
-    name_h = hs + line_gap  # room under the bars for site names or stage brackets
-    cy0 = y + hs + line_gap  # headroom for the value label above the tallest bar
-    cy1 = footer_top - name_h - line_gap * 2
-    if cy1 - cy0 < 8:  # tiny image: squeeze the name row away
-        cy1 = max(cy0 + 4, footer_top - line_gap)
-        name_h = 0
 
-    # grid lines at 0, 1/2, max
+class _Plot:
+    """The chart area: ``x0..x1`` by ``y0`` (top, the largest value) ``..y1`` (zero), the value
+    scale and the room left under it for names (``name_h``, 0 on a tiny image)."""
+
+    def __init__(self, c: _Canvas, values: list[float | None], y: int, footer_top: int):
+        finite = [max(0.0, v) for v in values if v is not None]
+        self.finite = bool(finite)
+        self.vmax = max(finite) if finite else 0.0
+        self.top_label = f"max {format_sci(self.vmax, 3)}" if finite else "max n/a"
+        y_axis_w = max(c.small.width(self.top_label), c.small.width("relative dW")) + c.line_gap * 2
+        self.x0 = c.pad + y_axis_w
+        self.x1 = c.width - c.pad
+        self.name_h = c.hs + c.line_gap  # room under the bars for site names or stage brackets
+        self.y0 = y + c.hs + c.line_gap  # headroom for the value label above the tallest bar
+        self.y1 = footer_top - self.name_h - c.line_gap * 2
+        if self.y1 - self.y0 < 8:  # tiny image: squeeze the name row away
+            self.y1 = max(self.y0 + 4, footer_top - c.line_gap)
+            self.name_h = 0
+
+
+def _draw_axes(c: _Canvas, plot: _Plot) -> None:
+    """Grid lines at 0, 1/2 and the maximum, their labels, and the y axis."""
     for frac in (0.0, 0.5, 1.0):
-        gy = int(round(cy1 - frac * (cy1 - cy0)))
-        draw.line([cx0, gy, cx1, gy], fill=GRID if frac > 0 else AXIS, width=1)
-    small.put((cx0 - line_gap, cy0 - hs // 2), top_label, fill=TEXT, anchor_right=True)
-    if finite and vmax > 0:
-        small.put((cx0 - line_gap, (cy0 + cy1) // 2 - hs // 2), format_sci(vmax / 2), fill=MUTED, anchor_right=True)
-    small.put((cx0 - line_gap, cy1 - hs // 2), "0", fill=MUTED, anchor_right=True)
-    draw.line([cx0, cy0, cx0, cy1], fill=AXIS, width=1)
+        gy = int(round(plot.y1 - frac * (plot.y1 - plot.y0)))
+        c.draw.line([plot.x0, gy, plot.x1, gy], fill=GRID if frac > 0 else AXIS, width=1)
+    c.small.put((plot.x0 - c.line_gap, plot.y0 - c.hs // 2), plot.top_label, fill=TEXT, anchor_right=True)
+    if plot.finite and plot.vmax > 0:
+        c.small.put((plot.x0 - c.line_gap, (plot.y0 + plot.y1) // 2 - c.hs // 2), format_sci(plot.vmax / 2),
+                    fill=MUTED, anchor_right=True)
+    c.small.put((plot.x0 - c.line_gap, plot.y1 - c.hs // 2), "0", fill=MUTED, anchor_right=True)
+    c.draw.line([plot.x0, plot.y0, plot.x0, plot.y1], fill=AXIS, width=1)
 
-    n = len(sites)
-    if n == 0:
-        msg = "no sites"
-        big.put(((cx0 + cx1) // 2 - big.width(msg) // 2, (cy0 + cy1) // 2 - hb // 2), msg, fill=MUTED)
-    else:
-        plot_w = max(1, cx1 - cx0 - 2)
-        slot = plot_w / n
-        gap = 0 if slot < 4 else max(1, int(slot * 0.2))
-        denom = vmax if vmax > 0 else 1.0
-        show_values = slot >= small.width("0.0e-0") + 4 and cy1 - cy0 > 3 * hs
-        for i, (site, v) in enumerate(zip(sites, values)):
-            x0 = cx0 + 2 + int(math.floor(i * slot))
-            x1 = cx0 + 2 + int(math.floor((i + 1) * slot)) - 1 - gap
-            x1 = max(x0, x1)
-            if v is None:
-                # a short grey stub marks a missing value; labelled when there is room
-                draw.rectangle([x0, cy1 - 3, x1, cy1 - 1], fill=NA_COLOR)
-                if show_values:
-                    small.put(((x0 + x1) // 2 - small.width("n/a") // 2, cy1 - 3 - hs - 1), "n/a", fill=MUTED)
-                continue
-            h = (max(0.0, v) / denom) * (cy1 - cy0)
-            top = int(round(cy1 - h))
-            if v > 0 and top >= cy1:
-                top = cy1 - 1  # a positive value stays visible
-            if top < cy1:
-                draw.rectangle([x0, top, x1, cy1 - 1], fill=STAGE_COLORS[_stage(site)])
+
+def _draw_bars(c: _Canvas, plot: _Plot, sites: list[dict], values: list[float | None], y: int) -> float:
+    """One bar per site, coloured by stage, with its value above when there is room; returns the
+    width of a site's slot."""
+    cx0, cy0, cy1, small, hs = plot.x0, plot.y0, plot.y1, c.small, c.hs
+    slot = max(1, plot.x1 - cx0 - 2) / len(sites)
+    gap = 0 if slot < 4 else max(1, int(slot * 0.2))
+    denom = plot.vmax if plot.vmax > 0 else 1.0
+    show_values = slot >= small.width("0.0e-0") + 4 and cy1 - cy0 > 3 * hs
+    for i, (site, v) in enumerate(zip(sites, values)):
+        x0 = cx0 + 2 + int(math.floor(i * slot))
+        x1 = cx0 + 2 + int(math.floor((i + 1) * slot)) - 1 - gap
+        x1 = max(x0, x1)
+        if v is None:
+            # a short grey stub marks a missing value; labelled when there is room
+            c.draw.rectangle([x0, cy1 - 3, x1, cy1 - 1], fill=NA_COLOR)
             if show_values:
-                lab = format_sci(v)
-                ty = max(y, top - hs - 1)
-                small.put(((x0 + x1) // 2 - small.width(lab) // 2, ty), lab, fill=MUTED)
+                small.put(((x0 + x1) // 2 - small.width("n/a") // 2, cy1 - 3 - hs - 1), "n/a", fill=MUTED)
+            continue
+        h = (max(0.0, v) / denom) * (cy1 - cy0)
+        top = int(round(cy1 - h))
+        if v > 0 and top >= cy1:
+            top = cy1 - 1  # a positive value stays visible
+        if top < cy1:
+            c.draw.rectangle([x0, top, x1, cy1 - 1], fill=STAGE_COLORS[_stage(site)])
+        if show_values:
+            lab = format_sci(v)
+            ty = max(y, top - hs - 1)
+            small.put(((x0 + x1) // 2 - small.width(lab) // 2, ty), lab, fill=MUTED)
+    return slot
 
-        # under the bars: site names when they fit, else one bracket per contiguous stage run
-        if name_h:
-            ny = cy1 + line_gap
-            names = [str(s.get("name") or "?") for s in sites]
-            if slot >= max(small.width(small.clean(nm)) for nm in names) + 4:
-                for i, nm in enumerate(names):
-                    xc = cx0 + 2 + (i + 0.5) * slot
-                    small.put((xc - small.width(small.clean(nm)) / 2, ny), nm, fill=MUTED)
-            else:
-                runs = []  # (stage, start, end)
-                for i, s in enumerate(sites):
-                    st = _stage(s)
-                    if runs and runs[-1][0] == st:
-                        runs[-1][2] = i
-                    else:
-                        runs.append([st, i, i])
-                for st, a, b in runs:
-                    rx0 = cx0 + 2 + int(a * slot)
-                    rx1 = cx0 + 2 + int((b + 1) * slot) - 1
-                    draw.line([rx0, ny, rx1, ny], fill=STAGE_COLORS[st], width=2)
-                    count = b - a + 1
-                    lab = f"{'fc2' if st == 'shallow' else 'K/V' if st == 'deep' else 'sites'} x{count}"
-                    lw = small.width(lab)
-                    if lw + 2 <= rx1 - rx0:
-                        small.put(((rx0 + rx1) // 2 - lw // 2, ny + 2), lab, fill=MUTED)
 
-    # y-axis caption
-    small.put((pad, cy0 + hs), "relative dW", fill=MUTED, max_w=max(0, cx0 - pad - line_gap))
+def _draw_names(c: _Canvas, plot: _Plot, sites: list[dict], slot: float) -> None:
+    """Under the bars: site names when they fit, else one bracket per contiguous stage run."""
+    cx0, small = plot.x0, c.small
+    ny = plot.y1 + c.line_gap
+    names = [str(s.get("name") or "?") for s in sites]
+    if slot >= max(small.width(small.clean(nm)) for nm in names) + 4:
+        for i, nm in enumerate(names):
+            xc = cx0 + 2 + (i + 0.5) * slot
+            small.put((xc - small.width(small.clean(nm)) / 2, ny), nm, fill=MUTED)
+        return
+    runs = []  # (stage, start, end)
+    for i, s in enumerate(sites):
+        st = _stage(s)
+        if runs and runs[-1][0] == st:
+            runs[-1][2] = i
+        else:
+            runs.append([st, i, i])
+    for st, a, b in runs:
+        rx0 = cx0 + 2 + int(a * slot)
+        rx1 = cx0 + 2 + int((b + 1) * slot) - 1
+        c.draw.line([rx0, ny, rx1, ny], fill=STAGE_COLORS[st], width=2)
+        count = b - a + 1
+        lab = f"{'fc2' if st == 'shallow' else 'K/V' if st == 'deep' else 'sites'} x{count}"
+        lw = small.width(lab)
+        if lw + 2 <= rx1 - rx0:
+            small.put(((rx0 + rx1) // 2 - lw // 2, ny + 2), lab, fill=MUTED)
 
-    # --- footer
-    fy = footer_top
-    draw.line([pad, fy - line_gap, width - pad, fy - line_gap], fill=GRID, width=1)
-    for text, color, t in footer_lines:
-        t.put((pad, fy), text, fill=color, max_w=width - 2 * pad)
-        fy += hs + line_gap
 
-    return np.asarray(img, dtype=np.uint8).copy()
+def _draw_footer(c: _Canvas, lines: list[tuple[str, tuple, _Text]], top: int) -> None:
+    fy = top
+    c.draw.line([c.pad, fy - c.line_gap, c.width - c.pad, fy - c.line_gap], fill=GRID, width=1)
+    for text, color, t in lines:
+        t.put((c.pad, fy), text, fill=color, max_w=c.width - 2 * c.pad)
+        fy += c.hs + c.line_gap
+
+
+def draw_report(report: dict | None, width: int = 768, height: int = 384) -> np.ndarray:
+    """Draw ``report`` as a chart: H x W x 3 uint8 (title, per-site relative dW bars, legend, footer)."""
+    c = _Canvas(max(64, int(width)), max(64, int(height)))
+    report = report if isinstance(report, dict) else {}
+    sites = _sites(report)
+
+    y = _draw_title(c, report, _concepts(report), c.pad)
+    y = _draw_legend(c, sites, y)
+    footer = _footer_lines(c, report, _warnings(report))  # laid out first: the chart takes the rest
+    footer_top = c.height - c.pad - len(footer) * (c.hs + c.line_gap)
+
+    values = [_num(s.get("relative_change")) for s in sites]
+    plot = _Plot(c, values, y, footer_top)
+    _draw_axes(c, plot)
+    if not sites:
+        msg = "no sites"
+        c.big.put(((plot.x0 + plot.x1) // 2 - c.big.width(msg) // 2, (plot.y0 + plot.y1) // 2 - c.hb // 2), msg,
+                  fill=MUTED)
+    else:
+        slot = _draw_bars(c, plot, sites, values, y)
+        if plot.name_h:
+            _draw_names(c, plot, sites, slot)
+    c.small.put((c.pad, plot.y0 + c.hs), "relative dW", fill=MUTED, max_w=max(0, plot.x0 - c.pad - c.line_gap))
+    _draw_footer(c, footer, footer_top)
+    return np.asarray(c.img, dtype=np.uint8).copy()
 
 
 def report_to_image_tensor(arr: np.ndarray):

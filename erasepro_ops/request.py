@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from . import __version__
-from .concepts import ConceptPair
+from .templates import ConceptPair
 from .contexts import (DEFAULT_CONTEXT_PADDING, DEFAULT_CONTEXT_SUFFIX, DEFAULT_CONTEXT_TEMPLATES,
                        DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES)
 from .errors import EraseProError

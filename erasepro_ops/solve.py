@@ -3,7 +3,7 @@
 A site is a linear layer with weight ``W_o`` (out × in). ``X`` (in × N) holds the site's input
 features for the constrained columns and ``V`` (out × N) what they must produce after the edit.
 
-Zero-residual (ErasePro, DESIGN §2)::
+Zero-residual (ErasePro; docs/DESIGN.md, *Solvers*)::
 
     minimise ‖(W − W_o) C^{1/2}‖_F²   subject to   W X = V
     ΔW = R (Xᵀ C⁻¹ X)⁺ Xᵀ C⁻¹,   R = V − W_o X
@@ -11,8 +11,9 @@ Zero-residual (ErasePro, DESIGN §2)::
 ``C = I`` is the published objective; ``C = λI + α K Kᵀ / M`` (``K`` the preserve features) keeps
 the preserve outputs still. With ``X̃ = C^{-1/2} X`` the update is ``ΔW = R X̃⁺ C^{-1/2}``.
 
-The columns come in priority groups (keep-constraints, concept tokens, end token, padding). They
-are solved in order: group ``g`` is matched as closely as possible (exactly when its columns are
+The columns come in priority groups (keep-constraints, concept tokens, end token, preserve
+prompts, padding, preserve padding: :data:`~erasepro_ops.alignment.ROLE_PRIORITY`). They are
+solved in order: group ``g`` is matched as closely as possible (exactly when its columns are
 independent of the earlier groups' span) without disturbing earlier groups, i.e. with
 
     Y_g = P_{<g} X̃_g,   ΔW̃_g = R̃_g Y_g⁺,   R̃_g = R_g − ΔW̃_{<g} X̃_g
@@ -24,25 +25,20 @@ residual is reported. ``Y_g⁺`` keeps singular values above ``rtol · s_max(X) 
 since ``σ_i(C^{-1/2} X) ≥ σ_i(X) / sqrt(λ_max(C))``, every direction of ``X`` above
 ``rtol · s_max(X)`` stays exact however strongly ``C`` weights the preserve features.
 
-Overflow. When a group has more columns than the width left and its directions fill it (the
-rank budget of DESIGN §3 is spent), it and every later group get damped least squares::
+Overflow. When a group has more columns than the width (or the rank budget) left and its
+directions fill it, it and every later group get damped least squares::
 
     ΔW̃_g = R̃_g Y_g⁺(μ),   Y_g⁺(μ) = V diag(s / (s² + μ)) Uᵀ,   μ = (ρ · s_max(X̃))²
 
 An exact fit of the weakest of hundreds of near-parallel padding columns costs ``1/s`` each and
 moves every other prompt sharing those directions; the damping (ρ = ``overflow_damping``) caps
-that. Measured on the tiny SD1.5, 20 concepts in one solve (1540 columns, 768 wide): undamped
-deep burden 9.2 and drift 2.2 on unrelated prompts; ρ = 1e-3 gives 1.0 and 0.46 for a train
-residual of 0.17 instead of 0.12, with the concept and end columns still exact. Groups that fit
-(one concept: 604 of 768) are never damped. Groups listed as ``unbudgeted`` (the preserve
+that. Groups that fit are never damped. Groups listed as ``unbudgeted`` (the preserve
 prompts' columns) do not count toward the budget and overflow only the site's width: a 3072-wide
 text-encoder site keeps them exact next to an erasure that fills the 768-wide budget. When the
 erasure itself overflows, the unbudgeted groups still waiting join its damped fit, their columns
 weighted by ``w`` (``overflow_weight``): weighted least squares ``‖(ΔW̃X̃ − R) diag(c)‖²``, ``c = 1``
 or ``w``. Placed after the overflow instead, they would get no direction at all (all taken);
-placed before it, exactly, they would leave the erasure too little. Measured on the tiny SD1.5,
-20 concepts, 8 preserve prompts, S = 1: preserve drift 0.124 (after) → 0.026 (w = 1) → 2.2e-3
-(w = 10; UCE 3.6e-3) for a train residual of 0.156 → 0.165 → 0.195.
+placed before it, exactly, they would leave the erasure too little.
 
 Deep sites ask for ``V*_s = W_s Y`` (the anchor's features through the site's own weight), so
 ``R_s = W_s (Y − X)`` and every site's update is ``ΔW_s = W_s T`` with one shared ``T = Z down``
@@ -113,14 +109,6 @@ def _residual_solution(update: LowRankUpdate, r: torch.Tensor, dwx: torch.Tensor
     left = float(((r - dwx) ** 2).sum())
     residual = (left / initial) ** 0.5 if initial > 0 else 0.0
     return SiteSolution(update, residual, left, initial)
-
-
-def preservation_weighting(preserve: torch.Tensor, lam: float, alpha: float) -> torch.Tensor:
-    """``C = λI + α K Kᵀ / M`` for preserve features ``K`` (in × M), in float64."""
-    k = preserve.to(torch.float64)
-    c = k @ k.T * (alpha / max(k.shape[1], 1))
-    c.diagonal().add_(lam)
-    return c
 
 
 def _fills(n_columns: int, rank: int, limit: int, used: int) -> bool:
@@ -235,6 +223,68 @@ class _Fit:
                                 tuple(self.exact_groups))
 
 
+def _check_settings(x: torch.Tensor, rtol: float, overflow_damping: float, overflow_weight: float) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"features X must be a 2-D (in × N) matrix, got shape {tuple(x.shape)}")
+    if not rtol > 0:
+        raise ValueError("rtol must be positive")
+    if not overflow_damping >= 0:
+        raise ValueError("overflow_damping must be 0 or more")
+    if not overflow_weight > 0:
+        raise ValueError("overflow_weight must be positive")
+
+
+def _group_ids(groups: Sequence[int] | torch.Tensor | None, n: int) -> torch.Tensor:
+    """Each column's priority as a CPU tensor (all 0 when ``groups`` is None)."""
+    if groups is None:
+        return torch.zeros(n, dtype=torch.long)
+    group_ids = torch.as_tensor(groups, dtype=torch.long).cpu()
+    if group_ids.shape != (n,):
+        raise ValueError(f"groups must give one priority per column ({n}), got {tuple(group_ids.shape)}")
+    return group_ids
+
+
+def _weighting(preserve: torch.Tensor | None, width: int, lam: float, alpha: float,
+               device: torch.device) -> PreserveWeighting | None:
+    """``C^{-1/2}`` for ``C = λI + α K Kᵀ / M``, or None for ``C = I`` (no preserve features or α = 0)."""
+    if preserve is None or not alpha > 0:
+        return None
+    if preserve.shape[0] != width:
+        raise ValueError(f"preserve features have width {preserve.shape[0]}, the site has {width}")
+    check_finite("preserve features", preserve)
+    return PreserveWeighting.build(preserve.to(device), lam, alpha)
+
+
+def _fit_groups(fit: _Fit, group_ids: torch.Tensor, unbudgeted: set[int], overflow_weight: float,
+                device: torch.device) -> None:
+    """Fit the groups in priority order, one step each, or merged where an overflow takes in the
+    unbudgeted groups still waiting."""
+    xt = fit.xt
+    pending = [[g] for g in torch.unique(group_ids).tolist()]  # a step fits one group, or merged ones
+    merged_gram = None  # the Gram matrix of a merged step, from its parts
+    while pending:
+        ids = pending.pop(0)
+        budgeted = [g for g in ids if g not in unbudgeted]
+        cols, cw = _step_columns(group_ids, ids, budgeted, overflow_weight, xt)
+        xg = xt[:, cols]
+        y = _outside(fit.basis, xg) * cw
+        gram, merged_gram = merged_gram, None
+        if gram is None and y.shape[0] <= y.shape[1]:
+            gram = y @ y.T
+        waiting = [h for h in pending if set(h) <= unbudgeted]
+        if budgeted and waiting and fit.may_overflow(cols.numel()) and fit.overflows(
+                cols.numel(), min(_rank(y, gram, fit.threshold), fit.room), budgeted=True):
+            # From here on the erasure is least squares: the preserve groups still waiting join
+            # its damped fit (weighted) instead of getting only the directions it leaves over.
+            more = sum(waiting, [])
+            if gram is not None:
+                y_more = _outside(fit.basis, xt[:, _columns_of(group_ids, more, device)]) * overflow_weight
+                merged_gram = gram + y_more @ y_more.T
+            pending = [ids + more] + [h for h in pending if h not in waiting]
+            continue
+        fit.add(ids, cols, xg, y, cw, gram, bool(budgeted))
+
+
 @dataclass(frozen=True)
 class ConstraintSystem:
     """The factorisation of ``X`` (and ``C``) shared by every site constrained on the same columns."""
@@ -284,60 +334,19 @@ class ConstraintSystem:
         them when they join an overflowing erasure's fit; ``report_columns`` the number of
         leading columns the unaligned energy is measured on (default all; preserve columns come last).
         """
-        if x.dim() != 2:
-            raise ValueError(f"features X must be a 2-D (in × N) matrix, got shape {tuple(x.shape)}")
-        if not rtol > 0:
-            raise ValueError("rtol must be positive")
-        if not overflow_damping >= 0:
-            raise ValueError("overflow_damping must be 0 or more")
-        if not overflow_weight > 0:
-            raise ValueError("overflow_weight must be positive")
+        _check_settings(x, rtol, overflow_damping, overflow_weight)
         device = x.device if device is None else torch.device(device)
         x64 = x.to(device=device, dtype=torch.float64)
         check_finite("features X", x64)
         width, n = x64.shape
         budget = width if budget is None else min(int(budget), width)
-        if groups is None:
-            group_ids = torch.zeros(n, dtype=torch.long)
-        else:
-            group_ids = torch.as_tensor(groups, dtype=torch.long).cpu()
-            if group_ids.shape != (n,):
-                raise ValueError(f"groups must give one priority per column ({n}), got {tuple(group_ids.shape)}")
-
-        cis, c_max = None, 1.0
-        if preserve is not None and alpha > 0:
-            if preserve.shape[0] != width:
-                raise ValueError(f"preserve features have width {preserve.shape[0]}, the site has {width}")
-            check_finite("preserve features", preserve)
-            cis = PreserveWeighting.build(preserve.to(device), lam, alpha)
-            c_max = cis.c_max
+        group_ids = _group_ids(groups, n)
+        cis = _weighting(preserve, width, lam, alpha, device)
+        c_max = 1.0 if cis is None else cis.c_max
         xt = x64 if cis is None else cis.left(x64)
 
         fit = _Fit(xt, rtol * spectral_norm_estimate(x64) / c_max**0.5, budget, overflow_damping)
-        unbudgeted = set(unbudgeted)
-        pending = [[g] for g in torch.unique(group_ids).tolist()]  # a step fits one group, or merged ones
-        merged_gram = None  # the Gram matrix of a merged step, from its parts
-        while pending:
-            ids = pending.pop(0)
-            budgeted = [g for g in ids if g not in unbudgeted]
-            cols, cw = _step_columns(group_ids, ids, budgeted, overflow_weight, xt)
-            xg = xt[:, cols]
-            y = _outside(fit.basis, xg) * cw
-            gram, merged_gram = merged_gram, None
-            if gram is None and y.shape[0] <= y.shape[1]:
-                gram = y @ y.T
-            waiting = [h for h in pending if set(h) <= unbudgeted]
-            if budgeted and waiting and fit.may_overflow(cols.numel()) and fit.overflows(
-                    cols.numel(), min(_rank(y, gram, fit.threshold), fit.room), budgeted=True):
-                # From here on the erasure is least squares: the preserve groups still waiting join
-                # its damped fit (weighted) instead of getting only the directions it leaves over.
-                more = sum(waiting, [])
-                if gram is not None:
-                    y_more = _outside(fit.basis, xt[:, _columns_of(group_ids, more, device)]) * overflow_weight
-                    merged_gram = gram + y_more @ y_more.T
-                pending = [ids + more] + [h for h in pending if h not in waiting]
-                continue
-            fit.add(ids, cols, xg, y, cw, gram, bool(budgeted))
+        _fit_groups(fit, group_ids, set(unbudgeted), overflow_weight, device)
         return fit.system(x64, cis, report_columns, rtol)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
@@ -422,17 +431,6 @@ class SharedUpdate:
         return SiteSolution(LowRankUpdate(w @ self.z, self.down, self.down_gram), residual, after, before)
 
 
-def zero_residual_update(
-    weight: torch.Tensor,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    groups: Sequence[int] | None = None,
-    **kwargs,
-) -> SiteSolution:
-    """One-site convenience: ``ConstraintSystem.build(x, groups, **kwargs).solve(weight, target)``."""
-    return ConstraintSystem.build(x, groups, **kwargs).solve(weight, target)
-
-
 @dataclass(frozen=True)
 class UCESystem:
     """UCE's shared inverse: ``down = s_e Xᵀ (λI + s_e X Xᵀ + s_p K Kᵀ)⁻¹`` (N × in)."""
@@ -491,7 +489,3 @@ class UCESystem:
         f = d - (d @ self.down) @ self.x
         return SharedUpdate.from_parts(z, down, d[:, :report_columns], f[:, :report_columns])
 
-
-def uce_update(weight, x, target, preserve=None, **kwargs) -> SiteSolution:
-    """One-site convenience for the UCE baseline."""
-    return UCESystem.build(x, preserve, **kwargs).solve(weight, target)

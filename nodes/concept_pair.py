@@ -1,6 +1,6 @@
 """ErasePro Concept Pair: one target → anchor pair; chain several to erase many in one solve."""
 
-from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair
+from erasepro_ops.templates import CONCEPT_TYPES, ConceptPair
 from erasepro_ops.text import quote
 
 from erasepro_ops.errors import EraseProError

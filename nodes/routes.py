@@ -9,7 +9,7 @@
 Token counts are the concept's own tokens (no start / end token) from ComfyUI's CLIP BPE
 tokenizer (``comfy.sd1_clip.SDTokenizer``: CLIP-L; SD2's CLIP-H and SDXL's CLIP-G use the
 same vocabulary and the same 77-token chunks, so the counts hold for them too). ``overflow``
-lists the templates (as ``erasepro_ops.concepts.expand`` fills them) whose target or anchor
+lists the templates (as ``erasepro_ops.templates.expand`` fills them) whose target or anchor
 prompt needs more than one 77-token chunk. Nothing is evaluated: the strings are only
 tokenised, exactly as CLIP Text Encode would.
 
@@ -24,7 +24,8 @@ import sys
 import threading
 from collections import OrderedDict
 
-from erasepro_ops.concepts import CONCEPT_TYPES, ConceptPair, expand, fill, overflow
+from erasepro_ops.templates import CONCEPT_TYPES, ConceptPair, expand, fill
+from erasepro_ops.tokens import overflow
 
 ROUTE = "/erasepro/tokens"
 MAX_CHARS = 1000  # target, anchor, concept_type

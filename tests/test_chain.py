@@ -1,14 +1,16 @@
-"""The progressive chain (DESIGN §4) on a small random pre-LN transformer feeding random K/V sites."""
+"""The progressive chain (docs/DESIGN.md, *Progressive chain*) on a small random pre-LN transformer feeding random K/V sites."""
 
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from erasepro_ops.alignment import ROLE_PRIORITY, preserve_alignment
 from erasepro_ops.chain import (Columns, SolverSettings, inputs_with_partners, progressive_shallow, settled_columns,
                                 solve_deep)
-from erasepro_ops.concepts import ROLE_PRIORITY, SpecialTokens, align, preserve_alignment
 from erasepro_ops.metrics import alignment_residual, deep_burden, end_to_end_residual
+from erasepro_ops.tokens import SpecialTokens
+from reference_ops import align
 
 T, D, HIDDEN, LAYERS, VOCAB = 16, 128, 384, 6, 64
 SPECIAL = SpecialTokens(start=62, end=63, pad=63)

@@ -1,26 +1,15 @@
-"""Concept expansion and token alignment (DESIGN §3) on hand-made CLIP-style token ids."""
+"""Concept expansion, token ids and token alignment (docs/DESIGN.md, *Prompts* and *Columns*) on
+hand-made CLIP-style token ids."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from erasepro_ops.concepts import (
-    CLIP_G,
-    CLIP_L,
-    CONCEPT_TYPES,
-    ROLE_PRIORITY,
-    TEMPLATES,
-    ConceptPair,
-    PromptAlignment,
-    SpecialTokens,
-    align,
-    align_chunks,
-    expand,
-    fill,
-    overflow,
-    token_chunks,
-)
+from erasepro_ops.alignment import ROLE_PRIORITY, PromptAlignment, align_chunks
+from erasepro_ops.templates import CONCEPT_TYPES, TEMPLATES, ConceptPair, expand, fill
+from erasepro_ops.tokens import SpecialTokens, overflow, token_chunks
+from reference_ops import CLIP_G, CLIP_L, align
 
 S, E = 49406, 49407
 C = 77

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from erasepro_ops.concepts import TEMPLATES, ConceptPair, expand
+from erasepro_ops.templates import TEMPLATES, ConceptPair, expand
 from erasepro_ops.contexts import MAX_CONTEXT_TEMPLATES, context_pairs, context_templates
 from erasepro_ops.retain import retain_prompts
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import comfy_host as H
-from erasepro_ops.concepts import CONCEPT_TYPES, TEMPLATES, ConceptPair, fill
+from erasepro_ops.templates import CONCEPT_TYPES, TEMPLATES, ConceptPair, fill
 from erasepro_ops.evaluate import (EvalRow, default_prompts, erasure_scores, evaluation_rows,
                                    preservation_scores, prompt_lines)
 from erasepro_ops.evaluate_grid import COLUMNS, grid_layout

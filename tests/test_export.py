@@ -466,7 +466,7 @@ def deep_residuals(batch):
     edit = export.load(batch["out"])
     orig_model, orig_clip = comfy.sd.load_checkpoint_guess_config(str(batch["ckpt"]), output_vae=False)[:2]
     baked_model, baked_clip = comfy.sd.load_checkpoint_guess_config(str(batch["baked"]), output_vae=False)[:2]
-    from erasepro_ops.concepts import ConceptPair
+    from erasepro_ops.templates import ConceptPair
     concepts = tuple(ConceptPair(**{k: c[k] for k in ("target", "anchor", "concept_type", "prompts")})
                      for c in edit.settings["concepts"])
     arch = host.detect(orig_model, orig_clip)
@@ -480,7 +480,7 @@ def deep_residuals(batch):
     x_cond = host.encode_batch(baked_clip, host.detect(baked_model, baked_clip).encoders, target_ids)[0]
     x, y = inputs_with_partners(x_cond, y_cond, columns)
     x, y = x.double(), y.double()
-    # normalised by the *unedited* model's gap, as the solver reports it (1 = untouched)
+    # normalised by the *unedited* model's gap, as the solver reports it (docs/DESIGN.md, *Metrics*: 1 = untouched)
     x0, _ = inputs_with_partners(host.encode_batch(orig_clip, arch.encoders, target_ids)[0], y_cond, columns)
     x0 = x0.double()
     w_o = host.effective_weights(orig_model, arch.deep_keys)
@@ -538,7 +538,7 @@ def test_batch_command_erases_20_concepts_and_bakes(batch):
 
 
 def test_batch_20_concepts_over_the_rank_budget_are_damped_least_squares_and_say_so(batch):
-    """20 concepts × 77 positions exceed SD1.5's 768-wide deep sites: the overflow (padding)
+    """20 concepts × 77 positions exceed SD1.5's 768-wide deep sites (docs/DESIGN.md, *Rank budget*): the overflow (padding)
     is fitted by damped least squares, so no site changes by more than its own weight (undamped:
     shallow ΔW/W 39, deep burden 2.6, drift 1.8 on unrelated prompts), the residual stays below
     UCE's on the same columns, and the summary says why."""
@@ -546,7 +546,7 @@ def test_batch_20_concepts_over_the_rank_budget_are_damped_least_squares_and_say
     summary = res["edit"].summary
     import comfy.sd
     from erasepro_comfy.host import ComfyHost
-    from erasepro_ops.concepts import ConceptPair
+    from erasepro_ops.templates import ConceptPair
     from erasepro_ops.pipeline import run_erasure
     from erasepro_ops.request import Request
     concepts = tuple(ConceptPair(**{k: c[k] for k in ("target", "anchor", "concept_type", "prompts")})

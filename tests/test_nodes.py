@@ -10,7 +10,7 @@ import torch
 
 import comfy_host as H
 from erasepro_comfy.host import ComfyHost
-from erasepro_ops.concepts import ConceptPair
+from erasepro_ops.templates import ConceptPair
 from erasepro_ops.errors import EraseProError
 from erasepro_ops.pipeline import run_erasure
 from erasepro_ops.request import Request
@@ -66,7 +66,7 @@ def erase(nodes, model, clip, target, anchor, S=0, method="erasepro", concept_ty
 
 
 def eps_erasure(model, clip, new_model, new_clip, target_prompt, anchor_prompt):
-    """Erasure in the UNet's output: ‖ε'(target) − ε(anchor)‖ / ‖ε(target) − ε(anchor)‖."""
+    """docs/DESIGN.md, *Metrics*: ‖ε'(target) − ε(anchor)‖ / ‖ε(target) − ε(anchor)‖."""
     e_t, e_a = eps(model, clip, target_prompt), eps(model, clip, anchor_prompt)
     return float((eps(new_model, new_clip, target_prompt) - e_a).norm() / (e_t - e_a).norm())
 

@@ -3,7 +3,7 @@ model-family descriptions. No ComfyUI model needed."""
 
 import json
 
-from erasepro_ops.concepts import ConceptPair
+from erasepro_ops.templates import ConceptPair
 from erasepro_ops.family import FAMILIES, SDXL
 from erasepro_ops.linalg import DEFAULT_RTOL
 from erasepro_ops.request import Request

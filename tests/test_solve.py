@@ -1,15 +1,10 @@
-"""The zero-residual site solve and the UCE baseline (DESIGN §2), on random problems."""
+"""The zero-residual site solve and the UCE baseline (docs/DESIGN.md, *Solvers*), on random problems."""
 
 import pytest
 import torch
 
-from erasepro_ops.solve import (
-    ConstraintSystem,
-    UCESystem,
-    preservation_weighting,
-    uce_update,
-    zero_residual_update,
-)
+from erasepro_ops.solve import ConstraintSystem, UCESystem
+from reference_ops import preservation_weighting, uce_update, zero_residual_update
 
 
 def problem(inn, out, n, seed=0, m=0):

@@ -5,7 +5,7 @@ type matches the output and input it joins, it converts with ``ui_to_api`` and r
 ``run_workflow`` on the tiny random-weight SD1.5 checkpoint; the SaveImage files exist (on disk
 and through GET /view) and the solver's ``ui`` output carries ``erasepro_report`` with a train
 residual <= 1e-4 (method erasepro). Also checks the pack's node definitions in /object_info
-against DESIGN §5 (the workflow-file contract).
+against the node contract (docs/DESIGN.md, *Nodes*).
 
 CPU only: 64x64 latents, 2 steps. The tiny checkpoint's CLIP is full-size CLIP-L, so each solve
 takes some seconds.
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# DESIGN §5: the workflow-file contract.
+# The node contract (docs/DESIGN.md, *Nodes*): what saved workflow files rely on.
 EXPECTED_NODES = {
     "ErasePro_ConceptPair": {
         "display_name": "ErasePro Concept Pair",
@@ -58,8 +58,6 @@ EXPECTED_NODES = {
 EVALUATE = "ErasePro_Evaluate"
 SOLVER = "ErasePro_ProgressiveSolver"
 MAX_TRAIN_RESIDUAL = 1e-4
-# Known node bugs (reported, not fixed here): the run itself must still succeed and write its
-# images; only the residual check is an expected failure until the solver is fixed.
 
 
 def _load(path: Path) -> dict:
