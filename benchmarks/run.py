@@ -20,14 +20,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from erasepro_comfy.apply import apply_edit
-from erasepro_comfy.host import ComfyHost
 from erasepro_ops.batches import align_prompts, preserve_ids, prompt_pairs
-from erasepro_ops.templates import ConceptPair
 from erasepro_ops.pipeline import run_erasure
 from erasepro_ops.request import Request
+from erasepro_ops.templates import ConceptPair
 from erasepro_ops.text import prompt_lines
 from scripts import comfy_host as H
+
+H.import_comfy()  # erasepro_comfy imports ComfyUI's comfy package (on the CPU without a GPU)
+from erasepro_comfy.apply import apply_edit  # noqa: E402
+from erasepro_comfy.host import ComfyHost  # noqa: E402
 
 REPO = H.REPO
 NODE_INPUTS = {"shallow_rule": "rule", "context_sentences": "context_templates"}  # node input → Request field
@@ -456,7 +458,6 @@ def main(argv=None):
                         help=f"run the trade-off settings instead ({', '.join(c[0] for c in SWEEP)}) and chart "
                              "held-out residual against unlisted-prompt drift")
     args = parser.parse_args(argv)
-    H.import_comfy()
     counts = [int(c) for c in args.concepts.split(",")]
     configs = None if args.configs is None else [c.strip() for c in args.configs.split(",")]
     labels = [label for label, _ in (SWEEP if args.sweep else CONFIGS)]

@@ -377,6 +377,77 @@ def _extra_values(name: str, typ, opts) -> int:
     return n
 
 
+def _links(workflow: dict) -> dict:
+    """link id → (origin id, origin slot, target id, target slot, type), from either link format."""
+    links = {}
+    for l in workflow.get("links", []):
+        if isinstance(l, dict):
+            links[int(l["id"])] = (int(l["origin_id"]), int(l["origin_slot"]), int(l["target_id"]), int(l["target_slot"]), l.get("type"))
+        else:
+            links[int(l[0])] = (int(l[1]), int(l[2]), int(l[3]), int(l[4]), l[5] if len(l) > 5 else None)
+    return links
+
+
+def _input_link(node: dict, name: str):
+    for i in node.get("inputs") or []:
+        if i.get("name") == name and i.get("link") is not None:
+            return int(i["link"])
+    return None
+
+
+def _resolve(link_id, links: dict, nodes: dict, depth: int = 0):
+    """Follow a link back through Reroutes and bypassed nodes: (origin_id, slot) or
+    ('value', v) for a PrimitiveNode, or None when it ends in a muted node."""
+    if depth > 100 or link_id not in links:
+        return None
+    oid, oslot, _, _, ltype = links[link_id]
+    src = nodes.get(oid)
+    if src is None:
+        return None
+    t = src.get("type")
+    if t == "Reroute":
+        ins = src.get("inputs") or []
+        return _resolve(int(ins[0]["link"]), links, nodes, depth + 1) if ins and ins[0].get("link") is not None else None
+    if t in ("PrimitiveNode",):
+        wv = src.get("widgets_values") or []
+        return ("value", wv[0] if wv else None)
+    mode = src.get("mode", 0)
+    if mode == 2:
+        return None
+    if mode == 4:  # bypass: pass through the first input of the same type
+        out_type = ((src.get("outputs") or [{}])[oslot] or {}).get("type", ltype)
+        for i in src.get("inputs") or []:
+            if i.get("link") is not None and (i.get("type") == out_type):
+                return _resolve(int(i["link"]), links, nodes, depth + 1)
+        return None
+    return (str(oid), oslot)
+
+
+def _node_inputs(node: dict, info: dict, links: dict, nodes: dict) -> dict:
+    """One node's API inputs: its widget values in /object_info order, then its linked sockets."""
+    wv = node.get("widgets_values")
+    inputs = {}
+    pos = 0
+    for name, typ, opts in _input_specs(info):
+        if _is_widget(typ, opts):
+            if isinstance(wv, dict):
+                if name in wv:
+                    inputs[name] = wv[name]
+            elif wv is not None and pos < len(wv):
+                inputs[name] = wv[pos]
+                pos += 1 + _extra_values(name, typ, opts)
+        lid = _input_link(node, name)
+        if lid is not None:
+            r = _resolve(lid, links, nodes)
+            if r is None:
+                pass  # origin muted: a widget keeps its own value, a socket stays unset
+            elif r[0] == "value":
+                inputs[name] = r[1]
+            else:
+                inputs[name] = [r[0], r[1]]
+    return inputs
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a ComfyUI UI-format workflow (``nodes``/``links``/``widgets_values``) into the API
     prompt format, using /object_info input order. Handles control_after_generate and upload
@@ -389,78 +460,18 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     if (workflow.get("definitions") or {}).get("subgraphs"):
         raise NotImplementedError("subgraphs are not supported by ui_to_api")
     nodes = {int(n["id"]): n for n in workflow["nodes"]}
-    links = {}
-    for l in workflow.get("links", []):
-        if isinstance(l, dict):
-            links[int(l["id"])] = (int(l["origin_id"]), int(l["origin_slot"]), int(l["target_id"]), int(l["target_slot"]), l.get("type"))
-        else:
-            links[int(l[0])] = (int(l[1]), int(l[2]), int(l[3]), int(l[4]), l[5] if len(l) > 5 else None)
-
-    def input_link(node, name):
-        for i in node.get("inputs") or []:
-            if i.get("name") == name and i.get("link") is not None:
-                return int(i["link"])
-        return None
-
-    def resolve(link_id, depth=0):
-        """Follow a link back through Reroutes and bypassed nodes: (origin_id, slot) or
-        ('value', v) for a PrimitiveNode, or None when it ends in a muted node."""
-        if depth > 100 or link_id not in links:
-            return None
-        oid, oslot, _, _, ltype = links[link_id]
-        src = nodes.get(oid)
-        if src is None:
-            return None
-        t = src.get("type")
-        if t == "Reroute":
-            ins = src.get("inputs") or []
-            return resolve(int(ins[0]["link"]), depth + 1) if ins and ins[0].get("link") is not None else None
-        if t in ("PrimitiveNode",):
-            wv = src.get("widgets_values") or []
-            return ("value", wv[0] if wv else None)
-        mode = src.get("mode", 0)
-        if mode == 2:
-            return None
-        if mode == 4:  # bypass: pass through the first input of the same type
-            out_type = ((src.get("outputs") or [{}])[oslot] or {}).get("type", ltype)
-            for i in src.get("inputs") or []:
-                if i.get("link") is not None and (i.get("type") == out_type):
-                    return resolve(int(i["link"]), depth + 1)
-            return None
-        return (str(oid), oslot)
-
-    prompt = {}
+    links = _links(workflow)
     unknown = sorted({n["type"] for n in nodes.values()
                       if n.get("type") not in VIRTUAL_NODES and n.get("mode", 0) not in (2, 4)
                       and n.get("type") not in object_info})
     if unknown:
         raise KeyError(f"node types not known to this ComfyUI (missing custom nodes?): {unknown}")
+    prompt = {}
     for nid, node in sorted(nodes.items()):
         t = node.get("type")
         if t in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):
             continue
-        info = object_info[t]
-        wv = node.get("widgets_values")
-        inputs = {}
-        pos = 0
-        for name, typ, opts in _input_specs(info):
-            if _is_widget(typ, opts):
-                if isinstance(wv, dict):
-                    if name in wv:
-                        inputs[name] = wv[name]
-                elif wv is not None and pos < len(wv):
-                    inputs[name] = wv[pos]
-                    pos += 1 + _extra_values(name, typ, opts)
-            lid = input_link(node, name)
-            if lid is not None:
-                r = resolve(lid)
-                if r is None:
-                    pass  # origin muted: a widget keeps its own value, a socket stays unset
-                elif r[0] == "value":
-                    inputs[name] = r[1]
-                else:
-                    inputs[name] = [r[0], r[1]]
-        entry = {"class_type": t, "inputs": inputs}
+        entry = {"class_type": t, "inputs": _node_inputs(node, object_info[t], links, nodes)}
         if node.get("title"):
             entry["_meta"] = {"title": node["title"]}
         prompt[str(nid)] = entry

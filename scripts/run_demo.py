@@ -94,6 +94,38 @@ def _first_image(hist: dict, nid: str, output_dir: Path) -> Path | None:
     return None
 
 
+def prepare_prompt(wf: dict, info: dict, ckpt_name: str, seed):
+    """The workflow as an API prompt on ``ckpt_name`` (and ``seed``, if given): ``(prompt, the
+    solver's node id, SaveImage node id by filename label)``."""
+    api = cs.ui_to_api(wf, info)
+    solver_id = next(nid for nid, n in api.items() if n["class_type"] == SOLVER)
+    saves = {}
+    for nid, n in api.items():
+        ct, inputs = n["class_type"], n["inputs"]
+        if ct == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt_name
+        elif ct == "KSampler" and seed is not None:
+            inputs["seed"] = seed
+        elif ct == "SaveImage":
+            saves[inputs["filename_prefix"].rsplit("/", 1)[-1]] = nid
+    return api, solver_id, saves
+
+
+def copy_images(hist: dict, saves: dict, output_dir: Path, out: Path) -> dict:
+    """Copy the before / after / report images to ``<out>/<label>.png``; label → path."""
+    images = {}
+    for label in ("before", "after", "report"):
+        nid = saves.get(label)
+        src = _first_image(hist, nid, output_dir) if nid else None
+        if src is None or not src.is_file():
+            log(f"warning: no '{label}' image in the results")
+            continue
+        dst = out / f"{label}.png"
+        shutil.copy2(src, dst)
+        images[label] = str(dst)
+    return images
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW)
@@ -127,17 +159,7 @@ def main(argv=None) -> int:
                           if n["type"] not in cs.VIRTUAL_NODES and n["type"] not in info})
         if missing:
             raise RuntimeError(f"node types missing on the server: {missing} (see {srv.log_path})")
-        api = cs.ui_to_api(wf, info)
-        solver_id = next(nid for nid, n in api.items() if n["class_type"] == SOLVER)
-        saves = {}
-        for nid, n in api.items():
-            ct, inputs = n["class_type"], n["inputs"]
-            if ct == "CheckpointLoaderSimple":
-                inputs["ckpt_name"] = ckpt_name
-            elif ct == "KSampler" and a.seed is not None:
-                inputs["seed"] = a.seed
-            elif ct == "SaveImage":
-                saves[inputs["filename_prefix"].rsplit("/", 1)[-1]] = nid
+        api, solver_id, saves = prepare_prompt(wf, info, ckpt_name, a.seed)
         log(f"running {a.workflow.relative_to(REPO) if a.workflow.is_relative_to(REPO) else a.workflow} "
             f"on {ckpt_name} ...")
         t0 = time.time()
@@ -153,17 +175,7 @@ def main(argv=None) -> int:
     finally:
         srv.stop()
 
-    images = {}
-    for label in ("before", "after", "report"):
-        nid = saves.get(label)
-        src = _first_image(hist, nid, srv.output_dir) if nid else None
-        if src is None or not src.is_file():
-            log(f"warning: no '{label}' image in the results")
-            continue
-        dst = out / f"{label}.png"
-        shutil.copy2(src, dst)
-        images[label] = str(dst)
-
+    images = copy_images(hist, saves, srv.output_dir, out)
     sol = (hist.get("outputs") or {}).get(solver_id) or {}
     report = (sol.get("erasepro_report") or [None])[0]
     if report is None:

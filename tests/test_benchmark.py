@@ -26,3 +26,15 @@ def test_benchmark_sweep_writes_the_trade_off_chart(tmp_path):
     assert [r["config"] for r in rows] == configs.split(",")
     assert all(0 < r["held_out"]["concept_end"] and 0 < r["drift_unrelated"] for r in rows)
     assert (tmp_path / "sd15_fp16_sweep_trade_off.png").stat().st_size > 0
+
+
+def test_benchmark_command_starts_from_a_shell():
+    """`python -m benchmarks.run` imports ComfyUI itself (the tests already have it imported)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(run.__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--sweep" in done.stdout
