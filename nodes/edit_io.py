@@ -12,8 +12,7 @@ from pathlib import Path
 
 import folder_paths
 
-from erasepro_comfy.apply import (check_against, check_fingerprint, comfy_key_map, load_edit_file,  # noqa: F401
-                                  save_edit_file)
+from erasepro_comfy.apply import check_against, load_edit_file, save_edit_file
 from erasepro_ops import export
 from erasepro_ops.errors import EraseProError, log
 

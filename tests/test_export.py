@@ -127,7 +127,8 @@ def test_erasepro_ops_never_imports_comfyui():
 def test_lora_keys_are_kohya_and_comfyui_maps_every_site(pack, eio, export, kind):
     model, clip, edit = solved(pack, kind)
     tensors, meta = export.to_state_dict(edit)
-    key_map = eio.comfy_key_map(model, clip)
+    from erasepro_comfy.apply import comfy_key_map
+    key_map = comfy_key_map(model, clip)
     prefixes = {"sd15": ("lora_unet_", "lora_te_"), "sdxl": ("lora_unet_", "lora_te1_", "lora_te2_")}[kind]
     report = {}
     for s in edit.sites:
