@@ -82,7 +82,10 @@ class ClipLayerBlock:
     def mlp_input(self, h):
         layer = self.layer
         dtype = h.dtype
-        h_mid = h + layer.self_attn(layer.layer_norm1(h), self.mask, self.attention).to(dtype)
+        mask = self.mask
+        if mask is not None and mask.shape[-1] > h.shape[1]:  # a batch cut short after its last position used
+            mask = mask[..., : h.shape[1], : h.shape[1]]
+        h_mid = h + layer.self_attn(layer.layer_norm1(h), mask, self.attention).to(dtype)
         x = layer.mlp.activation(layer.mlp.fc1(layer.layer_norm2(h_mid))).to(dtype)
         return h_mid, x
 

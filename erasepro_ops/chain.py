@@ -221,8 +221,29 @@ class SiteResult:
         return self.update_norm / self.weight_norm if self.weight_norm > 0 else 0.0
 
 
-def _preserve_features(preserve: torch.Tensor | None) -> torch.Tensor | None:
-    return None if preserve is None else preserve.reshape(-1, preserve.shape[-1]).T
+@dataclass(frozen=True)
+class KeptBatch:
+    """Prompts whose ``fc2`` inputs a shallow weighting keeps still: their hidden states entering
+    the first block (P × T × D; for a causal encoder ``T`` may stop after the last position used)
+    and the flat positions used."""
+
+    hidden: torch.Tensor
+    index: torch.Tensor
+
+
+def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch]) -> list[torch.Tensor]:
+    """Per block, the ``fc2`` inputs (D_in × M) of every batch at its positions, through the
+    original blocks (a weighting keeps the unedited model's features still)."""
+    features: list[list[torch.Tensor]] = [[] for _ in blocks]
+    with torch.no_grad():
+        for batch in batches:
+            h = batch.hidden
+            for l, block in enumerate(blocks):
+                mid, x = block.mlp_input(h)
+                features[l].append(gather(x, batch.index))
+                if l + 1 < len(blocks):
+                    h = block_output(mid, x, block.weight, block.bias)
+    return [torch.cat(f, dim=1) for f in features]
 
 
 def progressive_shallow(
@@ -233,31 +254,25 @@ def progressive_shallow(
     settings: SolverSettings,
     *,
     rule: str = "anchor_features",
-    h_preserve: torch.Tensor | None = None,
-    preserve_index: torch.Tensor | None = None,
+    preserve: Sequence[torch.Tensor] | None = None,
     on_site: Callable[[str], None] | None = None,
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
     ``h_target``/``h_anchor`` (P × T × D) are the hidden states entering ``blocks[0]``;
-    ``h_preserve`` (optional) those of the prompts the ``C`` weighting keeps still (preserve
-    prompts, the retain bank), ``preserve_index`` the flat positions of them it uses (default all).
+    ``preserve`` (optional, from :func:`kept_features`) per block the ``fc2`` inputs the ``C``
+    weighting keeps still (preserve prompts, the retain bank).
     """
     if rule not in SHALLOW_RULES:
         raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")
     depth = len(blocks)
     results: list[SiteResult] = []
-    h_t, h_a, h_p = h_target, h_anchor, h_preserve
+    h_t, h_a = h_target, h_anchor
     for l, block in enumerate(blocks):
         with torch.no_grad():
             mid_a, x_a = block.mlp_input(h_a)
             out_a = block_output(mid_a, x_a, block.weight, block.bias)
             mid_t, x_t = block.mlp_input(h_t)
-            preserve = None
-            if h_p is not None:
-                mid_p, x_p = block.mlp_input(h_p)
-                preserve = _preserve_features(x_p) if preserve_index is None else gather(x_p, preserve_index)
-                h_p = block_output(mid_p, x_p, block.weight, block.bias)
 
             x, y = inputs_with_partners(x_t, x_a, columns)
             w = block.weight.to(torch.float64)
@@ -269,7 +284,8 @@ def progressive_shallow(
                 target = w.to(x.device) @ x.to(torch.float64)
                 target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
 
-            solution = settings.system(x, columns.groups, preserve).solve(block.weight, target)
+            solution = settings.system(x, columns.groups, None if preserve is None else preserve[l]).solve(
+                block.weight, target)
             edited = block.weight.to(torch.float64) + solution.update.dense().to(block.weight.device)
             h_t = block_output(mid_t, x_t, edited.to(x_t.dtype), block.bias)
             h_a = out_a

@@ -110,32 +110,33 @@ def spectral_norm_estimate(y: torch.Tensor, iterations: int = 100, tol: float = 
 
 @dataclass(frozen=True)
 class PreserveWeighting:
-    """``C^{-1/2}`` for ``C = λI + α K Kᵀ / M`` without forming an ``in × in`` matrix.
+    """A whitening ``L⁻¹`` for ``C = λI + α K Kᵀ / M = L Lᵀ`` (Cholesky), used as ``C^{-1/2}``.
 
-    With ``K = U diag(s) Vᵀ`` (thin SVD), ``C`` has eigenvalues ``λ + α s² / M`` on ``span U`` and
-    ``λ`` elsewhere, so ``C^{-1/2} = λ^{-1/2} (I − U diag(d) Uᵀ)`` with
-    ``d = 1 − (1 + α s² / (M λ))^{-1/2}``. One ``M × M`` (or ``in × in``) eigh, however wide the site.
+    Any square root serves: with ``X̃ = L⁻¹ X``, ``X̃ᵀ X̃ = Xᵀ C⁻¹ X``, so ``ΔW = R X̃⁺ L⁻¹`` is the
+    same minimiser of ``‖ΔW C^{1/2}‖_F`` as with the symmetric root, and every step of the solve
+    (projections, singular values, damping) sees only such products. One ``in × in`` Cholesky
+    costs a tenth of an eigendecomposition. ``K Kᵀ`` is accumulated in ``K``'s own precision, float32
+    at least: float32 rounding (~1e-7 of ``α ‖K‖² / M``) moves ``C`` by far less than ``λ``, so ``C``
+    stays positive definite and the constraints stay exact; only the weighting moves, by that much.
     """
 
-    u: torch.Tensor  # in × r
-    d: torch.Tensor  # r
-    scale: float  # λ^{-1/2}
-    c_max: float  # largest eigenvalue of C
+    chol: torch.Tensor  # in × in, lower triangular, float64
+    c_max: float  # largest eigenvalue of C (power iteration: for thresholds)
 
     @classmethod
     def build(cls, k: torch.Tensor, lam: float, alpha: float) -> "PreserveWeighting":
         if not lam > 0:
             raise ValueError("the preservation weighting C must be positive definite (λ > 0)")
-        k64 = k.to(torch.float64)
-        m = max(k64.shape[1], 1)
-        rb = range_basis(k64, 1e-12 * spectral_norm_estimate(k64))
-        gain = alpha * rb.s**2 / (m * lam)
-        return cls(rb.u, 1 - (1 + gain).rsqrt(), lam**-0.5, lam + float(gain.max() * lam) if gain.numel() else lam)
+        kk = k if k.dtype == torch.float64 else k.to(torch.float32)
+        c = (kk @ kk.T).to(torch.float64) * (alpha / max(k.shape[1], 1))
+        c.diagonal().add_(lam)
+        chol = torch.linalg.cholesky(c)
+        return cls(chol, spectral_norm_estimate(chol) ** 2)
 
     def left(self, x: torch.Tensor) -> torch.Tensor:
-        """``C^{-1/2} @ x``."""
-        return self.scale * (x - self.u @ (self.d[:, None] * (self.u.T @ x)))
+        """``L⁻¹ @ x``."""
+        return torch.linalg.solve_triangular(self.chol, x, upper=False)
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ C^{-1/2}``."""
-        return self.scale * (x - ((x @ self.u) * self.d) @ self.u.T)
+        """``x @ L⁻¹``."""
+        return torch.linalg.solve_triangular(self.chol, x, upper=False, left=False)

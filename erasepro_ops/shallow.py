@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chain import SolverSettings, progressive_shallow
+from .chain import KeptBatch, SolverSettings, kept_features, progressive_shallow
 from .edit import SiteEdit
 from .family import Architecture
 from .host import Host
@@ -28,38 +28,55 @@ def site_edits(results, part: str, stage: str) -> list[SiteEdit]:
     return edits
 
 
+RETAIN_BATCH = 64  # bank prompts per batch through the shallow blocks, sorted by length
+
+
 @dataclass(frozen=True)
 class SoftWeighting:
-    """What the shallow sites' weighting ``C`` keeps still: per encoder, the first-block inputs of
-    the preserve prompts (when weighted) and the retain bank, the flat positions used, the strength."""
+    """What the shallow sites' weighting ``C`` keeps still: per encoder, batches of prompts (the
+    preserve prompts when weighted, the retain bank) with the positions used, and the strength."""
 
-    hidden: list[torch.Tensor]
-    index: torch.Tensor
+    batches: list[list[KeptBatch]]
     strength: float
+
+
+def _retain_batches(arch: Architecture, captured, spans, padding: int) -> list[list[KeptBatch]]:
+    """The bank, per encoder, in batches of prompts of similar length. A causal encoder's features
+    up to a position do not depend on what follows, so each batch stops after its last position
+    used instead of running the whole context."""
+    positions = [list(al.positions("preserve")) + list(al.positions("preserve_pad"))[:padding] for al in spans]
+    order = sorted(range(len(spans)), key=lambda j: max(positions[j]))
+    out = []
+    for enc, (hidden, *_) in zip(arch.encoders, captured):
+        batches = []
+        for start in range(0, len(order), RETAIN_BATCH):
+            rows = order[start: start + RETAIN_BATCH]
+            length = max(max(positions[j]) for j in rows) + 1 if enc.spec.causal else hidden.shape[1]
+            index = torch.tensor([r * length + pos for r, j in enumerate(rows) for pos in positions[j]])
+            batches.append(KeptBatch(hidden[rows, :length], index))
+        out.append(batches)
+    return out
 
 
 def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in) -> SoftWeighting | None:
     """The user's preserve prompts (UCE, or ``preserve_strength`` > 0) at every position, then the
     retain bank (ErasePro with ``retain_strength`` > 0 and S > 0) up to each prompt's end token."""
-    parts, index, rows = [], [], 0
-    context = arch.context
+    batches = [[] for _ in arch.encoders]
     if preserve_in is not None:
-        parts.append([p[0] for p in preserve_in])
-        rows = preserve_in[0][0].shape[0]
-        index.append(torch.arange(rows * context))
+        for i, (hidden, *_) in enumerate(preserve_in):
+            batches[i].append(KeptBatch(hidden, torch.arange(hidden.shape[0] * hidden.shape[1])))
     retain = request.method == "erasepro" and request.retain_strength > 0 and request.progressive_layers > 0
     if retain:
         prompts = retain_prompts()
         ids = preserve_ids(host, arch, prompts)
-        parts.append([captured[0] for captured in host.first_block_inputs(ids)])
-        spans = preserve_alignments(arch, prompts, ids)
-        index.append(torch.tensor([(rows + j) * context + pos for j, al in enumerate(spans)
-                                   for pos in al.positions("preserve") + al.positions("preserve_pad")[:request.retain_padding]]))
-    if not parts:
+        bank = _retain_batches(arch, host.first_block_inputs(ids), preserve_alignments(arch, prompts, ids),
+                               request.retain_padding)
+        for i, encoder_batches in enumerate(bank):
+            batches[i] += encoder_batches
+    if not any(batches):
         return None
-    hidden = [torch.cat([part[i] for part in parts]) for i in range(len(arch.encoders))]
     strength = request.preserve_strength if preserve_in is not None else request.retain_strength
-    return SoftWeighting(hidden, torch.cat(index), strength)
+    return SoftWeighting(batches, strength)
 
 
 @dataclass
@@ -91,9 +108,9 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
         bias = host.text_weights(bias_keys)
         blocks = host.shallow_blocks(enc, keys, [weights[k] for k in keys], [bias[k] for k in bias_keys],
                                      target_in[i])
+        kept = None if soft is None else kept_features(blocks, soft.batches[i])
         results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns, shallow_settings,
-                                      rule=request.rule, h_preserve=None if soft is None else soft.hidden[i],
-                                      preserve_index=None if soft is None else soft.index, on_site=on_site)
+                                      rule=request.rule, preserve=kept, on_site=on_site)
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")
         for key, bias_key, r in zip(keys, bias_keys, results):

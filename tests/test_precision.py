@@ -120,3 +120,37 @@ def test_fp32_empty_prompt_is_unchanged_and_the_train_residual_is_exact(nodes, f
     print(f"float32: empty prompt {change:.2e}, train residual {edit.summary['train_residual']:.2e}")
     assert change <= 1e-6
     assert edit.summary["train_residual"] <= 1e-5
+
+
+def test_retain_bank_batches_cut_short_give_the_whole_context_features(users_model):
+    """The retain bank runs in batches that stop after their last position used (CLIP is causal):
+    at those positions the shallow sites' inputs equal a whole 77-token run's, on the fp16 CLIP."""
+    import dataclasses
+
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.batches import preserve_alignments, preserve_ids
+    from erasepro_ops.chain import kept_features
+    from erasepro_ops.retain import retain_prompts
+    from erasepro_ops.shallow import _retain_batches
+
+    host = ComfyHost(*users_model)
+    arch = host.architecture()
+    prompts = retain_prompts()[:80]
+    ids = preserve_ids(host, arch, prompts)
+    captured = host.first_block_inputs(ids)
+    spans = preserve_alignments(arch, prompts, ids)
+    short = _retain_batches(arch, captured, spans, 2)[0]
+    assert len(short) == 2 and all(b.hidden.shape[1] < arch.context for b in short)
+    enc = arch.encoders[0]
+    bidirectional = dataclasses.replace(arch, encoders=(dataclasses.replace(enc, spec=dataclasses.replace(enc.spec, causal=False)),))
+    whole = _retain_batches(bidirectional, captured, spans, 2)[0]
+    assert all(b.hidden.shape[1] == arch.context for b in whole)
+    keys = [enc.shallow_key(l) for l in range(3)]
+    bias_keys = [k.replace(".weight", ".bias") for k in keys]
+    weights, biases = host.text_weights(keys), host.text_weights(bias_keys)
+    blocks = host.shallow_blocks(enc, keys, [weights[k] for k in keys], [biases[k] for k in bias_keys], captured[0])
+    for s, w in zip(kept_features(blocks, short), kept_features(blocks, whole)):
+        assert s.shape == w.shape and s.shape[1] == sum(b.index.numel() for b in short)
+        gap = float((s.float() - w.float()).norm() / w.float().norm())
+        print(f"cut short vs whole context: {gap:.1e}")
+        assert gap <= 1e-5  # only the summation order differs

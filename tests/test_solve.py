@@ -288,19 +288,32 @@ def test_preservation_weighting_keeps_exact_alignment_however_strong():
 
 
 @pytest.mark.parametrize("m", [20, 300])
-def test_preserve_weighting_operator_is_c_to_the_minus_half(m):
+def test_preserve_weighting_operator_whitens_c(m):
+    """``left`` is a square root of ``C⁻¹`` (``(L⁻¹X)ᵀ(L⁻¹X) = XᵀC⁻¹X``), ``right`` applies the same
+    operator from the right (``right(A) X = A left(X)``), and ``c_max`` is ``C``'s largest eigenvalue."""
     from erasepro_ops.linalg import PreserveWeighting
 
     g = torch.Generator().manual_seed(18)
     k = torch.randn(120, m, generator=g, dtype=torch.float64)
     c = preservation_weighting(k, 0.7, 25.0)
-    evals, evecs = torch.linalg.eigh(c)
-    reference = (evecs * evals.rsqrt()) @ evecs.T
     op = PreserveWeighting.build(k, 0.7, 25.0)
     x = torch.randn(120, 30, generator=g, dtype=torch.float64)
-    assert rel(op.left(x), reference @ x) <= 1e-10
-    assert rel(op.right(x.T), x.T @ reference) <= 1e-10
-    assert op.c_max == pytest.approx(float(evals[-1]), rel=1e-10)
+    xt = op.left(x)
+    assert rel(xt.T @ xt, x.T @ torch.linalg.solve(c, x)) <= 1e-10
+    a = torch.randn(7, 120, generator=g, dtype=torch.float64)
+    assert rel(op.right(a) @ x, a @ xt) <= 1e-12
+    assert op.c_max == pytest.approx(float(torch.linalg.eigvalsh(c)[-1]), rel=1e-4)  # power iteration: for thresholds
+
+
+def test_weighted_update_is_the_closed_form_whatever_the_square_root():
+    """With ``C = λI + α K Kᵀ / M`` the solve gives ``ΔW = R (XᵀC⁻¹X)⁻¹ XᵀC⁻¹`` (columns independent)."""
+    w, x, v, k = (t.double() for t in sd_like_problem(96, 32, 40, seed=19, m=150))
+    c = preservation_weighting(k, 1.0, 30.0)
+    sol = zero_residual_update(w, x, v, preserve=k, lam=1.0, alpha=30.0)
+    ci_x = torch.linalg.solve(c, x)
+    expected = (v - w @ x) @ torch.linalg.solve(x.T @ ci_x, ci_x.T)
+    assert rel(sol.update.dense(), expected) <= 1e-6
+    assert sol.residual <= 1e-9
 
 
 def test_residuals_and_unaligned_energy_count_only_the_reported_columns():
