@@ -120,6 +120,12 @@ class ComfyHost:
     def text_weights(self, keys) -> dict[str, torch.Tensor]:
         return effective_weights(self.clip.patcher, keys)
 
+    def text_digest(self, encoder, depth: int) -> str:
+        text_model = f"{encoder.name}.transformer.text_model."
+        prefixes = (text_model + "embeddings.",) + tuple(f"{text_model}encoder.layers.{l}." for l in range(depth))
+        keys = [k for k in self.clip.patcher.get_key_patches() if k.startswith(prefixes)]
+        return fingerprint_of([(self.clip.patcher, keys)])
+
     def model_weights(self, keys) -> dict[str, torch.Tensor]:
         return effective_weights(self.model, keys)
 

@@ -7,6 +7,7 @@ must agree on which positions hold what (:func:`align_prompts`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from .chain import Columns
 from .templates import ConceptPair, expand
 from .alignment import align_chunks, preserve_alignment
-from .contexts import context_pairs
+from .contexts import context_pairs, fitted_padding
 from .errors import EraseProError
 from .family import Architecture
 from .host import Host
@@ -112,20 +113,23 @@ class Batches:
     columns: Columns
     exact_preserve: bool  # ErasePro: the kept prompts are constraints (V* = W_o K), ranked last
     soft_preserve: bool  # they weight the solve softly (UCE, or preserve_strength > 0)
+    notes: list = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
 
     @property
     def n_target(self) -> int:
         return len(self.alignments)
 
     def conflicts(self) -> list[str]:
+        """Warnings about the prompts: adjusted settings, preserve prompts holding an erased concept."""
         if self.preserve_tokens is None:
-            return []
-        return preserve_conflicts(self.pairs, self.alignments, self.target_ids, self.kept_prompts,
+            return list(self.notes)
+        return list(self.notes) + preserve_conflicts(self.pairs, self.alignments, self.target_ids, self.kept_prompts,
                                   self.preserve_tokens)
 
 
 def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
     pairs = prompt_pairs(request.concepts)
+    templates = len(pairs)  # the concepts' templates come first, their context sentences after
     every_position = request.every_position
     padding, suffix = [request.template_padding if every_position else None] * len(pairs), [True] * len(pairs)
     if every_position and request.context_templates:
@@ -136,8 +140,19 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
     kept = request.preserve_prompts()
     preserve_tokens = preserve_ids(host, arch, kept) if kept else None
     exact = request.method == "erasepro" and preserve_tokens is not None
-    columns = Columns.from_alignments(
-        alignments, arch.context, last_token_only=request.features == "last_token", padding=padding,
-        suffix=suffix, preserve=preserve_alignments(arch, kept, preserve_tokens) if exact else ())
+    preserve = preserve_alignments(arch, kept, preserve_tokens) if exact else ()
+
+    def columns_with(padding):
+        return Columns.from_alignments(alignments, arch.context, last_token_only=request.features == "last_token",
+                                       padding=padding, suffix=suffix, preserve=preserve)
+
+    columns, notes = columns_with(padding), []
+    if every_position and request.template_padding > 0 and columns.n_erasure > arch.context_width:
+        bare = columns_with([0] * templates + padding[templates:]).n_erasure
+        fitted = fitted_padding(request.template_padding, bare, templates, arch.context_width)
+        if fitted < request.template_padding:
+            columns = columns_with([fitted] * templates + padding[templates:])
+            notes.append(f"template_padding {request.template_padding} lowered to {fitted}: {len(request.concepts)} "
+                         f"concept(s) with that padding would overflow the UNet's {arch.context_width}-direction rank budget")
     soft = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
-    return Batches(pairs, alignments, target_ids, anchor_ids, kept, preserve_tokens, columns, exact, soft)
+    return Batches(pairs, alignments, target_ids, anchor_ids, kept, preserve_tokens, columns, exact, soft, notes)

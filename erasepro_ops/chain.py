@@ -48,7 +48,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 
 from .alignment import ROLE_PRIORITY, PromptAlignment
-from .linalg import DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL
+from .linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL,
+                     PreserveWeighting, check_finite)
 from .solve import ConstraintSystem, SharedUpdate, SiteSolution, UCESystem
 
 SHALLOW_RULES = ("anchor_features", "residual_schedule")
@@ -179,20 +180,33 @@ class SolverSettings:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
-    def system(self, x: torch.Tensor, groups: torch.Tensor, preserve: torch.Tensor | None,
+    def weighting(self, preserve: torch.Tensor) -> PreserveWeighting | None:
+        """ErasePro's ``C^{-1/2}`` for preserve features ``K`` (in × M): ``C = λI + α K Kᵀ / M`` with
+        ``α = preserve_strength / (mean squared entry of K)`` (scale-free), or the fixed ``alpha``;
+        None when that is 0."""
+        alpha = self.alpha
+        if self.preserve_strength > 0:
+            mean_sq = float((preserve.to(torch.float64) ** 2).mean())
+            alpha = self.preserve_strength / max(mean_sq, 1e-12)
+        if not alpha > 0:
+            return None
+        check_finite("preserve features", preserve)
+        device = preserve.device if self.device is None else torch.device(self.device)
+        return PreserveWeighting.build(preserve.to(device), self.lam, alpha)
+
+    def system(self, x: torch.Tensor, groups: torch.Tensor, preserve: torch.Tensor | PreserveWeighting | None,
                report_columns: int | None = None):
-        """The shared factorisation of one site's (or one group of sites') constrained features."""
+        """The shared factorisation of one site's (or one group of sites') constrained features;
+        ``preserve``: the preserve features, or ErasePro's weighting built from them already."""
         if self.method == "uce":
             return UCESystem.build(
                 x, preserve, lam=self.uce_lam, erase_scale=self.erase_scale,
                 preserve_scale=self.preserve_scale, device=self.device,
             )
-        alpha = self.alpha
-        if preserve is not None and self.preserve_strength > 0:
-            mean_sq = float((preserve.to(torch.float64) ** 2).mean())
-            alpha = self.preserve_strength / max(mean_sq, 1e-12)
+        if isinstance(preserve, torch.Tensor):
+            preserve = self.weighting(preserve)
         return ConstraintSystem.build(
-            x, groups, preserve=preserve, lam=self.lam, alpha=alpha, rtol=self.rtol,
+            x, groups, preserve=preserve, lam=self.lam, rtol=self.rtol,
             overflow_damping=self.overflow_damping, budget=self.budget, unbudgeted=PRESERVE_GROUPS,
             overflow_weight=self.overflow_preserve_weight,
             report_columns=report_columns,
@@ -254,14 +268,14 @@ def progressive_shallow(
     settings: SolverSettings,
     *,
     rule: str = "anchor_features",
-    preserve: Sequence[torch.Tensor] | None = None,
+    preserve: Sequence[torch.Tensor | PreserveWeighting | None] | None = None,
     on_site: Callable[[str], None] | None = None,
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
     ``h_target``/``h_anchor`` (P × T × D) are the hidden states entering ``blocks[0]``;
-    ``preserve`` (optional, from :func:`kept_features`) per block the ``fc2`` inputs the ``C``
-    weighting keeps still (preserve prompts, the retain bank).
+    ``preserve`` (optional) per block the ``fc2`` inputs the ``C`` weighting keeps still (preserve
+    prompts, the retain bank: :func:`kept_features`) or the weighting built from them.
     """
     if rule not in SHALLOW_RULES:
         raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")

@@ -40,6 +40,20 @@ position (:data:`ALL_PADDING`) erases the template prompts themselves to the las
 near-identical padding columns fill the rank budget and move every prompt's padding with them
 (README.md, *Which positions are aligned*, has the figures)."""
 
+PADDING_BUDGET_SHARE = 0.5
+"""When the erasure's columns would overflow the deep sites' width (the rank budget: ten concepts
+on SD1.5), the template padding shrinks until they take at most this share of it, to 0 at the
+least. The concept and end tokens then stay exact and leave the deep sites room, instead of the
+padding filling the budget and being fitted by damped least squares (:func:`fitted_padding`)."""
+
+
+def fitted_padding(requested: int, columns_without_padding: int, templates: int, budget: int) -> int:
+    """For an erasure that overflows ``budget``: the largest padding ``≤ requested`` whose columns
+    (``columns_without_padding + padding · templates``) take at most ``PADDING_BUDGET_SHARE ·
+    budget``, 0 at the least."""
+    room = int(PADDING_BUDGET_SHARE * budget) - columns_without_padding
+    return max(0, min(requested, room // max(templates, 1)))
+
 
 @lru_cache(maxsize=1)
 def _bank() -> dict[str, tuple[str, ...]]:

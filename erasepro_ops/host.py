@@ -47,6 +47,11 @@ class Host(Protocol):
         """The text encoders' effective weights (patches such as a LoRA included), float32."""
         ...
 
+    def text_digest(self, encoder: TextEncoder, depth: int) -> str:
+        """A hash of what the encoder's first ``depth`` blocks compute: its embeddings' and those
+        blocks' effective weights (patches included), so a LoRA on them changes it."""
+        ...
+
     def model_weights(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """The diffusion model's effective weights, float32."""
         ...

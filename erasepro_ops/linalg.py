@@ -140,3 +140,6 @@ class PreserveWeighting:
     def right(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ L⁻¹``."""
         return torch.linalg.solve_triangular(self.chol, x, upper=False, left=False)
+
+    def to(self, device=None, dtype=None) -> "PreserveWeighting":
+        return PreserveWeighting(self.chol.to(device=device, dtype=dtype), self.c_max)

@@ -34,10 +34,36 @@ RETAIN_BATCH = 64  # bank prompts per batch through the shallow blocks, sorted b
 @dataclass(frozen=True)
 class SoftWeighting:
     """What the shallow sites' weighting ``C`` keeps still: per encoder, batches of prompts (the
-    preserve prompts when weighted, the retain bank) with the positions used, and the strength."""
+    preserve prompts when weighted, the retain bank) with the positions used, and the strength.
+    ``key`` (the retain bank alone) names them for :class:`WeightingCache`."""
 
     batches: list[list[KeptBatch]]
     strength: float
+    key: tuple | None = None
+
+
+class WeightingCache:
+    """The retain bank's weightings ``C^{-1/2}``, per text encoder, of the last few models solved on.
+
+    They depend on the model's text encoder and the bank, not on the concepts, so a second solve on
+    the same model skips them. Keyed by the host's digest of the encoder's embeddings and first
+    ``S`` blocks (a LoRA changes it). Stored in float32 on the CPU, and the solve always uses the
+    stored copy, so a first and a second solve give the same edit."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries = size, {}
+
+    def get(self, key, build) -> list:
+        if key not in self.entries:
+            stored = [None if w is None else w.to("cpu", torch.float32) for w in build()]
+            self.entries[key] = stored
+            while len(self.entries) > self.size:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = self.entries.pop(key)  # most recent last
+        return self.entries[key]
+
+
+RETAIN_WEIGHTINGS = WeightingCache()
 
 
 def _retain_batches(arch: Architecture, captured, spans, padding: int) -> list[list[KeptBatch]]:
@@ -76,7 +102,22 @@ def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in
     if not any(batches):
         return None
     strength = request.preserve_strength if preserve_in is not None else request.retain_strength
-    return SoftWeighting(batches, strength)
+    key = None if preserve_in is not None else ("retain", retain_prompts(), request.retain_padding, strength)
+    return SoftWeighting(batches, strength, key)
+
+
+def _weightings(host: Host, enc, blocks, soft: SoftWeighting | None, i: int, settings: SolverSettings):
+    """Each shallow site's weighting for encoder ``i``: the retain bank's from the cache, else built
+    from the kept prompts' features."""
+    if soft is None:
+        return None
+
+    def build():
+        return [settings.weighting(k) for k in kept_features(blocks, soft.batches[i])]
+    if soft.key is None:
+        return build()
+    key = (soft.key, host.text_digest(enc, len(blocks)), settings.lam, settings.alpha)
+    return RETAIN_WEIGHTINGS.get(key, build)
 
 
 @dataclass
@@ -108,9 +149,9 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
         bias = host.text_weights(bias_keys)
         blocks = host.shallow_blocks(enc, keys, [weights[k] for k in keys], [bias[k] for k in bias_keys],
                                      target_in[i])
-        kept = None if soft is None else kept_features(blocks, soft.batches[i])
         results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns, shallow_settings,
-                                      rule=request.rule, preserve=kept, on_site=on_site)
+                                      rule=request.rule, preserve=_weightings(host, enc, blocks, soft, i, shallow_settings),
+                                      on_site=on_site)
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")
         for key, bias_key, r in zip(keys, bias_keys, results):

@@ -244,9 +244,14 @@ def _group_ids(groups: Sequence[int] | torch.Tensor | None, n: int) -> torch.Ten
     return group_ids
 
 
-def _weighting(preserve: torch.Tensor | None, width: int, lam: float, alpha: float,
+def _weighting(preserve: torch.Tensor | PreserveWeighting | None, width: int, lam: float, alpha: float,
                device: torch.device) -> PreserveWeighting | None:
-    """``C^{-1/2}`` for ``C = λI + α K Kᵀ / M``, or None for ``C = I`` (no preserve features or α = 0)."""
+    """``C^{-1/2}`` for ``C = λI + α K Kᵀ / M``, or None for ``C = I`` (no preserve features or α = 0);
+    ``preserve`` may be that operator already."""
+    if isinstance(preserve, PreserveWeighting):
+        if preserve.chol.shape[0] != width:
+            raise ValueError(f"the weighting has width {preserve.chol.shape[0]}, the site has {width}")
+        return preserve.to(device, torch.float64)
     if preserve is None or not alpha > 0:
         return None
     if preserve.shape[0] != width:
@@ -326,7 +331,8 @@ class ConstraintSystem:
         """Factorise the constrained features.
 
         ``groups[j]`` is column ``j``'s priority (lower first); ``None`` puts all in one group.
-        ``preserve`` (in × M) with ``alpha > 0`` selects ``C = λI + α K Kᵀ / M``; otherwise ``C = I``.
+        ``preserve`` (in × M) with ``alpha > 0`` selects ``C = λI + α K Kᵀ / M``; otherwise ``C = I``;
+        a :class:`~erasepro_ops.linalg.PreserveWeighting` built already is used as it is.
         ``overflow_damping`` is ρ of the overflow rule (0: plain least squares on the overflow);
         ``budget`` the rank budget it checks (default: the width; the chain gives shallow sites the
         deep sites' width, so the whole erasure overflows at once); groups in ``unbudgeted`` (the

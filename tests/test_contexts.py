@@ -7,6 +7,7 @@ import pytest
 
 from erasepro_ops.templates import TEMPLATES, ConceptPair, expand
 from erasepro_ops.contexts import MAX_CONTEXT_TEMPLATES, context_pairs, context_templates
+from erasepro_ops.alignment import ROLE_PRIORITY
 from erasepro_ops.retain import retain_prompts
 
 HELD_OUT = json.loads((Path(__file__).parents[1] / "benchmarks" / "held_out.json").read_text())
@@ -29,3 +30,34 @@ def test_custom_pairs_get_none_and_a_pairs_own_templates_are_not_repeated():
     assert len(extra) == 2 and not set(extra) & set(expand(pair))
     with pytest.raises(ValueError, match="between 0 and"):
         context_templates("object", MAX_CONTEXT_TEMPLATES + 1)
+
+
+def test_padding_shrinks_only_when_the_erasure_overflows_the_rank_budget():
+    from erasepro_ops.contexts import PADDING_BUDGET_SHARE, fitted_padding
+    budget, templates = 768, 80
+    assert fitted_padding(8, 560, templates, budget) == 0  # ten concepts: no padding fits half the budget
+    p = fitted_padding(8, 200, templates, budget)
+    assert 200 + p * templates <= PADDING_BUDGET_SHARE * budget < 200 + (p + 1) * templates
+    assert fitted_padding(3, 0, 8, budget) == 3  # never above what was asked
+
+
+def test_ten_concepts_drop_their_template_padding_and_say_so(host):
+    """On SD1.5 (768 directions) ten concepts with 8 padding positions per template would overflow;
+    one concept keeps its padding."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.batches import build_batches
+    from erasepro_ops.request import Request
+
+    model, clip = host.build("sd15", "tiny", seed=0)
+    h = ComfyHost(model, clip)
+    arch = h.architecture()
+    names = ["van gogh", "monet", "picasso", "dali", "rembrandt", "bicycle", "teapot", "violin", "castle", "pizza"]
+    concepts = tuple(ConceptPair(n, "a painting" if i < 5 else "an object", "style" if i < 5 else "object")
+                     for i, n in enumerate(names))
+    many = build_batches(h, arch, Request(concepts, template_padding=8))
+    assert many.columns.n_erasure <= arch.context_width  # fits now
+    assert not any(g == ROLE_PRIORITY["pad"] for g in many.columns.groups.tolist())
+    assert any("template_padding 8 lowered to 0" in w for w in many.conflicts())
+    one = build_batches(h, arch, Request(concepts[:1], template_padding=8))
+    assert sum(g == ROLE_PRIORITY["pad"] for g in one.columns.groups.tolist()) == 8 * one.n_target
+    assert not one.conflicts()

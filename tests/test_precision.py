@@ -154,3 +154,27 @@ def test_retain_bank_batches_cut_short_give_the_whole_context_features(users_mod
         gap = float((s.float() - w.float()).norm() / w.float().norm())
         print(f"cut short vs whole context: {gap:.1e}")
         assert gap <= 1e-5  # only the summation order differs
+
+
+def test_a_second_solve_reuses_the_retain_weightings_and_gives_the_same_edit(nodes, users_model):
+    """The retain bank's weightings are kept per text encoder: queued again, the solve skips them
+    and gives the identical edit; a patch on one of the first S blocks (a LoRA) is another model."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.shallow import RETAIN_WEIGHTINGS
+
+    model, clip = users_model
+    RETAIN_WEIGHTINGS.entries.clear()
+    first = solve(nodes, model, clip, CASES[1])
+    assert len(RETAIN_WEIGHTINGS.entries) == 1
+    again = solve(nodes, model, clip, CASES[1])
+    assert len(RETAIN_WEIGHTINGS.entries) == 1
+    assert edit_distance(first, again) == 0.0
+
+    host = ComfyHost(model, clip)
+    enc = host.architecture().encoders[0]
+    patched = clip.clone()
+    key = "clip_l.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight"
+    weight = host.text_weights([key])[key]
+    patched.add_patches({key: (1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)),)}, 1.0)
+    assert ComfyHost(model, patched).text_digest(enc, 3) != host.text_digest(enc, 3)
+    assert ComfyHost(model, patched).text_digest(enc, 1) == host.text_digest(enc, 1)  # block 1 is not in the first one
