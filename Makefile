@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 PORT  ?= 8188
 
-.PHONY: help setup old-comfyui checkpoint test demo serve bench clean distclean
+.PHONY: help setup old-comfyui checkpoint test demo serve bench bench-gpu clean distclean
 
 help:
 	@echo "make setup       venv + ComfyUI host + pack link (idempotent)"
@@ -13,6 +13,7 @@ help:
 	@echo "make demo        setup, then scripts/run_demo.py"
 	@echo "make serve       ComfyUI with this pack on http://127.0.0.1:$(PORT) (PORT=...)"
 	@echo "make bench       setup, then python -m benchmarks.run"
+	@echo "make bench-gpu   setup, then the GPU benchmark: SD1.5 + SDXL, 1/10/100 concepts, UCE beside S = 3"
 	@echo "make checkpoint  random-weight tiny SD1.5 checkpoint into <comfyui>/models/checkpoints"
 	@echo "make clean       remove test-artifacts/, output/, caches (keeps .venv and .comfyui)"
 	@echo "make distclean   clean + remove .venv/, .comfyui/, .comfyui-old/, .cache/"
@@ -39,6 +40,14 @@ serve: setup checkpoint
 
 bench: setup
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Full-size SD1.5 and SDXL saved as float16 checkpoints and loaded with ComfyUI's loader, as users
+# run them; the solve on the GPU. The table goes to output/bench-gpu/table.txt, the JSON beside it.
+GPU_BENCH_ARGS ?= --models sd15,sdxl --concepts 1,10,100 --configs "UCE,ErasePro S=3 residual" --runs 1 --dtypes fp16
+bench-gpu: setup
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu: no CUDA GPU is visible to torch')"
+	@mkdir -p output/bench-gpu
+	set -o pipefail; PYTHONUNBUFFERED=1 $(PY) -m benchmarks.run $(GPU_BENCH_ARGS) --out output/bench-gpu | tee output/bench-gpu/table.txt
 
 clean:
 	rm -rf test-artifacts output .pytest_cache

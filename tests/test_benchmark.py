@@ -16,6 +16,7 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert by["ErasePro S=0"]["own_columns_residual"] <= 1e-5
     assert by["UCE"]["train_residual"] > by["ErasePro S=0"]["train_residual"]
     assert (tmp_path / "sd15_fp16_sites.png").stat().st_size > 0
+    assert all(r["again_seconds"] > 0 and r["peak_extra_mib"] >= 0 for r in rows)
 
 
 def test_benchmark_sweep_writes_the_trade_off_chart(tmp_path):
@@ -38,3 +39,15 @@ def test_benchmark_command_starts_from_a_shell():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--sweep" in done.stdout
+
+
+def test_the_gpu_benchmark_asks_for_what_the_benchmark_has():
+    """``make bench-gpu`` runs unattended on a lent GPU: its arguments must parse and name real configurations."""
+    import shlex
+    from pathlib import Path
+    makefile = (Path(run.__file__).resolve().parents[1] / "Makefile").read_text()
+    line = next(line for line in makefile.splitlines() if line.startswith("GPU_BENCH_ARGS"))
+    args = shlex.split(line.split("?=", 1)[1])
+    assert set(args[args.index("--configs") + 1].split(",")) <= {label for label, _ in run.CONFIGS}
+    assert set(args[args.index("--models") + 1].split(",")) == {"sd15", "sdxl"}
+    assert args[args.index("--dtypes") + 1] == "fp16"
