@@ -182,7 +182,8 @@ def _request(args, pairs, preserve) -> Request:
                    overflow_damping=float(args.overflow_damping),
                    overflow_preserve_weight=float(args.overflow_preserve_weight),
                    keep_empty_prompt=not args.no_keep_empty, retain_strength=float(args.retain_strength),
-                   template_padding=int(args.template_padding), context_templates=int(args.context_sentences))
+                   template_padding=int(args.template_padding), context_templates=int(args.context_sentences),
+                   fit_padding=not args.keep_padding)
 
 
 def _bake(comfy, apply, args, ckpt: Path, edit, model, clip, vae, say) -> None:
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padding positions after each template's end token aligned exactly (erasepro; default "
                         f"{DEFAULT_TEMPLATE_PADDING}; {ALL_PADDING} = all: the templates erased to the last digit, other "
                         "prompts served worse)")
+    e.add_argument("--keep-padding", action="store_true",
+                   help="keep --template-padding even when the concepts' columns would overflow the rank budget "
+                        "(by default it is lowered until they take at most half of it; the summary says so)")
     e.add_argument("--context-sentences", type=int, default=DEFAULT_CONTEXT_TEMPLATES, metavar="N",
                    help="varied sentences per concept from the built-in bank, aligned at the concept and end tokens "
                         f"(erasepro; default {DEFAULT_CONTEXT_TEMPLATES}, at most {MAX_CONTEXT_TEMPLATES}; 0 = only the templates)")

@@ -100,6 +100,14 @@ def cat_inputs(a, b):
     return torch.cat([h_a, h_b]), mask, attention
 
 
+def select_inputs(a, index: torch.Tensor):
+    """Rows ``index`` of a captured first-block input ``(hidden, mask, attention)``."""
+    hidden, mask, attention = a
+    if mask is not None and mask.dim() > 2 and mask.shape[0] > 1:
+        mask = mask[index.to(mask.device)]
+    return hidden[index.to(hidden.device)], mask, attention
+
+
 @dataclass(frozen=True)
 class Batches:
     """A solve's prompts: the erasure's pairs (templates, then context sentences) and the kept prompts."""
@@ -147,7 +155,8 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
                                        padding=padding, suffix=suffix, preserve=preserve)
 
     columns, notes = columns_with(padding), []
-    if every_position and request.template_padding > 0 and columns.n_erasure > arch.context_width:
+    overflows = columns.n_erasure > arch.context_width
+    if every_position and request.fit_padding and request.template_padding > 0 and overflows:
         bare = columns_with([0] * templates + padding[templates:]).n_erasure
         fitted = fitted_padding(request.template_padding, bare, templates, arch.context_width)
         if fitted < request.template_padding:

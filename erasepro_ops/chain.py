@@ -41,6 +41,7 @@ edited at all.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
@@ -50,7 +51,7 @@ import torch
 from .alignment import ROLE_PRIORITY, PromptAlignment
 from .linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL,
                      PreserveWeighting, check_finite)
-from .solve import ConstraintSystem, SharedUpdate, SiteSolution, UCESystem
+from .solve import ConstraintSystem, LowRankUpdate, SharedUpdate, SiteSolution, UCESystem
 
 SHALLOW_RULES = ("anchor_features", "residual_schedule")
 PRESERVE_GROUPS = (ROLE_PRIORITY["preserve"], ROLE_PRIORITY["preserve_pad"])  # outside the erasure's rank budget
@@ -225,10 +226,22 @@ class SiteResult:
     unaligned_energy: float = 0.0  # share of the features' energy outside the exactly-fitted span
     damped: bool = False  # the rank budget overflowed: later groups were fitted by damped least squares
     exact_groups: tuple[int, ...] | None = None  # groups fitted exactly (None: all of them, or not tracked)
+    stored_norm: float | None = None  # ‖ΔW‖_F measured before the update was stored (:meth:`stored`)
 
     @functools.cached_property
     def update_norm(self) -> float:
-        return self.solution.update.norm()
+        return self.stored_norm if self.stored_norm is not None else self.solution.update.norm()
+
+    def stored(self, downs: dict) -> "SiteResult":
+        """This result with its update as the edit keeps it, float32 factors on the CPU (``‖ΔW‖``
+        measured first, in float64). Sites that share one ``down`` share its copy in ``downs``. A
+        deep stage of rank ~in on SDXL's 140 sites would otherwise hold gigabytes in float64."""
+        update = self.solution.update
+        if id(update.down) not in downs:
+            downs[id(update.down)] = update.down.to("cpu", torch.float32)
+        kept = LowRankUpdate(update.up.to("cpu", torch.float32), downs[id(update.down)])
+        return dataclasses.replace(self, solution=dataclasses.replace(self.solution, update=kept),
+                                   stored_norm=self.update_norm)
 
     @property
     def relative_change(self) -> float:
@@ -326,8 +339,10 @@ def solve_deep(
     preserve: torch.Tensor | None = None,
     report_columns: int | None = None,
     on_site: Callable[[str], None] | None = None,
+    store: bool = False,
 ) -> list[SiteResult]:
     """Solve every deep site that reads the same features ``X`` (D × N), ``V*_s = W_s Y``.
+    ``store``: keep each site's update as the edit does (:meth:`SiteResult.stored`) as it is solved.
 
     One factorisation of ``X`` and one shared map serve all sites (decompose once, not once per
     site); each site then costs one ``out × in × rank`` product. Residuals and the
@@ -346,12 +361,14 @@ def solve_deep(
     unaligned = getattr(system, "unaligned_energy", 0.0)
     damped = getattr(system, "damped_from", None) is not None
     exact_groups = getattr(system, "exact_groups", None)
-    results = []
+    results, downs = [], {}
     for name, w in weights.items():
         solution = shared.solve(w)
         weight_norm = float(w.to(torch.float64).norm())
         results.append(SiteResult(name, "deep", solution, weight_norm, int(x.shape[1]), solution.update.rank,
                                   unaligned, damped, exact_groups))
+        if store:
+            results[-1] = results[-1].stored(downs)
         if on_site is not None:
             on_site(name)
     return results

@@ -15,16 +15,17 @@ from .host import Host
 
 def solve_with_fallback(host: Host, weights, x, y, groups, settings: SolverSettings, preserve, on_site,
                         report_columns=None):
-    """Solve on the compute device; on out-of-memory there, warn and solve on the CPU."""
+    """Solve on the compute device; on out-of-memory there, warn and solve on the CPU. Each site's
+    update is kept as the edit keeps it (float32 on the CPU) as soon as it is solved."""
     try:
         return solve_deep(weights, x, y, groups, settings, preserve=preserve, report_columns=report_columns,
-                          on_site=on_site)
+                          on_site=on_site, store=True)
     except torch.OutOfMemoryError:
         log.warning("ErasePro: out of GPU memory during the solve; falling back to the CPU")
         host.free_device_memory()
         cpu = dataclasses.replace(settings, device="cpu")
         return solve_deep(weights, x, y, groups, cpu, preserve=preserve, report_columns=report_columns,
-                          on_site=on_site)
+                          on_site=on_site, store=True)
 
 
 def solve_pooled(host: Host, arch: Architecture, px, py, n_target: int, settings: SolverSettings, on_site):

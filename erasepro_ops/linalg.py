@@ -128,9 +128,9 @@ class PreserveWeighting:
         if not lam > 0:
             raise ValueError("the preservation weighting C must be positive definite (λ > 0)")
         kk = k if k.dtype == torch.float64 else k.to(torch.float32)
-        c = (kk @ kk.T).to(torch.float64) * (alpha / max(k.shape[1], 1))
+        c = (kk @ kk.T).to(torch.float64).mul_(alpha / max(k.shape[1], 1))
         c.diagonal().add_(lam)
-        chol = torch.linalg.cholesky(c)
+        chol = torch.linalg.cholesky(c, out=c)
         return cls(chol, spectral_norm_estimate(chol) ** 2)
 
     def left(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,14 @@ from typing import Callable
 
 import torch
 
-from .batches import Batches, build_batches, cat_inputs
+from .batches import Batches, build_batches, cat_inputs, select_inputs
 from .chain import SolverSettings, inputs_with_partners
 from .deep import solve_pooled, solve_with_fallback
 from .edit import ErasureEdit
 from .family import Architecture
 from .figures import summarise
 from .fingerprint import fingerprint
-from .host import Host
+from .host import Encoded, Host
 from .request import Request
 from .shallow import site_edits, soft_weighting, solve_shallow
 
@@ -35,12 +35,27 @@ def _kept_features(k, k_edited, n_user: int, empty: bool = False):
     return _flat(k[rows]).T, _flat(k_edited[rows]).T
 
 
+def encode_once(host: Host, chunks, capture: bool = False) -> Encoded:
+    """``host.encode`` with each prompt that repeats in the batch (every concept of a type has the
+    same anchor prompts) encoded once and its features copied to every row that holds it."""
+    rows = list(zip(*[[tuple(c) for c in per_encoder] for per_encoder in chunks]))
+    unique = list(dict.fromkeys(rows))
+    if len(unique) == len(rows):
+        return host.encode(chunks, capture=capture)
+    where = {row: i for i, row in enumerate(unique)}
+    index = torch.tensor([where[row] for row in rows])
+    cond, pooled, captured = host.encode([[list(row[i]) for row in unique] for i in range(len(chunks))],
+                                         capture=capture)
+    return Encoded(cond[index.to(cond.device)], None if pooled is None else pooled[index.to(pooled.device)],
+                   [select_inputs(c, index) for c in captured])
+
+
 class _Originals:
     """The unedited text encoders' outputs: anchors, targets, kept prompts (with first-block inputs)."""
 
     def __init__(self, host: Host, b: Batches):
-        self.y, self.y_pooled, self.anchor_in = host.encode(b.anchor_ids, capture=True)
-        self.x0, self.x0_pooled, self.target_in = host.encode(b.target_ids, capture=True)
+        self.y, self.y_pooled, self.anchor_in = encode_once(host, b.anchor_ids, capture=True)
+        self.x0, self.x0_pooled, self.target_in = encode_once(host, b.target_ids, capture=True)
         self.k = self.k_pooled = self.preserve_in = None
         if b.preserve_tokens is not None:
             self.k, self.k_pooled, self.preserve_in = host.encode(b.preserve_tokens, capture=True)

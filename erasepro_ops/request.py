@@ -36,6 +36,7 @@ class Request:
     context_padding: int = DEFAULT_CONTEXT_PADDING  # their padding positions constrained after the end token
     context_suffix: bool = DEFAULT_CONTEXT_SUFFIX  # their words after the concept constrained too
     template_padding: int = DEFAULT_TEMPLATE_PADDING  # erasepro: padding positions constrained per template
+    fit_padding: bool = True  # erasepro: lower template_padding when it would overflow the rank budget
 
     def check(self) -> None:
         if not self.concepts:
@@ -72,19 +73,20 @@ class Request:
             "retain_strength": self.retain_strength, "retain_padding": self.retain_padding,
             "context_templates": self.context_templates, "context_padding": self.context_padding,
             "context_suffix": self.context_suffix, "template_padding": self.template_padding,
-            "gap_floor": self.gap_floor, "family": family, "version": __version__,
+            "gap_floor": self.gap_floor, "fit_padding": self.fit_padding, "family": family, "version": __version__,
         }
         return record
 
     @classmethod
     def from_settings(cls, record: dict) -> Request:
         """The request an edit's settings record describes. A setting the record lacks (files from
-        older versions) takes its default, which is what those versions used."""
+        older versions) takes its default, which is what those versions used (``fit_padding``: off)."""
         concepts = tuple(ConceptPair(target=c["target"], anchor=c.get("anchor", ""),
                                      concept_type=c.get("concept_type", "object"), prompts=tuple(c.get("prompts", ())))
                          for c in record.get("concepts", ()))
         fields = {f.name for f in dataclasses.fields(cls)} - {"concepts"}
         given = {k: record[k] for k in fields if k in record}
+        given.setdefault("fit_padding", False)  # added later than the others; before, the padding was never lowered
         if "preserve" in given:
             given["preserve"] = tuple(given["preserve"])
         return cls(concepts, **given)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,79 +33,90 @@ def site_edits(results, part: str, stage: str) -> list[SiteEdit]:
 RETAIN_BATCH = 64  # bank prompts per batch through the shallow blocks, sorted by length
 
 
-@dataclass(frozen=True)
+@dataclass
 class SoftWeighting:
     """What the shallow sites' weighting ``C`` keeps still: per encoder, batches of prompts (the
     preserve prompts when weighted, the retain bank) with the positions used, and the strength.
-    ``key`` (the retain bank alone) names them for :class:`WeightingCache`."""
+    ``key`` (the retain bank alone) names them for :class:`WeightingCache`; the batches are only
+    prepared when the cache does not hold their weightings."""
 
-    batches: list[list[KeptBatch]]
+    prepare: Callable[[], list[list[KeptBatch]]]
     strength: float
     key: tuple | None = None
 
+    @functools.cached_property
+    def batches(self) -> list[list[KeptBatch]]:
+        return self.prepare()
+
 
 class WeightingCache:
-    """The retain bank's weightings ``C^{-1/2}``, per text encoder, of the last few models solved on.
+    """The retain bank's weightings ``C^{-1/2}``, per text encoder, of the last models solved on.
 
     They depend on the model's text encoder and the bank, not on the concepts, so a second solve on
     the same model skips them. Keyed by the host's digest of the encoder's embeddings and first
-    ``S`` blocks (a LoRA changes it). Stored in float32 on the CPU, and the solve always uses the
-    stored copy, so a first and a second solve give the same edit."""
+    ``S`` blocks (a LoRA changes it). Stored in float32 on the CPU (SD1.5: 113 MiB; SDXL's CLIP-G at
+    S = 3: 840 MiB), the oldest dropped beyond ``max_bytes`` (the latest is always kept). The solve
+    always uses the stored copy, so a first and a second solve give the same edit."""
 
-    def __init__(self, size: int = 4):
-        self.size, self.entries = size, {}
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes, self.entries = max_bytes, {}
+
+    @staticmethod
+    def _bytes(weightings) -> int:
+        return sum(w.chol.numel() * w.chol.element_size() for w in weightings if w is not None)
 
     def get(self, key, build) -> list:
         if key not in self.entries:
-            stored = [None if w is None else w.to("cpu", torch.float32) for w in build()]
-            self.entries[key] = stored
-            while len(self.entries) > self.size:
-                self.entries.pop(next(iter(self.entries)))
+            self.entries[key] = [None if w is None else w.to("cpu", torch.float32) for w in build()]
         self.entries[key] = self.entries.pop(key)  # most recent last
+        while len(self.entries) > 1 and sum(self._bytes(v) for v in self.entries.values()) > self.max_bytes:
+            self.entries.pop(next(iter(self.entries)))
         return self.entries[key]
 
 
 RETAIN_WEIGHTINGS = WeightingCache()
 
 
-def _retain_batches(arch: Architecture, captured, spans, padding: int) -> list[list[KeptBatch]]:
-    """The bank, per encoder, in batches of prompts of similar length. A causal encoder's features
-    up to a position do not depend on what follows, so each batch stops after its last position
-    used instead of running the whole context."""
+def _retain_batches(arch: Architecture, first_inputs, spans, padding: int) -> list[list[KeptBatch]]:
+    """The bank, per encoder, in batches of prompts of similar length (``first_inputs(rows)``: the
+    encoders' captured first-block inputs for those prompts). A causal encoder's features up to a
+    position do not depend on what follows, so each batch stops after its last position used
+    instead of running the whole context."""
     positions = [list(al.positions("preserve")) + list(al.positions("preserve_pad"))[:padding] for al in spans]
     order = sorted(range(len(spans)), key=lambda j: max(positions[j]))
-    out = []
-    for enc, (hidden, *_) in zip(arch.encoders, captured):
-        batches = []
-        for start in range(0, len(order), RETAIN_BATCH):
-            rows = order[start: start + RETAIN_BATCH]
+    out = [[] for _ in arch.encoders]
+    for start in range(0, len(order), RETAIN_BATCH):
+        rows = order[start: start + RETAIN_BATCH]
+        for i, (enc, (hidden, *_)) in enumerate(zip(arch.encoders, first_inputs(rows))):
             length = max(max(positions[j]) for j in rows) + 1 if enc.spec.causal else hidden.shape[1]
             index = torch.tensor([r * length + pos for r, j in enumerate(rows) for pos in positions[j]])
-            batches.append(KeptBatch(hidden[rows, :length], index))
-        out.append(batches)
+            out[i].append(KeptBatch(hidden[:, :length].contiguous(), index))
     return out
 
 
 def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in) -> SoftWeighting | None:
     """The user's preserve prompts (UCE, or ``preserve_strength`` > 0) at every position, then the
     retain bank (ErasePro with ``retain_strength`` > 0 and S > 0) up to each prompt's end token."""
-    batches = [[] for _ in arch.encoders]
-    if preserve_in is not None:
-        for i, (hidden, *_) in enumerate(preserve_in):
-            batches[i].append(KeptBatch(hidden, torch.arange(hidden.shape[0] * hidden.shape[1])))
     retain = request.method == "erasepro" and request.retain_strength > 0 and request.progressive_layers > 0
-    if retain:
-        prompts = retain_prompts()
-        ids = preserve_ids(host, arch, prompts)
-        bank = _retain_batches(arch, host.first_block_inputs(ids), preserve_alignments(arch, prompts, ids),
-                               request.retain_padding)
-        for i, encoder_batches in enumerate(bank):
-            batches[i] += encoder_batches
-    if not any(batches):
+    if preserve_in is None and not retain:
         return None
+
+    def prepare():
+        batches = [[] for _ in arch.encoders]
+        if preserve_in is not None:
+            for i, (hidden, *_) in enumerate(preserve_in):
+                batches[i].append(KeptBatch(hidden, torch.arange(hidden.shape[0] * hidden.shape[1])))
+        if retain:
+            prompts = retain_prompts()
+            ids = preserve_ids(host, arch, prompts)
+            bank = _retain_batches(arch, lambda rows: host.first_block_inputs([[e[j] for j in rows] for e in ids]),
+                                   preserve_alignments(arch, prompts, ids), request.retain_padding)
+            for i, encoder_batches in enumerate(bank):
+                batches[i] += encoder_batches
+        return batches
     strength = request.preserve_strength if preserve_in is not None else request.retain_strength
     key = None if preserve_in is not None else ("retain", retain_prompts(), request.retain_padding, strength)
-    return SoftWeighting(batches, strength, key)
+    return SoftWeighting(prepare, strength, key)
 
 
 def _weightings(host: Host, enc, blocks, soft: SoftWeighting | None, i: int, settings: SolverSettings):
@@ -112,10 +125,12 @@ def _weightings(host: Host, enc, blocks, soft: SoftWeighting | None, i: int, set
     if soft is None:
         return None
 
-    def build():
-        return [settings.weighting(k) for k in kept_features(blocks, soft.batches[i])]
+    def build():  # one site at a time: the cache keeps each in float32 as it comes
+        features = kept_features(blocks, soft.batches[i])
+        while features:
+            yield settings.weighting(features.pop(0))
     if soft.key is None:
-        return build()
+        return list(build())
     key = (soft.key, host.text_digest(enc, len(blocks)), settings.lam, settings.alpha)
     return RETAIN_WEIGHTINGS.get(key, build)
 

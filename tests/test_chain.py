@@ -260,3 +260,28 @@ def test_padding_limit_keeps_concept_suffix_end_and_the_first_padding_positions(
         non_pad = [((g != pad) & (r == p)).sum().item() for g, r in zip(groups, rows)]
         assert non_pad[0] == non_pad[1] > 0
     assert limited.n_keep == full.n_keep
+
+
+def test_weighting_cache_builds_once_keeps_the_latest_and_stays_within_its_bytes():
+    from erasepro_ops.linalg import PreserveWeighting
+    from erasepro_ops.shallow import WeightingCache
+
+    built = []
+
+    def build(name):
+        def make():
+            built.append(name)
+            yield PreserveWeighting(torch.eye(10, dtype=torch.float64), 1.0)  # 400 bytes in float32
+            yield None
+        return make
+
+    cache = WeightingCache(max_bytes=900)
+    first = cache.get("a", build("a"))
+    assert first[0].chol.dtype == torch.float32 and first[0].chol.device.type == "cpu" and first[1] is None
+    assert cache.get("a", build("a")) is first and built == ["a"]
+    cache.get("b", build("b"))
+    cache.get("c", build("c"))  # three entries are 1200 bytes: the oldest goes
+    assert list(cache.entries) == ["b", "c"]
+    cache.get("a", build("a"))
+    assert built == ["a", "b", "c", "a"] and list(cache.entries) == ["c", "a"]
+    assert list(WeightingCache(max_bytes=1).get("big", build("big"))) and built[-1] == "big"  # the latest stays

@@ -442,7 +442,7 @@ def batch(tiny_checkpoint, tmp_path_factory, artifacts_dir):
            "--out", str(out), "--bake", str(baked), "--progressive-layers", "1",
            # the overflow damping alone: holding "" too costs the padding residual (0.15 -> 0.18), and the
            # retain weighting lifts the shallow site's ΔW/W past 1 in this overflow (1.1 at strength 1)
-           "--no-keep-empty", "--retain-strength", "0", "--template-padding", "77"]
+           "--no-keep-empty", "--retain-strength", "0", "--template-padding", "77", "--keep-padding"]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     wall = time.time() - t0

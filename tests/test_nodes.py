@@ -321,9 +321,10 @@ def test_many_concepts_overflow_the_rank_budget_and_are_damped_not_wrecked(nodes
     pair, solver, _ = nodes
     concepts = twelve_concepts(pair)
     summaries = {}
-    for rho in (0.0, 1e-3):
-        out = solver.solve(model, clip, concepts, 0, "erasepro", overflow_damping=rho, template_padding=ALL_PADDING)
-        summaries[rho] = s = out["result"][0].summary
+    for rho in (0.0, 1e-3):  # every padding position, not lowered to fit: the overflow is the point here
+        summaries[rho] = s = run_erasure(ComfyHost(model, clip), Request(
+            tuple(concepts), progressive_layers=0, overflow_damping=rho, template_padding=ALL_PADDING,
+            fit_padding=False)).summary
         print(f"overflow_damping {rho}: train residual {s['train_residual']:.3e}, deep burden {s['deep_burden']:.3f}, "
               f"rank {s['deep_rank']}/{s['rank_budget']}, unaligned energy {s['unaligned_energy']:.2e}")
         assert s["constraints"] > s["rank_budget"] and any("rank budget" in w for w in s["warnings"])
@@ -352,7 +353,7 @@ def test_concept_tokens_past_the_budget_are_not_called_exact(nodes):
     model, clip = H.build("sd15")
     concepts = (ConceptPair("van gogh", "a painter", "custom", lines),)
     s = run_erasure(ComfyHost(model, clip), Request(concepts, progressive_layers=0,
-                                                    template_padding=ALL_PADDING)).summary
+                                                    template_padding=ALL_PADDING, fit_padding=False)).summary
     print(f"{s['constraints']} columns: exact {s['exact_parts']}, least squares {s['least_squares_parts']}, "
           f"train residual {s['train_residual']:.3e}")
     assert s["exact_parts"] == ["prefixes"]
@@ -371,7 +372,7 @@ def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
     concepts = twelve_concepts(pair)
     preserve = ("a photo of a dog", "a landscape painting", "a portrait of a woman", "a city street at night",
                 "a bowl of fruit", "a mountain lake at sunrise")
-    every = dict(template_padding=ALL_PADDING)  # the overflow is the templates' padding
+    every = dict(template_padding=ALL_PADDING, fit_padding=False)  # the overflow is the templates' padding
     runs = {"uce": dict(method="uce", features="last_token"), "w=1": dict(overflow_preserve_weight=1.0, **every),
             "default": every}
     s = {}

@@ -22,11 +22,12 @@ def test_the_settings_record_holds_every_setting_and_gives_the_request_back():
 
 def test_a_settings_record_from_an_older_version_takes_the_defaults_it_was_made_with():
     record = Request(CONCEPTS[:1]).settings_record("sd15")
-    for key in ("features", "rtol", "context_templates", "template_padding"):
+    for key in ("features", "rtol", "context_templates", "template_padding", "fit_padding"):
         del record[key]
     old = Request.from_settings(record)
     assert old.features == "all" and old.rtol == DEFAULT_RTOL
-    assert old == Request(CONCEPTS[:1])
+    assert not old.fit_padding  # older versions never lowered the template padding
+    assert old == Request(CONCEPTS[:1], fit_padding=False)
 
 
 def test_the_summary_dict_round_trips_and_has_no_erasepro_keys_for_uce():

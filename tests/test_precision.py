@@ -139,11 +139,14 @@ def test_retain_bank_batches_cut_short_give_the_whole_context_features(users_mod
     ids = preserve_ids(host, arch, prompts)
     captured = host.first_block_inputs(ids)
     spans = preserve_alignments(arch, prompts, ids)
-    short = _retain_batches(arch, captured, spans, 2)[0]
+
+    def first_inputs(rows):
+        return [(c[0][rows], *c[1:]) for c in captured]
+    short = _retain_batches(arch, first_inputs, spans, 2)[0]
     assert len(short) == 2 and all(b.hidden.shape[1] < arch.context for b in short)
     enc = arch.encoders[0]
     bidirectional = dataclasses.replace(arch, encoders=(dataclasses.replace(enc, spec=dataclasses.replace(enc.spec, causal=False)),))
-    whole = _retain_batches(bidirectional, captured, spans, 2)[0]
+    whole = _retain_batches(bidirectional, first_inputs, spans, 2)[0]
     assert all(b.hidden.shape[1] == arch.context for b in whole)
     keys = [enc.shallow_key(l) for l in range(3)]
     bias_keys = [k.replace(".weight", ".bias") for k in keys]
@@ -178,3 +181,24 @@ def test_a_second_solve_reuses_the_retain_weightings_and_gives_the_same_edit(nod
     patched.add_patches({key: (1e-3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)),)}, 1.0)
     assert ComfyHost(model, patched).text_digest(enc, 3) != host.text_digest(enc, 3)
     assert ComfyHost(model, patched).text_digest(enc, 1) == host.text_digest(enc, 1)  # block 1 is not in the first one
+
+
+def test_a_prompt_repeated_in_a_batch_is_encoded_once(users_model):
+    """Every concept of a type shares its anchor prompts: the batch encodes each once and copies it."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import encode_once
+
+    host = ComfyHost(*users_model)
+    arch = host.architecture()
+    texts = ["a painting in the style of a painting", "a photo of a dog", "a painting in the style of a painting"]
+    chunks = [[host.tokenize(t, enc)[0] for t in texts] for enc in arch.encoders]
+    sizes = []
+    encode = host.encode
+    host.encode = lambda batch, **kw: sizes.append(len(batch[0])) or encode(batch, **kw)
+    once = encode_once(host, chunks, capture=True)
+    assert sizes == [2]
+    whole = encode(chunks, capture=True)
+    assert torch.equal(once.cond[0], once.cond[2])
+    assert once.cond.shape == whole.cond.shape and once.captured[0][0].shape == whole.captured[0][0].shape
+    assert float((once.cond - whole.cond).norm() / whole.cond.norm()) <= 1e-5  # batch size changes only the blocking
+    assert float((once.captured[0][0] - whole.captured[0][0]).norm()) == 0.0
