@@ -109,7 +109,8 @@ def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in
         if retain:
             prompts = retain_prompts()
             ids = preserve_ids(host, arch, prompts)
-            bank = _retain_batches(arch, lambda rows: host.first_block_inputs([[e[j] for j in rows] for e in ids]),
+            captured = host.first_block_inputs(ids)  # one call: each costs a pass through ComfyUI's encode
+            bank = _retain_batches(arch, lambda rows: [(c[0][rows], *c[1:]) for c in captured],
                                    preserve_alignments(arch, prompts, ids), request.retain_padding)
             for i, encoder_batches in enumerate(bank):
                 batches[i] += encoder_batches
