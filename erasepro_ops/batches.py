@@ -127,7 +127,7 @@ class Batches:
     def n_target(self) -> int:
         return len(self.alignments)
 
-    def conflicts(self) -> list[str]:
+    def warnings(self) -> list[str]:
         """Warnings about the prompts: adjusted settings, preserve prompts holding an erased concept."""
         if self.preserve_tokens is None:
             return list(self.notes)

@@ -57,7 +57,7 @@ def test_ten_concepts_drop_their_template_padding_and_say_so(host):
     many = build_batches(h, arch, Request(concepts, template_padding=8))
     assert many.columns.n_erasure <= arch.context_width  # fits now
     assert not any(g == ROLE_PRIORITY["pad"] for g in many.columns.groups.tolist())
-    assert any("template_padding 8 lowered to 0" in w for w in many.conflicts())
+    assert any("template_padding 8 lowered to 0" in w for w in many.warnings())
     one = build_batches(h, arch, Request(concepts[:1], template_padding=8))
     assert sum(g == ROLE_PRIORITY["pad"] for g in one.columns.groups.tolist()) == 8 * one.n_target
-    assert not one.conflicts()
+    assert not one.warnings()
