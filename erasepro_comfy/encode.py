@@ -18,12 +18,51 @@ def encoder_module(clip, enc) -> torch.nn.Module:
     return getattr(clip.cond_stage_model, enc.name)
 
 
+@dataclass(frozen=True)
+class EncoderStack:
+    """Where a ComfyUI text encoder keeps its blocks: a CLIP transformer (``transformer.text_model``)
+    or a T5 encoder stack (``transformer.encoder``, ``comfy.text_encoders.t5``). Key prefixes are
+    relative to the encoder's name on the CLIP (``clip_l.``, ``t5xxl.``)."""
+
+    kind: str  # "clip" or "t5"
+    layers: torch.nn.ModuleList
+    final_norm: torch.nn.Module
+    embeddings: str  # key prefix of the token (and position) embeddings
+    block_key: str  # key prefix of block {index}
+
+    def block_prefixes(self, depth: int) -> tuple[str, ...]:
+        return tuple(self.block_key.format(index=l) for l in range(depth))
+
+    def block(self, index: int, key: str, weight, bias, captured):
+        """Block ``index`` as an ``erasepro_ops.chain.MLPBlock`` with shallow-site weights given, for
+        the captured first-block input ``(hidden, mask, attention)``."""
+        _, mask, attention = captured
+        if self.kind == "clip":
+            return ClipLayerBlock(key, self.layers[index], weight, bias, mask, attention)
+        return T5LayerBlock(key, self.layers[index], weight, bias, mask, attention, self.layers[0])
+
+
+def encoder_stack(module) -> EncoderStack | None:
+    """The :class:`EncoderStack` of a ComfyUI text-encoder module, or None for another kind."""
+    transformer = getattr(module, "transformer", None)
+    text_model = getattr(transformer, "text_model", None)
+    if text_model is not None and hasattr(text_model, "encoder"):
+        return EncoderStack("clip", text_model.encoder.layers, text_model.final_layer_norm,
+                            "transformer.text_model.embeddings.", "transformer.text_model.encoder.layers.{index}.")
+    stack = getattr(transformer, "encoder", None)
+    if stack is not None and hasattr(stack, "block") and hasattr(transformer, "shared"):
+        return EncoderStack("t5", stack.block, stack.final_layer_norm, "transformer.shared.",
+                            "transformer.encoder.block.{index}.")
+    return None
+
+
 def encoder_layers(clip, enc):
-    return encoder_module(clip, enc).transformer.text_model.encoder.layers
+    return encoder_stack(encoder_module(clip, enc)).layers
 
 
 class LayerInputCapture:
-    """Capture what ComfyUI passes to the first encoder layer: ``(hidden, mask, optimized_attention)``."""
+    """Capture what ComfyUI passes to the first encoder layer: ``(hidden, mask, optimized_attention)``
+    (a CLIP layer gets ``(x, mask, attention)``, a T5 block ``(x, mask, past_bias, attention)``)."""
 
     def __init__(self, layer: torch.nn.Module):
         self.calls = []
@@ -32,7 +71,7 @@ class LayerInputCapture:
     def _hook(self, module, args):
         x = args[0]
         mask = args[1] if len(args) > 1 else None
-        attention = args[2] if len(args) > 2 else None
+        attention = args[-1] if len(args) > 2 else None
         self.calls.append((x.detach().clone(), mask, attention))
 
     def remove(self):
@@ -88,6 +127,34 @@ class ClipLayerBlock:
         h_mid = h + layer.self_attn(layer.layer_norm1(h), mask, self.attention).to(dtype)
         x = layer.mlp.activation(layer.mlp.fc1(layer.layer_norm2(h_mid))).to(dtype)
         return h_mid, x
+
+
+@dataclass
+class T5LayerBlock:
+    """A ComfyUI ``T5Block`` seen through ``erasepro_ops.chain.MLPBlock``: the site is its feed-forward
+    output projection ``wo`` (no bias); ``x`` is ``act(wi_0 n) * wi_1 n`` (gated, as T5 v1.1 / XXL)
+    or ``act(wi n)``, ``n`` the layer-normed residual stream. A block without its own relative
+    position bias uses the first block's, as ``T5Stack`` passes it on."""
+
+    name: str
+    layer: torch.nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    mask: torch.Tensor | None
+    attention: object
+    first: torch.nn.Module
+
+    def mlp_input(self, h):
+        attn, ff = self.layer.layer[0], self.layer.layer[-1]
+        position_bias = None
+        if attn.SelfAttention.relative_attention_bias is None:
+            position_bias = self.first.layer[0].SelfAttention.compute_bias(h.shape[1], h.shape[1], h.device, h.dtype)
+        out, _ = attn.SelfAttention(attn.layer_norm(h), mask=self.mask, past_bias=position_bias,
+                                    optimized_attention=self.attention)
+        h_mid = h + out.to(h.dtype)
+        dense, n = ff.DenseReluDense, ff.layer_norm(h_mid)
+        x = dense.act(dense.wi_0(n)) * dense.wi_1(n) if hasattr(dense, "wi_0") else dense.act(dense.wi(n))
+        return h_mid, x.to(h.dtype)
 
 
 class LinearOverride:
@@ -164,7 +231,7 @@ def probe_encoders(clip, encoders, chunks_per_encoder) -> None:
 
 
 def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, overrides: dict | None = None,
-                 combine: str = COMBINE_WIDTH):
+                 combine: str = COMBINE_WIDTH, pooled_encoder: int = -1):
     """Encode a batch of single chunks through ComfyUI's own text-encoder modules.
 
     ``chunks_per_encoder[i]`` is a list of token-id chunks for ``encoders[i]``. Returns
@@ -172,6 +239,8 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
     outputs side by side, or one after the other along the tokens) where ``captured[i]`` is the
     first layer's input ``(hidden, mask, attention)`` of encoder ``i`` when ``capture``.
     ``overrides``: linear layers computed in float32 with other weights (:class:`LinearOverride`).
+    Only per-token encoders (``enc.spec.per_token``) make ``cond``; ``pooled`` is that of
+    ``encoders[pooled_encoder]``.
     """
     clip.load_model()
     probe_encoders(clip, encoders, chunks_per_encoder)
@@ -187,9 +256,11 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
                     hook.remove()
                 if override is not None:
                     override.remove()
-            check_features(clip, enc, chunks, z, p)
-            outs.append(z.float())
-            pooled = p.float() if p is not None else None
+            check_features(clip, enc, chunks, z, p if enc is encoders[pooled_encoder] else None)
+            if enc.spec.per_token:
+                outs.append(z.float())
+            if enc is encoders[pooled_encoder]:
+                pooled = p.float() if p is not None else None
             if hook is not None:
                 captured.append(hook.calls[0])
     if combine == COMBINE_SEQUENCE:

@@ -1,4 +1,4 @@
-"""ErasePro's host on ComfyUI for SD1.x, SD2.x and SDXL (``erasepro_ops.host.Host``).
+"""ErasePro's host on ComfyUI for SD1.x, SD2.x, SDXL and Flux.1 (``erasepro_ops.host.Host``).
 
 Which family a MODEL is, whether the CLIP belongs to it, and the host's calls on ComfyUI's
 objects. Everything here reads ComfyUI objects; the pipeline lives in ``erasepro_ops``.
@@ -18,15 +18,19 @@ from erasepro_ops.family import FAMILIES, Architecture, ModelFamily, TextEncoder
 from erasepro_ops.fingerprint import fingerprint  # noqa: F401  (re-exported)
 from erasepro_ops.host import Encoded
 
-from .encode import PROBE_BATCH, ClipLayerBlock, encode_batch, encoder_layers, encoder_module, first_layer_inputs  # noqa: F401
+from .encode import (PROBE_BATCH, ClipLayerBlock, encode_batch, encoder_layers, encoder_module, encoder_stack,  # noqa: F401
+                     first_layer_inputs)
 from .weights import effective_weights, fingerprint_of  # noqa: F401
 
-TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g")  # the cond_stage_model attributes looked for
+TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl")  # the cond_stage_model attributes looked for
 
 
 def model_family(model) -> ModelFamily:
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
+    flux = getattr(comfy.model_base, "Flux", None)  # not in ComfyUI before August 2024
+    if flux is not None and type(base) is flux:  # Flux.1 dev / schnell / fill; not Flux.2 nor Chroma
+        return FAMILIES["flux"]
     if isinstance(base, comfy.model_base.SDXL):
         return FAMILIES["sdxl"]
     if isinstance(config, comfy.supported_models.SD20):
@@ -34,7 +38,7 @@ def model_family(model) -> ModelFamily:
     if isinstance(config, comfy.supported_models.SD15):
         return FAMILIES["sd15"]
     name = type(config).__name__ if config is not None else type(base).__name__
-    raise EraseProError(f"not supported yet: {name}. ErasePro supports SD1.x, SD2.x and SDXL models.")
+    raise EraseProError(f"not supported yet: {name}. ErasePro supports SD1.x, SD2.x, SDXL and Flux.1 models.")
 
 
 def _special_tokens(clip, encoder_attr: str) -> SpecialTokens:
@@ -59,12 +63,22 @@ def _text_encoders(clip, family: ModelFamily) -> tuple[TextEncoder, ...]:
     encoders = []
     for spec in family.encoders:
         module = getattr(stage, spec.name, None)
-        if not hasattr(module, "transformer"):
-            raise EraseProError(f"not supported yet: the text encoder {spec.name} of this CLIP is not a CLIP transformer")
-        text_model = module.transformer.text_model
-        encoders.append(TextEncoder(spec, _special_tokens(clip, spec.name), len(text_model.encoder.layers),
-                                    text_model.final_layer_norm.weight.shape[0]))
+        stack = encoder_stack(module)
+        if stack is None:
+            raise EraseProError(f"not supported yet: the text encoder {spec.name} of this CLIP is neither a CLIP nor a T5 "
+                                "transformer")
+        encoders.append(TextEncoder(spec, _special_tokens(clip, spec.name), len(stack.layers),
+                                    stack.final_norm.weight.shape[0]))
     return tuple(encoders)
+
+
+def _pooled_width(clip, enc: TextEncoder) -> int:
+    """Width of the pooled embedding ``enc`` gives: its projection's, or its hidden width when the
+    CLIP returns it unprojected (Flux's CLIP-L)."""
+    module = encoder_module(clip, enc)
+    if getattr(module, "return_projected_pooled", True):
+        return module.transformer.text_projection.weight.shape[0]
+    return enc.width
 
 
 def detect(model, clip) -> Architecture:
@@ -73,20 +87,19 @@ def detect(model, clip) -> Architecture:
     if clip is None:
         raise EraseProError("connect the CLIP from the same checkpoint as the MODEL")
     encoders = _text_encoders(clip, family)
-    width = sum(e.width for e in encoders)
-    context = model.model.model_config.unet_config.get("context_dim")
-    if context is not None and context != width:
-        raise EraseProError(f"the CLIP does not match the MODEL: it gives {width}-wide text features, "
-                            f"the UNet reads {context}")
     unet = model.model.diffusion_model
-    deep = tuple(f"{family.deep_prefix}{name}.weight" for name, _ in unet.named_modules()
-                 if any(name.endswith(site) for site in family.deep_sites))
-    if not deep:
-        raise EraseProError("not supported yet: this UNet has no cross-attention key/value layers")
-    pooled = 0
-    if family.pooled_site is not None:
-        pooled = encoder_module(clip, encoders[family.pooled_encoder]).transformer.text_projection.weight.shape[0]
-    return Architecture(family, encoders, deep, pooled)
+    deep_modules = [(name, m) for name, m in unet.named_modules() if any(name.endswith(site) for site in family.deep_sites)]
+    if not deep_modules:
+        raise EraseProError(f"not supported yet: this {family.label} model has no {' / '.join(family.deep_sites)} layers")
+    deep = tuple(f"{family.deep_prefix}{name}.weight" for name, _ in deep_modules)
+    arch = Architecture(family, encoders, deep)
+    reads = deep_modules[0][1].weight.shape[1]
+    if reads != arch.context_width:
+        raise EraseProError(f"the CLIP does not match the MODEL: it gives {arch.context_width}-wide text features, "
+                            f"the {family.label} model reads {reads}. Use the text encoder(s) made for this model")
+    if family.pooled_site is None:
+        return arch
+    return Architecture(family, encoders, deep, _pooled_width(clip, encoders[family.pooled_encoder]))
 
 
 def solve_device():
@@ -112,7 +125,7 @@ class ComfyHost:
     def encode(self, chunks, capture: bool = False, overrides=None) -> Encoded:
         arch = self.architecture()
         return Encoded(*encode_batch(self.clip, arch.encoders, chunks, capture=capture, overrides=overrides,
-                                     combine=arch.family.combine))
+                                     combine=arch.family.combine, pooled_encoder=arch.family.pooled_encoder))
 
     def first_block_inputs(self, chunks) -> list:
         return first_layer_inputs(self.clip, self.architecture().encoders, chunks)
@@ -121,18 +134,18 @@ class ComfyHost:
         return effective_weights(self.clip.patcher, keys)
 
     def text_digest(self, encoder, depth: int) -> str:
-        text_model = f"{encoder.name}.transformer.text_model."
-        prefixes = (text_model + "embeddings.",) + tuple(f"{text_model}encoder.layers.{l}." for l in range(depth))
+        stack = encoder_stack(encoder_module(self.clip, encoder))
+        prefixes = tuple(f"{encoder.name}.{p}" for p in (stack.embeddings,) + stack.block_prefixes(depth))
         keys = [k for k in self.clip.patcher.get_key_patches() if k.startswith(prefixes)]
         return fingerprint_of([(self.clip.patcher, keys)])
 
     def model_weights(self, keys) -> dict[str, torch.Tensor]:
         return effective_weights(self.model, keys)
 
-    def shallow_blocks(self, encoder, keys, weights, biases, captured) -> list[ClipLayerBlock]:
-        h, mask, attention = captured
-        layers = encoder_layers(self.clip, encoder)
-        blocks = [ClipLayerBlock(key, layers[l], w.to(h.device), b.to(h.device), mask, attention)
+    def shallow_blocks(self, encoder, keys, weights, biases, captured) -> list:
+        h = captured[0]
+        stack = encoder_stack(encoder_module(self.clip, encoder))
+        blocks = [stack.block(l, key, w.to(h.device), None if b is None else b.to(h.device), captured)
                   for l, (key, w, b) in enumerate(zip(keys, weights, biases))]
         self.clip.load_model()
         return blocks

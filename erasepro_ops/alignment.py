@@ -18,10 +18,10 @@ from .tokens import SpecialTokens, token_chunks, token_ids
 __all__ = ["ROLE_PRIORITY", "PART_NAMES", "PromptAlignment", "align_chunks", "preserve_alignment"]
 
 ROLE_PRIORITY: dict[str, int] = {
-    "keep": 0, "concept": 1, "suffix": 1, "end": 2, "preserve": 3, "pad": 4, "preserve_pad": 5,
+    "keep": 0, "prefix": 0, "concept": 1, "suffix": 1, "end": 2, "preserve": 3, "pad": 4, "preserve_pad": 5,
 }
 """The order in which the solver fits the constraint groups, lower first (docs/DESIGN.md, *Rank
-budget*): keep-constraints, concept tokens (and the template words after them), the end token,
+budget*): keep-constraints (or, in a bidirectional encoder, the prefix paired with the anchor's), concept tokens (and the template words after them), the end token,
 the preserve prompts' own tokens, the target's padding, then the preserve prompts' padding. Within
 a group the directions are taken by decreasing singular value. The two preserve groups do not
 count toward the rank budget (``chain.PRESERVE_GROUPS``)."""
@@ -46,6 +46,10 @@ class PromptAlignment:
     in ``partner``; ``role`` names each moved position: "concept", "suffix" (template words
     after the concept), "end" (the end token) or "pad" (after the end token). ``keep`` and
     ``move`` are disjoint and together cover ``0..context_length-1``.
+
+    In a bidirectional encoder (T5) the prefix sees the concept too, so nothing is kept: ``keep``
+    is empty and the prefix positions are moved with role "prefix", each paired with the same
+    position of the anchor prompt (whose prefix holds the same tokens).
     """
 
     target_prompt: str
@@ -198,6 +202,7 @@ def _pairing(
     anchor_prompt: str,
     target_chunk: int,
     anchor_chunk: int,
+    bidirectional: bool = False,
 ) -> PromptAlignment:
     """Build the alignment once the concept spans are known.
 
@@ -217,13 +222,16 @@ def _pairing(
     target_end_token = _end_index(target_ids, special, "target")
     _end_index(anchor_ids, special, "anchor")  # the anchor chunk must be well formed too
     partner, role = _partners(start, target_len, anchor_len, target_end_token, context_length, anchor_empty)
+    kept = start
+    if bidirectional:
+        partner, role, kept = list(range(start)) + partner, ["prefix"] * start + role, 0
     return PromptAlignment(
         target_prompt=target_prompt,
         anchor_prompt=anchor_prompt,
         target_chunk=target_chunk,
         anchor_chunk=anchor_chunk,
-        keep=tuple(range(start)),
-        move=tuple(range(start, context_length)),
+        keep=tuple(range(kept)),
+        move=tuple(range(kept, context_length)),
         partner=tuple(partner),
         role=tuple(role),
     )
@@ -292,6 +300,7 @@ def align_chunks(
     target_prompt: str = "",
     anchor_prompt: str = "",
     key: str | None = None,
+    bidirectional: bool = False,
 ) -> PromptAlignment:
     """Align prompts of any length, tokenised into context chunks (ComfyUI: 77 = start + 75 +
     end/padding), using the chunk that holds the concept.
@@ -308,6 +317,7 @@ def align_chunks(
     the target's concept straddles two chunks, or when the anchor has no chunk of that index, is
     chunked differently before the concept or its concept does not fit in that chunk. Accepts
     anything :func:`token_chunks` does (``key`` picks the encoder in ComfyUI's dict).
+    ``bidirectional``: the encoder's prefix sees the concept (T5): it is paired, not kept.
     """
     targets = token_chunks(target_chunks, key)
     anchors = token_chunks(anchor_chunks, key)
@@ -342,4 +352,5 @@ def align_chunks(
         anchor_prompt=anchor_prompt,
         target_chunk=index,
         anchor_chunk=index,
+        bidirectional=bidirectional,
     )

@@ -41,9 +41,14 @@ def align_prompts(host: Host, arch: Architecture, pairs):
         for i, enc in enumerate(arch.encoders):
             t_chunks = host.tokenize(t_prompt, enc)
             a_chunks = host.tokenize(a_prompt, enc)
+            if not enc.spec.per_token:  # only its pooled output is read: the prompts' first chunks
+                target_ids[i].append(t_chunks[0])
+                anchor_ids[i].append(a_chunks[0])
+                continue
             try:
                 al = align_chunks(t_chunks, a_chunks, enc.special, anchor_empty=not pair.anchor,
-                                  target_prompt=t_prompt, anchor_prompt=a_prompt)
+                                  context_length=enc.spec.context, target_prompt=t_prompt, anchor_prompt=a_prompt,
+                                  bidirectional=not enc.spec.causal)
             except ValueError as e:
                 raise EraseProError(f"concept {quote(pair.target)} → {quote(pair.anchor)}: {e}") from e
             if found is None:
@@ -69,7 +74,8 @@ def preserve_alignments(arch: Architecture, prompts, ids):
     """The preserve prompts as self-paired constraints (the same positions for every encoder)."""
     alignments = []
     for j, text in enumerate(prompts):
-        per_encoder = [preserve_alignment(text, ids[i][j], enc.special) for i, enc in enumerate(arch.encoders)]
+        per_encoder = [preserve_alignment(text, ids[i][j], enc.special) for i, enc in enumerate(arch.encoders)
+                       if enc.spec.per_token]
         if any(al.role != per_encoder[0].role for al in per_encoder):
             raise EraseProError(f"the text encoders tokenise the preserve prompt {quote(text)} differently")
         alignments.append(per_encoder[0])
@@ -78,11 +84,12 @@ def preserve_alignments(arch: Architecture, prompts, ids):
 
 def preserve_conflicts(pairs, alignments, target_ids, preserve_prompts, preserve_tokens) -> list[str]:
     """Warnings for preserve prompts that contain an erased concept's tokens: they cannot be both
-    erased and kept; the concept's own columns come first, the preserve prompt's are fitted after."""
+    erased and kept; the concept's own columns come first, the preserve prompt's are fitted after.
+    ``target_ids`` and ``preserve_tokens``: the chunks of one encoder the alignments were made on."""
     warnings, seen = [], set()
-    for (_, _, pair), al, ids in zip(pairs, alignments, target_ids[0]):
+    for (_, _, pair), al, ids in zip(pairs, alignments, target_ids):
         concept = [ids[p] for p in al.positions("concept")]
-        for text, chunk in zip(preserve_prompts, preserve_tokens[0]):
+        for text, chunk in zip(preserve_prompts, preserve_tokens):
             if (pair.target, text) in seen or not concept:
                 continue
             if any(list(chunk[i:i + len(concept)]) == concept for i in range(len(chunk) - len(concept) + 1)):
@@ -122,6 +129,7 @@ class Batches:
     exact_preserve: bool  # ErasePro: the kept prompts are constraints (V* = W_o K), ranked last
     soft_preserve: bool  # they weight the solve softly (UCE, or preserve_strength > 0)
     notes: list = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
+    token_encoder: int = 0  # index of the first encoder whose per-token output the deep sites read
 
     @property
     def n_target(self) -> int:
@@ -131,8 +139,9 @@ class Batches:
         """Warnings about the prompts: adjusted settings, preserve prompts holding an erased concept."""
         if self.preserve_tokens is None:
             return list(self.notes)
-        return list(self.notes) + preserve_conflicts(self.pairs, self.alignments, self.target_ids, self.kept_prompts,
-                                  self.preserve_tokens)
+        i = self.token_encoder
+        return list(self.notes) + preserve_conflicts(self.pairs, self.alignments, self.target_ids[i], self.kept_prompts,
+                                                     self.preserve_tokens[i])
 
 
 def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
@@ -164,4 +173,6 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
             notes.append(f"template_padding {request.template_padding} lowered to {fitted}: {len(request.concepts)} "
                          f"concept(s) with that padding would overflow the UNet's {arch.context_width}-direction rank budget")
     soft = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
-    return Batches(pairs, alignments, target_ids, anchor_ids, kept, preserve_tokens, columns, exact, soft, notes)
+    token_encoder = next(i for i, enc in enumerate(arch.encoders) if enc.spec.per_token)
+    return Batches(pairs, alignments, target_ids, anchor_ids, kept, preserve_tokens, columns, exact, soft, notes,
+                   token_encoder)

@@ -12,6 +12,8 @@ Key layout (kohya / A1111 / Forge, and ComfyUI's ``comfy.lora.model_lora_keys_*`
 * Text encoder ``clip_X.transformer.text_model.encoder.layers.<b>.mlp.fc2.weight`` →
   ``lora_te_text_model_encoder_layers_<b>_mlp_fc2`` (SD1.x CLIP-L, SD2.x CLIP-H) or
   ``lora_te1_...`` (SDXL CLIP-L) / ``lora_te2_...`` (SDXL CLIP-G).
+* Flux's T5 ``t5xxl.transformer.<path>.weight`` → ``lora_te2_<path with . → _>`` (kohya's Flux
+  names: te1 is CLIP-L, te2 T5; ComfyUI maps them for a CLIP holding CLIP-L and T5).
 * Tensors ``<name>.lora_up.weight`` (out × r), ``<name>.lora_down.weight`` (r × in),
   ``<name>.alpha`` (scalar, = r). Rank-0 sites (no change) are listed in the metadata only.
 
@@ -44,6 +46,7 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya ss_base_model_version
 _TE_RE = re.compile(r"^(clip_[lgh])\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$")
+_T5_RE = re.compile(r"^t5xxl\.transformer\.(.+)\.weight$")
 _SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
 CHECKSUM_METHOD = ("sha256 per site over its LoRA name, each stored tensor's (lora_up, lora_down, alpha) "
                    "dtype, shape and little-endian bytes, then repr() of its relative_change and residual")
@@ -75,7 +78,10 @@ def lora_name(key: str, family: str | None = None) -> str:
         if enc == "clip_g":
             raise EditFileError(f"a clip_g site ({key}) needs family 'sdxl', got {family!r}")
         return "lora_te_" + rest
-    raise EditFileError(f"no LoRA name for the weight {key!r}")
+    m = _T5_RE.match(key)
+    if m and family == "flux":
+        return "lora_te2_" + m.group(1).replace(".", "_")
+    raise EditFileError(f"no LoRA name for the weight {key!r}" + (f" in a {family} edit" if m else ""))
 
 
 def _family(edit: ErasureEdit) -> str:

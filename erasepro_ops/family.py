@@ -9,6 +9,7 @@ weights tell (each encoder's depth and width, its special tokens, the deep sites
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .tokens import SpecialTokens
@@ -27,7 +28,9 @@ class TextEncoderSpec:
     token_key: str  # its key in the host's tokens dict
     shallow_site: str  # weight key of block {index}'s MLP output projection
     causal: bool = True  # causal attention: a position sees only the tokens before it
-    context: int = 77  # tokens per chunk
+    context: int = 77  # tokens per chunk (at least: a T5 chunk grows with a longer prompt)
+    shallow_bias: bool = True  # the shallow sites have a bias (CLIP's fc2; T5's wo has none)
+    per_token: bool = True  # the diffusion model reads its per-token output (False: only its pooled one, Flux's CLIP-L)
 
     def shallow_key(self, index: int) -> str:
         return self.shallow_site.format(index=index)
@@ -35,7 +38,7 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    name: str  # sd15 / sd2 / sdxl: stored with every edit
+    name: str  # sd15 / sd2 / sdxl / flux: stored with every edit
     label: str  # for messages: SD1.x
     encoders: tuple[TextEncoderSpec, ...]
     deep_sites: tuple[str, ...]  # suffixes of the diffusion model's module names that read the text features
@@ -45,11 +48,16 @@ class ModelFamily:
     pooled_encoder: int = -1  # the encoder whose pooled output that layer reads
 
     @property
+    def token_encoders(self) -> tuple[TextEncoderSpec, ...]:
+        """The encoders whose per-token outputs the deep sites read."""
+        return tuple(e for e in self.encoders if e.per_token)
+
+    @property
     def context(self) -> int:
         """Token positions per prompt in the features the deep sites read."""
         if self.combine == COMBINE_SEQUENCE:
-            return sum(e.context for e in self.encoders)
-        return min(e.context for e in self.encoders)
+            return sum(e.context for e in self.token_encoders)
+        return min(e.context for e in self.token_encoders)
 
 
 def clip_encoder(name: str, token_key: str) -> TextEncoderSpec:
@@ -57,12 +65,23 @@ def clip_encoder(name: str, token_key: str) -> TextEncoderSpec:
     return TextEncoderSpec(name, token_key, f"{name}.transformer.text_model.encoder.layers.{{index}}.mlp.fc2.weight")
 
 
+def t5_encoder(name: str = "t5xxl", token_key: str = "t5xxl", context: int = 256) -> TextEncoderSpec:
+    """A T5 encoder stack as ComfyUI's ``cond_stage_model.<name>`` holds it: bidirectional, its
+    gated MLP's output projection ``wo`` without bias."""
+    return TextEncoderSpec(name, token_key, f"{name}.transformer.encoder.block.{{index}}.layer.1.DenseReluDense.wo.weight",
+                           causal=False, context=context, shallow_bias=False)
+
+
 CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")
 SD15 = ModelFamily("sd15", "SD1.x", (clip_encoder("clip_l", "l"),), CROSS_ATTENTION_KV)
 SD2 = ModelFamily("sd2", "SD2.x", (clip_encoder("clip_h", "h"),), CROSS_ATTENTION_KV)
 SDXL = ModelFamily("sdxl", "SDXL", (clip_encoder("clip_l", "l"), clip_encoder("clip_g", "g")), CROSS_ATTENTION_KV,
                    pooled_site="diffusion_model.label_emb.0.0.weight")
-FAMILIES = {f.name: f for f in (SD15, SD2, SDXL)}
+# Flux.1: T5-XXL's tokens (padded to 256) reach the transformer through one linear gateway,
+# txt_in; CLIP-L's pooled output through vector_in's first linear layer.
+FLUX = ModelFamily("flux", "Flux.1", (dataclasses.replace(clip_encoder("clip_l", "l"), per_token=False), t5_encoder()),
+                   ("txt_in",), pooled_site="diffusion_model.vector_in.in_layer.weight", pooled_encoder=0)
+FAMILIES = {f.name: f for f in (SD15, SD2, SDXL, FLUX)}
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,9 @@ class TextEncoder:
     def shallow_depth(self, progressive_layers: int) -> int:
         """``S`` for this encoder: ``progressive_layers`` of 12, scaled to this encoder's depth."""
         n = self.depth
-        return min(n - 1, round(progressive_layers * n / REFERENCE_DEPTH)) if progressive_layers > 0 else 0
+        if progressive_layers <= 0 or not self.spec.per_token:
+            return 0
+        return min(n - 1, round(progressive_layers * n / REFERENCE_DEPTH))
 
 
 @dataclass(frozen=True)
@@ -110,10 +131,9 @@ class Architecture:
 
     @property
     def context_width(self) -> int:
-        """The deep sites' input width (768 / 1024 / 2048): the erasure's rank budget."""
-        if self.family.combine == COMBINE_SEQUENCE:
-            return max(e.width for e in self.encoders)
-        return sum(e.width for e in self.encoders)
+        """The deep sites' input width (768 / 1024 / 2048; Flux: T5's 4096): the erasure's rank budget."""
+        widths = [e.width for e in self.encoders if e.spec.per_token]
+        return max(widths) if self.family.combine == COMBINE_SEQUENCE else sum(widths)
 
     @property
     def pooled_site(self) -> str | None:

@@ -13,13 +13,19 @@ from .summary import SiteFigure, Summary
 
 
 def short_name(key: str, pooled_site: str | None = None) -> str:
-    """A compact site label for charts: ``clip_l.3.fc2``, ``in.4.1.k``, ``mid.1.v``, ``pooled``."""
+    """A compact site label for charts: ``clip_l.3.fc2``, ``t5xxl.0.wo``, ``in.4.1.k``, ``mid.1.v``,
+    ``txt_in``, ``pooled``."""
     if key == pooled_site:
         return "pooled"
     if ".mlp.fc2" in key:
         enc, rest = key.split(".", 1)
         return f"{enc}.{rest.split('.layers.')[1].split('.')[0]}.fc2"
+    if ".DenseReluDense.wo" in key:
+        enc, rest = key.split(".", 1)
+        return f"{enc}.{rest.split('.block.')[1].split('.')[0]}.wo"
     parts = key.replace("diffusion_model.", "").split(".")
+    if not any(p.isdigit() for p in parts):
+        return ".".join(parts[:-1])
     head = {"input_blocks": "in", "middle_block": "mid", "output_blocks": "out"}.get(parts[0], parts[0])
     nums = [p for p in parts[1:] if p.isdigit()]
     return f"{head}.{'.'.join(nums)}.{parts[-2][-1]}"

@@ -88,6 +88,8 @@ def _retain_batches(arch: Architecture, first_inputs, spans, padding: int) -> li
     for start in range(0, len(order), RETAIN_BATCH):
         rows = order[start: start + RETAIN_BATCH]
         for i, (enc, (hidden, *_)) in enumerate(zip(arch.encoders, first_inputs(rows))):
+            if not enc.spec.per_token:  # only its pooled output is read: no shallow sites
+                continue
             length = max(max(positions[j]) for j in rows) + 1 if enc.spec.causal else hidden.shape[1]
             index = torch.tensor([r * length + pos for r, j in enumerate(rows) for pos in positions[j]])
             out[i].append(KeptBatch(hidden[:, :length].contiguous(), index))
@@ -159,10 +161,10 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
         if depth == 0:
             continue
         keys = [enc.shallow_key(l) for l in range(depth)]
-        bias_keys = [k.replace(".weight", ".bias") for k in keys]
         weights = host.text_weights(keys)
         out.weights.update(weights)
-        bias = host.text_weights(bias_keys)
+        bias_keys = [k.replace(".weight", ".bias") for k in keys]
+        bias = host.text_weights(bias_keys) if enc.spec.shallow_bias else dict.fromkeys(bias_keys)
         blocks = host.shallow_blocks(enc, keys, [weights[k] for k in keys], [bias[k] for k in bias_keys],
                                      target_in[i])
         results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns, shallow_settings,

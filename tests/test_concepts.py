@@ -408,3 +408,24 @@ def test_every_template_aligns(special, pair):
         assert [ROLE_PRIORITY[r] for _, _, r in cols] == sorted(ROLE_PRIORITY[r] for _, _, r in cols)
         if not pair.anchor:
             assert al.partner[:n_target] == (al.keep[-1],) * n_target
+
+
+# ---- bidirectional encoders (T5): the prefix is paired with the anchor's, not kept ----------
+
+T5 = SpecialTokens(start=None, end=1, pad=0)
+
+
+def test_bidirectional_prefix_is_paired_with_the_anchors_prefix():
+    length = 256  # ComfyUI pads T5 prompts to 256 tokens, without a start token
+    target = [A, PHOTO, OF, VAN, GOGH, IN, A, SCENE, T5.end] + [T5.pad] * 247
+    anchor = [A, PHOTO, OF, PAINTING, IN, A, SCENE, T5.end] + [T5.pad] * 248
+    causal = align_chunks([target], [anchor], T5, context_length=length)
+    al = align_chunks([target], [anchor], T5, context_length=length, bidirectional=True)
+    assert causal.keep == (0, 1, 2) and al.keep == ()
+    assert al.move == tuple(range(length))
+    # the prefix pairs position for position; everything after it exactly as in a causal encoder
+    assert al.partner[:3] == (0, 1, 2) and al.role[:3] == ("prefix",) * 3
+    assert al.partner[3:] == causal.partner and al.role[3:] == causal.role
+    assert al.partner[3:6] == (3, 3, 4)  # van → painting, gogh → painting, in → in
+    assert al.role[8] == "end" and al.partner[8] == 7
+    assert ROLE_PRIORITY["prefix"] == ROLE_PRIORITY["keep"]  # fitted first, as the kept prefix is

@@ -210,11 +210,11 @@ def test_unsupported_architecture_is_named(nodes, pack):
     import comfy.supported_models
 
     model, clip = H.build("sd15")
-    flux = model.clone()
-    flux.model = type("Wrapper", (), {"model_config": comfy.supported_models.Flux({"image_model": "flux"})})()
+    sd3 = model.clone()
+    sd3.model = type("Wrapper", (), {"model_config": comfy.supported_models.SD3({"in_channels": 16})})()
     (concepts,) = nodes[0].build(TARGET, SAME_LENGTH_ANCHOR, "style")
-    with pytest.raises(ValueError, match="not supported yet: Flux"):
-        nodes[1].solve(flux, clip, concepts, 0, "erasepro")
+    with pytest.raises(ValueError, match="not supported yet: SD3. ErasePro supports SD1.x, SD2.x, SDXL and Flux.1"):
+        nodes[1].solve(sd3, clip, concepts, 0, "erasepro")
 
 
 def test_nan_weights_are_refused_and_nothing_changes(nodes):

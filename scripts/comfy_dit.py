@@ -1,0 +1,326 @@
+"""Flux.1 (dev) in the in-process ComfyUI host: random-weight models from ComfyUI's own classes.
+
+Companion of :mod:`scripts.comfy_host` (SD1.5 / SD2 / SDXL). Everything here is a real ComfyUI
+object, built the way ComfyUI builds it, only smaller:
+
+* MODEL: ``comfy.model_patcher.ModelPatcher`` around ``comfy.model_base.Flux`` (the DiT
+  ``comfy.ldm.flux.model.Flux``), from ``comfy.supported_models.Flux`` with a custom unet_config
+  (guidance_embed True, as Flux.1 dev).
+* CLIP: ``comfy.sd.CLIP`` whose cond_stage_model is ``comfy.text_encoders.flux.FluxClipModel``
+  (``clip_l`` = ``sd1_clip.SDClipModel``, ``t5xxl`` = ``sd3_clip.T5XXLModel`` around
+  ``comfy.text_encoders.t5.T5``) and tokenizer ``FluxTokenizer``. The widths are reduced the
+  ComfyUI-supported way: ``SDClipModel`` merges ``model_options["<model_name>_model_config"]``
+  into the text model's JSON config (``clip_l_model_config`` / ``t5xxl_model_config``).
+
+Main entry points::
+
+    model, clip = build_flux("tiny")                 # hidden 128, T5 d_model 64, CLIP-L 768 x 4 layers
+    cond, pooled = encode_flux(clip, "a photo of a cat")   # [1, 256, 64], [1, 768]
+    v = flux_velocity(model, cond, pooled, latents, sigmas)  # the DiT's raw output (velocity)
+    paths = save_flux_files(model, clip, folder)     # diffusion model + clip_l + t5xxl files
+    model2, clip2 = load_flux_files(paths)           # comfy.sd.load_diffusion_model / load_clip
+
+What ComfyUI's loaders force (ComfyUI 0.3.75):
+
+* ``comfy.sd.load_diffusion_model`` -> ``model_detection.detect_unet_config`` (Flux branch,
+  comfy/model_detection.py:201-270) reads hidden_size (img_in / txt_in rows), context_in_dim
+  (txt_in columns), vec_in_dim (vector_in.in_layer columns), in_channels, depth and
+  depth_single_blocks from the weights, but *hard-codes* num_heads 24, axes_dim [16, 56, 56],
+  mlp_ratio 4.0, theta 10000, qkv_bias True, patch_size 2 (lines 219-226). FluxParams then needs
+  hidden_size % 24 == 0 and hidden_size // 24 == 128 (comfy/ldm/flux/model.py:57-63), so a
+  loadable Flux file has hidden_size exactly 3072. Safetensors metadata cannot override this
+  (the ``metadata["config"]`` hook exists only for LTXV, model_detection.py:313). Hence
+  ``size="loader"``: hidden 3072, 24 heads, one double and one single block (~0.5 B parameters).
+* ``comfy.sd.load_clip(..., clip_type=CLIPType.FLUX)`` with two files (comfy/sd.py:1172-1174)
+  does no shape detection for Flux: ``flux_clip(**t5xxl_detect(...))`` only reads the T5 dtype
+  (sd.py:1036-1044, sd3_clip.py t5_xxl_detect), and ``T5XXLModel`` always starts from
+  ``t5_config_xxl.json`` (d_model 4096, 24 layers, 64 heads, d_ff 10240); CLIP-L from
+  ``sd1_clip_config.json`` (12 layers). Smaller text encoders load only when ``model_options``
+  saying so are passed to ``load_clip`` (``t5xxl_model_config`` for the T5; for CLIP-L
+  ``model_config``, because ``long_clipl.model_options_long_clip`` overwrites
+  ``clip_l_model_config``, see :func:`load_clip_model_options`). ``save_flux_files`` writes them
+  next to the weights (``text_encoders.json``) and :func:`load_flux_files` passes them. The stock
+  DualCLIPLoader node passes no such options: it would build a full T5-XXL and fail on the shape
+  mismatch (and a CLIP-L with fewer than 12 layers would keep uninitialised layers).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scripts.comfy_host import REPO, import_comfy, init_weights_
+
+SIZES = ("tiny", "loader")
+
+# CLIP-L: full width (768, as Flux's vector_in expects), reduced depth like comfy_host's tiny SD1.5.
+TINY_CLIP_L_LAYERS = 4
+
+# T5 "tiny": ComfyUI's T5 class with gated-gelu like T5-XXL, small widths; vocab kept at 32128
+# (t5_config_xxl.json) so every id of the shipped T5 tokenizer is covered.
+TINY_T5 = {"d_model": 64, "d_kv": 32, "num_heads": 2, "d_ff": 128,
+           "is_gated_act": True, "dense_act_fn": "gelu_pytorch_tanh", "vocab_size": 32128}
+
+TE_CONFIG_NAME = "text_encoders.json"
+FILE_NAMES = {"diffusion_model": "flux_diffusion_model.safetensors",
+              "clip_l": "clip_l.safetensors", "t5xxl": "t5xxl.safetensors"}
+
+
+# ---------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------
+def flux_unet_config(size: str = "tiny", context_in_dim: int = TINY_T5["d_model"], vec_in_dim: int = 768) -> dict:
+    """The Flux dit_config in the form ``model_detection.detect_unet_config`` produces.
+
+    ``tiny``: hidden 128, 2 heads (head dim 64, axes_dim [8, 28, 28]: Flux's 16:56:56 halved).
+    ``loader``: the smallest Flux ComfyUI's detection loads back from a file: hidden 3072,
+    24 heads, axes_dim [16, 56, 56] (forced by model_detection.py:219-221), one double and one
+    single block."""
+    cfg = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+           "patch_size": 2, "mlp_ratio": 4.0, "theta": 10000, "qkv_bias": True,
+           "context_in_dim": int(context_in_dim), "vec_in_dim": int(vec_in_dim),
+           "depth": 1, "depth_single_blocks": 1}
+    if size == "tiny":
+        cfg.update(hidden_size=128, num_heads=2, axes_dim=[8, 28, 28])
+    elif size == "loader":
+        cfg.update(hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56])
+    else:
+        raise ValueError(f"size must be one of {SIZES}")
+    return cfg
+
+
+def flux_model_config(size: str = "tiny", dtype=None, context_in_dim: int = TINY_T5["d_model"], vec_in_dim: int = 768):
+    """``comfy.supported_models.Flux`` (Flux.1 dev) for a build, inference dtype set."""
+    import torch
+    c = import_comfy()
+    mc = c.supported_models.Flux(flux_unet_config(size, context_in_dim, vec_in_dim))
+    dtype = dtype or torch.float32
+    mm = c.model_management
+    mc.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), mc.supported_inference_dtypes))
+    return mc
+
+
+def t5_config(layers: int = 2, t5: dict | None = None) -> dict:
+    """The tiny T5 overrides (merged by SDClipModel into t5_config_xxl.json); ``t5`` changes
+    more of them (``{"d_model": 256, "d_ff": 512}``)."""
+    return {**TINY_T5, **(t5 or {}), "num_layers": int(layers)}
+
+
+def flux_te_model_options(t5_layers: int = 2, clip_l_layers: int = TINY_CLIP_L_LAYERS, dtype=None,
+                          t5: dict | None = None) -> dict:
+    """``model_options`` for ``comfy.sd.CLIP`` that make FluxClipModel build the tiny encoders
+    (``None`` = ComfyUI's full config for that encoder). For ``comfy.sd.load_clip`` use
+    :func:`load_clip_model_options` (the loader rewrites ``clip_l_model_config``)."""
+    opts = {}
+    if dtype is not None:
+        opts["dtype"] = dtype
+    if clip_l_layers is not None:
+        opts["clip_l_model_config"] = {"num_hidden_layers": int(clip_l_layers)}
+    if t5_layers is not None:
+        opts["t5xxl_model_config"] = t5_config(t5_layers, t5)
+    return opts
+
+
+# ---------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------
+def build_flux_model(size: str = "tiny", seed: int = 0, dtype=None, context_in_dim: int = TINY_T5["d_model"],
+                     vec_in_dim: int = 768, std: float = 0.02):
+    """MODEL: ``ModelPatcher`` around ``comfy.model_base.Flux``, random weights (seeded)."""
+    c = import_comfy()
+    mm = c.model_management
+    mc = flux_model_config(size, dtype, context_in_dim, vec_in_dim)
+    model = mc.get_model({}, "", device=mm.unet_inital_load_device(0, mc.unet_config["dtype"]))
+    init_weights_(model.diffusion_model, seed=seed, std=std)
+    return c.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def build_flux_clip(seed: int = 0, dtype=None, t5_layers: int = 2, clip_l_layers: int = TINY_CLIP_L_LAYERS,
+                    std: float = 0.02, t5: dict | None = None):
+    """CLIP: ``comfy.sd.CLIP`` from ``supported_models.Flux.clip_target()`` (FluxTokenizer +
+    FluxClipModel) with the tiny T5 / CLIP-L configs, random weights (seeded)."""
+    import torch
+    c = import_comfy()
+    target = flux_model_config("tiny").clip_target()
+    clip = c.sd.CLIP(target, model_options=flux_te_model_options(t5_layers, clip_l_layers, dtype or torch.float32, t5))
+    init_weights_(clip.cond_stage_model, seed=seed + 1, std=std)
+    return clip
+
+
+def build_flux(size: str = "tiny", seed: int = 0, dtype=None, t5_layers: int = 2,
+               clip_l_layers: int = TINY_CLIP_L_LAYERS, t5: dict | None = None):
+    """(MODEL, CLIP) of a Flux.1 dev build. ``size``: "tiny" (hidden 128) or "loader" (hidden
+    3072, the smallest that ``comfy.sd.load_diffusion_model`` detects back); the text encoders are
+    tiny in both (T5 d_model 64 with ``t5_layers`` blocks, CLIP-L 768 wide)."""
+    clip = build_flux_clip(seed, dtype, t5_layers, clip_l_layers, t5=t5)
+    model = build_flux_model(size, seed, dtype, context_in_dim=_t5_width(clip), vec_in_dim=_clip_l_width(clip))
+    return model, clip
+
+
+def _t5_width(clip) -> int:
+    return int(clip.cond_stage_model.t5xxl.transformer.shared.weight.shape[1])
+
+
+def _clip_l_width(clip) -> int:
+    return int(clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Text encoding and the DiT call
+# ---------------------------------------------------------------------------------------
+def encode_flux(clip, text: str):
+    """(cond [1, 256·k, d_t5], pooled [1, 768]) through ``clip.tokenize`` +
+    ``encode_from_tokens(return_pooled=True)``, as CLIPTextEncode does. cond is the T5 output
+    (FluxTokenizer pads T5 to at least 256 tokens), pooled is CLIP-L's pooled output."""
+    tokens = clip.tokenize(text)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return cond, pooled
+
+
+def flux_velocity(model, cond, pooled, latents, timesteps, guidance: float = 3.5, load: bool = True,
+                  return_denoised: bool = False):
+    """The Flux DiT's raw output (the flow velocity) for ``latents`` [B, 16, h, w] at sigmas
+    ``timesteps`` (float in (0, 1], scalar / [1] / [B]; Flux's timestep *is* sigma).
+
+    Goes the samplers' way: ``model.model.extra_conds(cross_attn=cond, pooled_output=pooled,
+    guidance=...)`` -> ``process_cond`` -> ``model.model.apply_model(x, sigma, c_crossattn=...,
+    y=..., guidance=..., transformer_options=...)`` with the patcher's weights loaded
+    (``load_models_gpu``). ``apply_model`` returns the denoised latent (x - v·sigma); the raw
+    DiT output is taken from a forward hook on ``diffusion_model`` during that call.
+    Returns float32 on the latents' device (``(v, denoised)`` with ``return_denoised``)."""
+    import torch
+    c = import_comfy()
+    if load:
+        c.model_management.load_models_gpu([model])
+    m = model.model
+    dev = m.diffusion_model.img_in.weight.device
+    x = latents.to(dev, torch.float32)
+    b = x.shape[0]
+    sigma = torch.as_tensor(timesteps, dtype=torch.float32, device=dev).reshape(-1)
+    if sigma.numel() == 1:
+        sigma = sigma.expand(b)
+    conds = m.extra_conds(cross_attn=cond.to(dev), pooled_output=pooled.to(dev), guidance=guidance,
+                          noise=x, device=dev, width=x.shape[-1] * 8, height=x.shape[-2] * 8)
+    kwargs = {k: v.process_cond(batch_size=b, device=dev, area=None).cond for k, v in conds.items()}
+    topts = model.model_options.get("transformer_options", {}).copy()
+    captured = []
+    h = m.diffusion_model.register_forward_hook(lambda mod, a, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            denoised = m.apply_model(x, sigma, transformer_options=topts, **kwargs)
+    finally:
+        h.remove()
+    v = captured[-1].float().to(latents.device)
+    if return_denoised:
+        return v, denoised.float().to(latents.device)
+    return v
+
+
+def load_clip_model_options(clip_l_layers: int | None = TINY_CLIP_L_LAYERS, t5: dict | None = None) -> dict:
+    """``model_options`` for ``comfy.sd.load_clip`` that rebuild the reduced Flux text encoders.
+
+    Not the same keys as for ``comfy.sd.CLIP``: ``load_text_encoder_state_dicts`` runs
+    ``long_clipl.model_options_long_clip`` on each file (comfy/sd.py:1216), which *replaces*
+    ``clip_l_model_config`` with ``model_options["model_config"]`` plus max_position_embeddings
+    (comfy/text_encoders/long_clipl.py:22-25). So CLIP-L's depth goes in ``model_config``; the
+    T5's in ``t5xxl_model_config`` (read by SDClipModel for model_name "t5xxl")."""
+    opts = {}
+    if clip_l_layers is not None:
+        opts["model_config"] = {"num_hidden_layers": int(clip_l_layers)}
+    if t5 is not None:
+        opts["t5xxl_model_config"] = dict(t5)
+    return opts
+
+
+def t5_config_of(clip) -> dict:
+    """The T5 config overrides that rebuild ``clip``'s T5 (read off its weights)."""
+    t5 = clip.cond_stage_model.t5xxl.transformer
+    blk = t5.encoder.block[0]
+    att, ff = blk.layer[0].SelfAttention, blk.layer[-1].DenseReluDense
+    gated = hasattr(ff, "wi_0")
+    return {"d_model": int(t5.shared.weight.shape[1]), "vocab_size": int(t5.shared.weight.shape[0]),
+            "num_heads": int(att.num_heads), "d_kv": int(att.q.weight.shape[0]) // int(att.num_heads),
+            "d_ff": int(ff.wo.weight.shape[1]), "num_layers": int(t5.num_layers),
+            "is_gated_act": gated, "dense_act_fn": "gelu_pytorch_tanh" if gated else "relu"}
+
+
+# ---------------------------------------------------------------------------------------
+# Files, as users have them: diffusion model + clip_l + t5xxl
+# ---------------------------------------------------------------------------------------
+def _cast(sd: dict, dtype) -> dict:
+    out = {}
+    for k, t in sd.items():
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[k] = t.detach().cpu().contiguous()
+    return out
+
+
+def save_flux_files(model, clip, folder, dtype=None) -> dict:
+    """Write ``folder``/flux_diffusion_model.safetensors (BFL keys ``img_in.weight``,
+    ``double_blocks.0...``, as flux1-dev.safetensors and "Load Diffusion Model" read them),
+    clip_l.safetensors (``text_model.*``) and t5xxl.safetensors (``encoder.*``, ``shared.weight``)
+    the way ComfyUI's CLIPSave splits a Flux CLIP, plus text_encoders.json (the te model_options
+    :func:`load_flux_files` needs for the reduced text encoders). Patches are baked in
+    (``load_models_gpu(force_patch_weights=True)``, as the save nodes do). ``dtype`` default
+    float16. Returns {"diffusion_model", "clip_l", "t5xxl", "te_config": Path}."""
+    import torch
+    c = import_comfy()
+    dtype = torch.float16 if dtype is None else dtype
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    paths = {k: folder / v for k, v in FILE_NAMES.items()}
+    c.utils.save_torch_file(_cast(model.model.diffusion_model.state_dict(), dtype), str(paths["diffusion_model"]))
+    clip_sd = clip.get_sd()
+    spu = c.utils.state_dict_prefix_replace
+    for name in ("clip_l", "t5xxl"):
+        part = {k: v for k, v in clip_sd.items() if k.startswith(name + ".")}
+        part = spu(spu(part, {name + ".": ""}), {"transformer.": ""})
+        c.utils.save_torch_file(_cast(part, dtype), str(paths[name]))
+    te = load_clip_model_options(int(clip.cond_stage_model.clip_l.num_layers), t5_config_of(clip))
+    paths["te_config"] = folder / TE_CONFIG_NAME
+    paths["te_config"].write_text(json.dumps(te, indent=1))
+    return paths
+
+
+def load_flux_files(folder_or_paths, te_model_options: dict | None = None, model_options: dict | None = None):
+    """(MODEL, CLIP) through ComfyUI's own loaders: ``comfy.sd.load_diffusion_model`` (what
+    "Load Diffusion Model" calls) and ``comfy.sd.load_clip(ckpt_paths=[clip_l, t5xxl],
+    clip_type=CLIPType.FLUX)`` (DualCLIPLoader, type "flux") with the reduced text encoders'
+    configs from text_encoders.json (or ``te_model_options``). The loaders pick their default
+    dtypes (on the CPU: text encoders float16, the DiT float32).
+
+    Raises ValueError for a diffusion model ComfyUI cannot detect back (hidden size != 3072,
+    see the module docstring): build it with ``size="loader"``."""
+    c = import_comfy()
+    if isinstance(folder_or_paths, dict):
+        paths = {k: Path(v) for k, v in folder_or_paths.items()}
+    else:
+        folder = Path(folder_or_paths)
+        paths = {k: folder / v for k, v in FILE_NAMES.items()}
+        paths["te_config"] = folder / TE_CONFIG_NAME
+    from safetensors import safe_open
+    with safe_open(str(paths["diffusion_model"]), framework="pt") as f:
+        hidden = f.get_slice("img_in.weight").get_shape()[0] if "img_in.weight" in f.keys() else None
+    if hidden is not None and hidden != 3072:
+        raise ValueError(f"{paths['diffusion_model']}: hidden size {hidden}; ComfyUI's Flux detection forces "
+                         "num_heads 24 and axes_dim [16, 56, 56] (comfy/model_detection.py:219-221), i.e. "
+                         "hidden 3072. Build with size='loader'.")
+    if te_model_options is None:
+        p = paths.get("te_config")
+        te_model_options = json.loads(Path(p).read_text()) if p is not None and Path(p).is_file() else {}
+    model = c.sd.load_diffusion_model(str(paths["diffusion_model"]), model_options=dict(model_options or {}))
+    clip = c.sd.load_clip(ckpt_paths=[str(paths["clip_l"]), str(paths["t5xxl"])],
+                          clip_type=c.sd.CLIPType.FLUX, model_options=dict(te_model_options))
+    return model, clip
+
+
+def as_users_load(seed: int = 0, t5_layers: int = 2, folder=None):
+    """(MODEL, CLIP) of a ``size="loader"`` build saved as float16 files and loaded back through
+    ComfyUI's loaders, cached in ``folder`` (default ``<repo>/.cache/flux/loader_s{seed}_t{t5_layers}``)."""
+    folder = Path(folder or REPO / ".cache" / "flux" / f"loader_s{seed}_t{t5_layers}")
+    if not all((folder / n).is_file() for n in (*FILE_NAMES.values(), TE_CONFIG_NAME)):
+        model, clip = build_flux("loader", seed, t5_layers=t5_layers)
+        save_flux_files(model, clip, folder)
+        del model, clip
+    return load_flux_files(folder)

@@ -1,0 +1,150 @@
+"""Flux.1 through its text gateway: a tiny random-weight Flux from ComfyUI's own classes
+(scripts/comfy_dit.py), solved by the same pipeline and nodes as the UNet families.
+
+The deep site is ``txt_in`` (T5's per-token output → the transformer's width), the pooled site
+``vector_in.in_layer`` (CLIP-L's pooled output), the shallow sites T5's ``wo`` in its first blocks.
+Measured with ComfyUI's own encode and the model's own forward (``flux_velocity``).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import comfy_host as H
+from scripts import comfy_dit
+
+T5 = {"d_model": 512, "d_ff": 1024}  # the gateway's rank budget is T5's width
+TARGET, ANCHOR = "cat", "dog"
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return comfy_dit.build_flux("tiny", seed=0, t5_layers=12, t5=T5)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return H.load_pack()
+
+
+def _request(**kw):
+    from erasepro_ops.request import Request
+    from erasepro_ops.templates import ConceptPair
+    concept = kw.pop("concept", ConceptPair(TARGET, ANCHOR, "object"))
+    return Request((concept,), **kw)
+
+
+def test_flux_is_detected_with_its_gateway_sites(flux):
+    from erasepro_comfy.host import ComfyHost
+    model, clip = flux
+    arch = ComfyHost(model, clip).architecture()
+    assert arch.name == "flux"
+    clip_l, t5 = arch.encoders
+    assert (clip_l.name, clip_l.spec.per_token) == ("clip_l", False)  # only its pooled output is read
+    assert (t5.name, t5.spec.causal, t5.depth, t5.width) == ("t5xxl", False, 12, 512)
+    assert t5.special.start is None and (t5.special.end, t5.special.pad) == (1, 0)
+    assert arch.deep_keys == ("diffusion_model.txt_in.weight",)
+    assert arch.pooled_site == "diffusion_model.vector_in.in_layer.weight" and arch.pooled_width == 768
+    assert arch.context == 256 and arch.context_width == 512
+    assert [t5.shallow_depth(3), clip_l.shallow_depth(3)] == [3, 0]
+
+
+@pytest.mark.parametrize("layers", [0, 3])
+def test_gateway_erasure_is_exact_and_keeps_the_empty_prompt(flux, layers):
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import run_erasure
+    model, clip = flux
+    edit = run_erasure(ComfyHost(model, clip), _request(progressive_layers=layers, template_padding=0))
+    s = edit.summary
+    keys = {e.key for e in edit.sites}
+    assert {"diffusion_model.txt_in.weight", "diffusion_model.vector_in.in_layer.weight"} <= keys
+    shallow = sorted(e.key for e in edit.sites if e.stage == "shallow")
+    assert shallow == [f"t5xxl.transformer.encoder.block.{b}.layer.1.DenseReluDense.wo.weight" for b in range(layers)]
+    assert s["family"] == "flux"
+    assert s["train_residual"] <= 1e-5, s["train_residual"]
+    assert s["pooled_residual"] <= 1e-5, s["pooled_residual"]
+    assert s["empty_prompt_drift"] <= 1e-5, s["empty_prompt_drift"]
+
+
+def test_velocity_of_an_erased_prompt_is_the_anchors(flux):
+    """Every T5 position of the concept's prompts constrained (256 per prompt, 2 prompts = the
+    gateway's 512 directions): the erased model's velocity for the target prompt is the original
+    model's for the anchor prompt, through ComfyUI's own encode and the DiT's forward."""
+    from erasepro_comfy.apply import apply_edit
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import run_erasure
+    from erasepro_ops.templates import ConceptPair
+    model, clip = flux
+    concept = ConceptPair(TARGET, ANCHOR, "custom", "a photo of {}")
+    edit = run_erasure(ComfyHost(model, clip), _request(concept=concept, progressive_layers=0, template_padding=256,
+                                                        keep_empty_prompt=False, fit_padding=False))
+    erased, erased_clip = apply_edit(model, clip, edit, 1.0)
+    same_model, same_clip = apply_edit(model, clip, edit, 0.0)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def velocity(m, c, text):
+        cond, pooled = comfy_dit.encode_flux(c, text)
+        return comfy_dit.flux_velocity(m, cond, pooled, latents, 0.5)
+
+    for target, anchor in (("a photo of cat", "a photo of dog"), ("cat", "dog")):
+        v_anchor, v_target = velocity(model, clip, anchor), velocity(model, clip, target)
+        gap = float((v_target - v_anchor).norm())
+        assert gap > 1e-4 * float(v_anchor.norm())  # the prompts do differ
+        err = float((velocity(erased, erased_clip, target) - v_anchor).norm())
+        assert err <= 1e-3 * gap, (target, err / gap)
+    # strength 0 leaves the model as it was
+    assert torch.equal(velocity(same_model, same_clip, "a photo of cat"), velocity(model, clip, "a photo of cat"))
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *a):
+        logging.getLogger().removeHandler(self)
+
+
+def test_nodes_solve_flux_and_the_lora_loads_through_the_stock_loader(flux, pack, tmp_path, monkeypatch):
+    import folder_paths
+    from erasepro_comfy.host import effective_weights
+    model, clip = flux
+    m = pack.NODE_CLASS_MAPPINGS
+    (concepts,) = m["ErasePro_ConceptPair"]().build(TARGET, ANCHOR, "object")
+    out = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "erasepro")
+    edit = out["result"][0]
+    assert any(e.stage == "shallow" for e in edit.sites)
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    old = folder_paths.folder_names_and_paths["loras"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], old[1]))
+    folder_paths.filename_list_cache.clear()
+    name = m["ErasePro_SaveEdit"]().save(edit, "test/flux_cat", "float32")["result"][0]
+    assert (loras / name).is_file()
+
+    with Warnings() as w:
+        lora_model, lora_clip = H.comfy_nodes().LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    folder_paths.filename_list_cache.clear()
+    assert not [x for x in w.messages if "not loaded" in x.lower()], w.messages
+    # every site the edit changes is patched (a site the shallow stage left settled has rank 0 and no tensors)
+    assert {s.key for s in edit.part("model") if s.rank} <= set(lora_model.patches)
+    assert {s.key for s in edit.part("clip") if s.rank} <= set(lora_clip.patcher.patches)
+    assert edit.part("clip") and all(s.rank for s in edit.part("clip"))
+
+    applied, applied_clip = m["ErasePro_ApplyErasedUNet"]().apply(model, edit, 1.0, clip)
+    for part, (a, b) in (("model", (lora_model, applied)), ("clip", (lora_clip.patcher, applied_clip.patcher))):
+        keys = [s.key for s in edit.part(part)]
+        wa, wb = effective_weights(a, keys), effective_weights(b, keys)
+        for k in keys:
+            tol = 4 * torch.finfo(torch.float32).eps * float(wb[k].abs().max())
+            assert float((wa[k] - wb[k]).abs().max()) <= tol, k
