@@ -33,14 +33,24 @@ def context_prompt_pairs(concepts, n: int) -> list[tuple[str, str, ConceptPair]]
     return [(t, a, pair) for pair in concepts for t, a in context_pairs(pair, n, set(expand(pair)))]
 
 
+def _fitting(chunks, enc, prompt: str):
+    """``chunks``, after checking each holds at most the encoder's context (a T5 chunk grows with
+    the prompt instead of splitting)."""
+    longest = max(len(c) for c in chunks)
+    if longest > enc.spec.context:
+        raise EraseProError(f"the prompt {quote(prompt)} is {longest} {enc.name} tokens long; at most "
+                            f"{enc.spec.context} fit: shorten it")
+    return chunks
+
+
 def align_prompts(host: Host, arch: Architecture, pairs):
     """Per prompt pair: the alignment (shared by all encoders) and each encoder's chunk ids."""
     alignments, target_ids, anchor_ids = [], [[] for _ in arch.encoders], [[] for _ in arch.encoders]
     for t_prompt, a_prompt, pair in pairs:
         found = None
         for i, enc in enumerate(arch.encoders):
-            t_chunks = host.tokenize(t_prompt, enc)
-            a_chunks = host.tokenize(a_prompt, enc)
+            t_chunks = _fitting(host.tokenize(t_prompt, enc), enc, t_prompt)
+            a_chunks = _fitting(host.tokenize(a_prompt, enc), enc, a_prompt)
             if not enc.spec.per_token:  # only its pooled output is read: the prompts' first chunks
                 target_ids[i].append(t_chunks[0])
                 anchor_ids[i].append(a_chunks[0])
@@ -66,7 +76,7 @@ def preserve_ids(host: Host, arch: Architecture, prompts):
     ids = [[] for _ in arch.encoders]
     for text in prompts:
         for i, enc in enumerate(arch.encoders):
-            ids[i].append(host.tokenize(text, enc)[0])
+            ids[i].append(_fitting(host.tokenize(text, enc), enc, text)[0])
     return ids
 
 

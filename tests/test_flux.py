@@ -148,3 +148,13 @@ def test_nodes_solve_flux_and_the_lora_loads_through_the_stock_loader(flux, pack
         for k in keys:
             tol = 4 * torch.finfo(torch.float32).eps * float(wb[k].abs().max())
             assert float((wa[k] - wb[k]).abs().max()) <= tol, k
+
+
+def test_a_prompt_longer_than_t5s_context_is_refused_clearly(flux):
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.errors import EraseProError
+    from erasepro_ops.pipeline import run_erasure
+    model, clip = flux
+    long = "a photo of a cat " + "in a very long and winding sentence " * 40
+    with pytest.raises(EraseProError, match="t5xxl tokens long; at most 256 fit: shorten it"):
+        run_erasure(ComfyHost(model, clip), _request(preserve=(long,)))
