@@ -11,6 +11,7 @@ import torch
 import comfy.model_base
 import comfy.model_management
 import comfy.supported_models
+import comfy.utils
 
 from erasepro_ops.tokens import SpecialTokens, token_chunks
 from erasepro_ops.errors import EraseProError, log  # noqa: F401  (re-exported)
@@ -138,6 +139,9 @@ class ComfyHost:
         prefixes = tuple(f"{encoder.name}.{p}" for p in (stack.embeddings,) + stack.block_prefixes(depth))
         keys = [k for k in self.clip.patcher.get_key_patches() if k.startswith(prefixes)]
         return fingerprint_of([(self.clip.patcher, keys)])
+
+    def text_storage_bits(self, keys) -> int:
+        return min(comfy.utils.get_attr(self.clip.patcher.model, key).dtype.itemsize * 8 for key in keys)
 
     def model_weights(self, keys) -> dict[str, torch.Tensor]:
         return effective_weights(self.model, keys)

@@ -52,6 +52,11 @@ class Host(Protocol):
         blocks' effective weights (patches included), so a LoRA on them changes it."""
         ...
 
+    def text_storage_bits(self, keys: Sequence[str]) -> int:
+        """The fewest bits per element among these text-encoder weights as stored (16 for fp16,
+        8 for fp8): an edit applied to them is rounded to that precision."""
+        ...
+
     def model_weights(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """The diffusion model's effective weights, float32."""
         ...

@@ -130,6 +130,6 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
                         preserve_features=_kept_features(o.k, k_edited, n_user),
                         empty_features=_kept_features(o.k, k_edited, n_user, empty=True)
                         if len(b.kept_prompts) > n_user else None,
-                        warnings=b.warnings())
+                        warnings=b.warnings() + shallow.notes)
     return ErasureEdit(tuple(shallow.edits + model_edits), request.settings_record(arch.name), summary.to_dict(),
                        fingerprint({**shallow.weights, **model_weights}))

@@ -31,6 +31,7 @@ def site_edits(results, part: str, stage: str) -> list[SiteEdit]:
 
 
 RETAIN_BATCH = 64  # bank prompts per batch through the shallow blocks, sorted by length
+MIN_SHALLOW_BITS = 16  # text-encoder weights stored in fewer bits (fp8) get no shallow edits, see solve_shallow
 
 
 @dataclass
@@ -144,11 +145,17 @@ class ShallowResult:
     edits: list[SiteEdit]
     weights: dict[str, torch.Tensor]  # the original weights they were solved on
     edited: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # key → (W_o + ΔW, bias), float32
+    notes: list[str] = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
 
 
 def solve_shallow(host: Host, arch: Architecture, request: Request, settings: SolverSettings, columns,
                   anchor_in, target_in, soft: SoftWeighting | None, on_site) -> ShallowResult:
-    """The shallow sites (the first S blocks' MLP output projections), per text encoder, shallow to deep."""
+    """The shallow sites (the first S blocks' MLP output projections), per text encoder, shallow to deep.
+
+    An encoder whose weights are stored in fewer than :data:`MIN_SHALLOW_BITS` bits (a T5 loaded
+    in fp8) gets none: ComfyUI rounds a patched weight to its storage dtype, and fp8's ~6% steps
+    would leave the deep sites (solved on the exact edited features) several percent of the gap
+    to the anchor. The deep sites then hold the whole erasure, exactly, and the summary says so."""
     out = ShallowResult([], [], {}, {})
     # The erasure's rank budget is the deep sites' width: when the constraints overflow it, the
     # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py). The
@@ -161,6 +168,12 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
         if depth == 0:
             continue
         keys = [enc.shallow_key(l) for l in range(depth)]
+        bits = host.text_storage_bits(keys)
+        if bits < MIN_SHALLOW_BITS:
+            out.notes.append(f"progressive_layers {request.progressive_layers} not used on {enc.name}: its weights are stored "
+                             f"in {bits}-bit floats, which would round its edits away; the erasure is solved at the deep "
+                             f"sites alone. Load {enc.name} in fp16 or bf16 for the progressive edit")
+            continue
         weights = host.text_weights(keys)
         out.weights.update(weights)
         bias_keys = [k.replace(".weight", ".bias") for k in keys]

@@ -114,6 +114,42 @@ class Warnings(logging.Handler):
         logging.getLogger().removeHandler(self)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn], ids=["fp16", "fp8_e4m3fn"])
+def test_t5_as_users_load_it_fp16_or_fp8(flux, dtype):
+    """The same T5 stored in fp16 or fp8 (as t5xxl_fp8_e4m3fn), ComfyUI casting it as it runs:
+    S = 3 erases through the applied edit (fp16), or, in fp8, whose steps would round the shallow
+    edits away, the gateway holds the whole erasure and the summary says so."""
+    from erasepro_comfy.apply import apply_edit
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import run_erasure
+    from erasepro_ops.templates import ConceptPair
+    model, clip32 = flux
+    clip = comfy_dit.build_flux_clip(seed=0, dtype=dtype, t5_layers=12, t5=T5)
+    t5 = clip32.cond_stage_model.t5xxl.state_dict()
+    stored = {k: v.to(dtype) if "layer_norm" not in k else v for k, v in t5.items()}
+    clip.cond_stage_model.t5xxl.load_state_dict(stored, strict=False)
+    clip.cond_stage_model.clip_l.load_state_dict(clip32.cond_stage_model.clip_l.state_dict())
+    wo = "t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    assert clip.patcher.model_state_dict()[wo].dtype == dtype
+
+    concept = ConceptPair(TARGET, ANCHOR, "custom", "a photo of {}")
+    edit = run_erasure(ComfyHost(model, clip), _request(concept=concept, progressive_layers=3, template_padding=256,
+                                                        keep_empty_prompt=False, fit_padding=False))
+    fp8 = dtype == torch.float8_e4m3fn
+    assert bool(edit.part("clip")) != fp8
+    assert any("8-bit floats" in w for w in edit.summary["warnings"]) == fp8
+    erased, erased_clip = apply_edit(model, clip, edit, 1.0)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def velocity(m, c, text):
+        cond, pooled = comfy_dit.encode_flux(c, text)
+        return comfy_dit.flux_velocity(m, cond, pooled, latents, 0.5)
+
+    v_anchor, v_target = velocity(model, clip, "a photo of dog"), velocity(model, clip, "a photo of cat")
+    err = float((velocity(erased, erased_clip, "a photo of cat") - v_anchor).norm() / (v_target - v_anchor).norm())
+    assert err <= 1e-3, err
+
+
 def test_nodes_solve_flux_and_the_lora_loads_through_the_stock_loader(flux, pack, tmp_path, monkeypatch):
     import folder_paths
     from erasepro_comfy.host import effective_weights
