@@ -1,8 +1,10 @@
-"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL.
+"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (and a reduced Flux.1).
 
-    python -m benchmarks.run [--models sd15,sdxl] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
+    python -m benchmarks.run [--models sd15,sdxl,flux] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
 
-Models are built from ComfyUI's own classes at full size with random weights (scripts/comfy_host).
+Models are built from ComfyUI's own classes at full size with random weights (scripts/comfy_host);
+Flux.1 at reduced widths only (scripts/comfy_dit, ``FLUX_SIZES``: a full T5-XXL alone is 4.7B
+parameters), its text encoders built in memory in the dtype asked for.
 Every configuration runs the solve (``erasepro_ops.pipeline.run_erasure`` on the ComfyUI host) on
 the same concepts and preserve set, in one process, models already loaded. "time s" is a first solve
 on the model (the retain bank's weightings not cached), "again s" the same solve queued again, as a
@@ -220,8 +222,20 @@ def role_residuals(w_list, d_list, x_new, x, y, roles):
     return out
 
 
+FLUX_SIZES = {  # the DiT's width is irrelevant to the solve; T5 sets the gateway's rank budget and the cost
+    "tiny": dict(t5_layers=12, t5={"d_model": 512, "d_ff": 1024}),
+    "full": dict(t5_layers=24, t5={"d_model": 1024, "d_kv": 64, "num_heads": 16, "d_ff": 2816}),  # T5 v1.1 large's shape
+}
+
+
 def load_models(kind: str, size: str, dtype: str):
-    """fp16: a float16 checkpoint file through ComfyUI's loader, as users run it; fp32: built in memory."""
+    """fp16: a float16 checkpoint file through ComfyUI's loader, as users run it; fp32: built in memory.
+    Flux: built in memory, text encoders (and DiT) in ``dtype`` (ComfyUI's loader only builds full-size T5-XXL)."""
+    if kind == "flux":
+        import torch
+        from scripts import comfy_dit
+        return comfy_dit.build_flux("tiny", dtype=torch.float16 if dtype == "fp16" else torch.float32,
+                                    **FLUX_SIZES[size])
     if dtype == "fp16":
         return H.as_users_load(kind, size)
     return H.build(kind, size)
@@ -247,12 +261,15 @@ class Bench:
         print(f"[{kind}] {size} random-weight model, {dtype}, ready in {time.perf_counter() - t0:.1f} s", flush=True)
         host = ComfyHost(model, clip)
         g = torch.Generator().manual_seed(0)
-        latents = torch.randn(2, 4, eps_size, eps_size, generator=g)
+        latents = torch.randn(2, 16 if kind == "flux" else 4, eps_size, eps_size, generator=g)
         timesteps = torch.tensor([300.0, 800.0])
 
-        def eps(m, c, text):
+        def eps(m, c, text):  # Flux: the velocity at sigmas 0.3 and 0.8
             cond, pooled = H.encode(c, text)
             pooled = pooled.expand(2, -1) if pooled is not None else None
+            if kind == "flux":
+                from scripts import comfy_dit
+                return comfy_dit.flux_velocity(m, cond.expand(2, -1, -1), pooled, latents, timesteps / 1000)
             return H.unet_eps(m, cond.expand(2, -1, -1), pooled, latents, timesteps).float()
 
         weights = host.model_weights(host.architecture().deep_keys)
@@ -465,12 +482,13 @@ def draw_trade_off(rows, path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB)")
+    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux (reduced widths)")
     parser.add_argument("--concepts", default="1,10,100")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median); 1 at 100 concepts")
     parser.add_argument("--eps-size", type=int, default=16, help="latent size for the eps metrics")
     parser.add_argument("--out", default=str(REPO / "output" / "bench"))
-    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a quick smoke run")
+    parser.add_argument("--size", default="full", choices=["full", "tiny"],
+                        help="tiny: a quick smoke run (Flux: see FLUX_SIZES; its 'full' is a T5-large-shaped encoder)")
     parser.add_argument("--dtypes", default="fp16", help="comma list: fp16 (a float16 checkpoint file through ComfyUI's "
                                                           "loader, as users run it), fp32 (built in float32)")
     parser.add_argument("--configs", help=f"comma list of configurations to run (default all: {', '.join(c[0] for c in CONFIGS)}); "

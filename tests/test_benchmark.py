@@ -19,6 +19,18 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert all(r["again_seconds"] > 0 and r["peak_extra_mib"] >= 0 for r in rows)
 
 
+def test_benchmark_runs_flux_beside_uce(tmp_path):
+    """The reduced Flux: UCE and the gateway edit in one run; ErasePro erases the template's velocity
+    closer to the anchor's than UCE's last-token edit does."""
+    assert run.main(["--models", "flux", "--size", "tiny", "--concepts", "1", "--runs", "1", "--eps-size", "8",
+                     "--out", str(tmp_path), "--configs", "UCE,ErasePro S=0"]) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "flux_fp16.json").read_text())["rows"]}
+    uce, ours = rows["UCE"], rows["ErasePro S=0"]
+    assert ours["own_columns_residual"] <= 1e-4 < uce["own_columns_residual"]
+    assert ours["eps_erasure"] < uce["eps_erasure"]
+    assert ours["width"] == 512 and ours["empty_prompt_drift"] <= 1e-4
+
+
 def test_benchmark_sweep_writes_the_trade_off_chart(tmp_path):
     configs = "UCE,S=3 ctx 10"
     assert run.main(["--size", "tiny", "--concepts", "1", "--runs", "1", "--eps-size", "8", "--out", str(tmp_path),
