@@ -108,8 +108,9 @@ def first_layer_inputs(clip, encoders, chunks_per_encoder) -> list:
 
 
 @dataclass
-class ClipLayerBlock:
-    """A ComfyUI ``CLIPLayer`` seen through ``erasepro_ops.chain.MLPBlock``."""
+class LayerBlock:
+    """A ComfyUI text-encoder block with its shallow site's weights, as the first block's captured
+    input gives its mask and attention function."""
 
     name: str
     layer: torch.nn.Module
@@ -117,6 +118,11 @@ class ClipLayerBlock:
     bias: torch.Tensor | None
     mask: torch.Tensor | None
     attention: object
+
+
+@dataclass
+class ClipLayerBlock(LayerBlock):
+    """A ComfyUI ``CLIPLayer`` seen through ``erasepro_ops.chain.MLPBlock``."""
 
     def mlp_input(self, h):
         layer = self.layer
@@ -130,18 +136,12 @@ class ClipLayerBlock:
 
 
 @dataclass
-class T5LayerBlock:
+class T5LayerBlock(LayerBlock):
     """A ComfyUI ``T5Block`` seen through ``erasepro_ops.chain.MLPBlock``: the site is its feed-forward
     output projection ``wo`` (no bias); ``x`` is ``act(wi_0 n) * wi_1 n`` (gated, as T5 v1.1 / XXL)
     or ``act(wi n)``, ``n`` the layer-normed residual stream. A block without its own relative
     position bias uses the first block's, as ``T5Stack`` passes it on."""
 
-    name: str
-    layer: torch.nn.Module
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    mask: torch.Tensor | None
-    attention: object
     first: torch.nn.Module
 
     def mlp_input(self, h):

@@ -8,7 +8,6 @@ checkpoint loader and sampler check what the files do. The batch test runs the r
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import comfy_host as H
+from log_capture import Warnings
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["sd15", "sdxl"]
@@ -92,22 +92,6 @@ def site_weights(eio, model, clip, edit):
     if edit.part("clip"):
         w.update(from_host.effective_weights(clip.patcher, [s.key for s in edit.part("clip")]))
     return w
-
-
-class Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        logging.getLogger().addHandler(self)
-        return self
-
-    def __exit__(self, *a):
-        logging.getLogger().removeHandler(self)
 
 
 # ----------------------------------------------------------------------------------------

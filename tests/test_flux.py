@@ -7,12 +7,12 @@ Measured with ComfyUI's own encode and the model's own forward (``flux_velocity`
 """
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
 
 import comfy_host as H
+from log_capture import Warnings
 from scripts import comfy_dit
 
 T5 = {"d_model": 512, "d_ff": 1024}  # the gateway's rank budget is T5's width
@@ -96,22 +96,6 @@ def test_velocity_of_an_erased_prompt_is_the_anchors(flux):
         assert err <= 1e-3 * gap, (target, err / gap)
     # strength 0 leaves the model as it was
     assert torch.equal(velocity(same_model, same_clip, "a photo of cat"), velocity(model, clip, "a photo of cat"))
-
-
-class Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        logging.getLogger().addHandler(self)
-        return self
-
-    def __exit__(self, *a):
-        logging.getLogger().removeHandler(self)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn], ids=["fp16", "fp8_e4m3fn"])
