@@ -4,7 +4,7 @@
 
 Models are built from ComfyUI's own classes at full size with random weights (scripts/comfy_host);
 Flux.1 at reduced widths only (scripts/comfy_dit, ``FLUX_SIZES``: a full T5-XXL alone is 4.7B
-parameters), its text encoders built in memory in the dtype asked for.
+parameters).
 Every configuration runs the solve (``erasepro_ops.pipeline.run_erasure`` on the ComfyUI host) on
 the same concepts and preserve set, in one process, models already loaded. "time s" is a first solve
 on the model (the retain bank's weightings not cached), "again s" the same solve queued again, as a
@@ -230,12 +230,14 @@ FLUX_SIZES = {  # the DiT's width is irrelevant to the solve; T5 sets the gatewa
 
 def load_models(kind: str, size: str, dtype: str):
     """fp16: a float16 checkpoint file through ComfyUI's loader, as users run it; fp32: built in memory.
-    Flux: built in memory, text encoders (and DiT) in ``dtype`` (ComfyUI's loader only builds full-size T5-XXL)."""
+    Flux fp16: float16 files through ComfyUI's Load Diffusion Model / DualCLIPLoader functions (the DiT
+    3072 wide with one block of each kind, the smallest its detection loads; the reduced text
+    encoders' configs passed to the loader)."""
     if kind == "flux":
-        import torch
         from scripts import comfy_dit
-        return comfy_dit.build_flux("tiny", dtype=torch.float16 if dtype == "fp16" else torch.float32,
-                                    **FLUX_SIZES[size])
+        if dtype == "fp16":
+            return comfy_dit.as_users_load(**FLUX_SIZES[size])
+        return comfy_dit.build_flux("tiny", **FLUX_SIZES[size])
     if dtype == "fp16":
         return H.as_users_load(kind, size)
     return H.build(kind, size)

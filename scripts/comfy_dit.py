@@ -315,12 +315,14 @@ def load_flux_files(folder_or_paths, te_model_options: dict | None = None, model
     return model, clip
 
 
-def as_users_load(seed: int = 0, t5_layers: int = 2, folder=None):
+def as_users_load(seed: int = 0, t5_layers: int = 2, folder=None, t5: dict | None = None):
     """(MODEL, CLIP) of a ``size="loader"`` build saved as float16 files and loaded back through
-    ComfyUI's loaders, cached in ``folder`` (default ``<repo>/.cache/flux/loader_s{seed}_t{t5_layers}``)."""
-    folder = Path(folder or REPO / ".cache" / "flux" / f"loader_s{seed}_t{t5_layers}")
+    ComfyUI's loaders (text encoders in float16, as ComfyUI loads them), cached in ``folder``
+    (default ``<repo>/.cache/flux/loader_s{seed}_t{t5_layers}[_d{d_model}]``)."""
+    width = f"_d{t5['d_model']}" if t5 and "d_model" in t5 else ""
+    folder = Path(folder or REPO / ".cache" / "flux" / f"loader_s{seed}_t{t5_layers}{width}")
     if not all((folder / n).is_file() for n in (*FILE_NAMES.values(), TE_CONFIG_NAME)):
-        model, clip = build_flux("loader", seed, t5_layers=t5_layers)
+        model, clip = build_flux("loader", seed, t5_layers=t5_layers, t5=t5)
         save_flux_files(model, clip, folder)
         del model, clip
     return load_flux_files(folder)
