@@ -10,7 +10,9 @@ import comfy.lora
 from erasepro_ops import export
 from erasepro_ops.edit import ErasureEdit, SiteEdit
 from erasepro_ops.errors import EraseProError
+from erasepro_ops.family import FAMILIES
 
+from .host import model_family
 from .weights import fingerprint_of
 
 
@@ -20,6 +22,7 @@ def apply_edit(model, clip, edit: ErasureEdit, strength: float):
     new_clip = clip.clone() if clip is not None else None
     if strength == 0:
         return new_model, new_clip
+    check_family(edit, model)
     check_sites(new_model.model_state_dict(), edit.part("model"), "MODEL")
     new_model.add_patches({s.key: (s.delta(),) for s in edit.part("model")}, strength)
     if edit.part("clip"):
@@ -39,6 +42,14 @@ def check_sites(state, sites: Sequence[SiteEdit], what: str):
         if tuple(state[s.key].shape) != s.shape:
             raise EraseProError(f"this edit was made for another model: {s.key} is {tuple(state[s.key].shape)} "
                                 f"in the {what}, the edit expects {s.shape}")
+
+
+def check_family(edit, model) -> None:
+    """The MODEL is of the family the edit was solved on (Flux.1 and Chroma share layer names)."""
+    solved, here = FAMILIES.get(export.edit_family(edit)), model_family(model)
+    if solved is not None and solved.name != here.name:
+        raise EraseProError(f"this edit was made for another model family ({solved.label}); this MODEL is "
+                            f"{here.label}. Connect the {solved.label} model it was solved on, or solve the erasure on this one")
 
 
 def save_edit_file(edit, path, dtype: str = "float32") -> Path:
@@ -94,6 +105,7 @@ def check_against(edit, model, clip, ignore_fingerprint: bool = False) -> str:
     applied); the fingerprint check is skipped only with ``ignore_fingerprint``.
     """
     model_sites, clip_sites = edit.part("model"), edit.part("clip")
+    check_family(edit, model)
     check_sites(model.model_state_dict(), model_sites, "MODEL")
     if clip_sites:
         if clip is None:

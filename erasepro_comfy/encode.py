@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,27 @@ PROBE_BATCH = 8  # batches larger than this are probed with one prompt first (pr
 def encoder_module(clip, enc) -> torch.nn.Module:
     """The ``comfy.sd1_clip.SDClipModel`` of ``enc`` (an ``erasepro_ops.family.TextEncoder``)."""
     return getattr(clip.cond_stage_model, enc.name)
+
+
+def encoder_tokenizer(clip, name: str):
+    """The ``comfy.sd1_clip.SDTokenizer`` of the text encoder ``name``: ``clip.tokenizer.<name>``,
+    or ``clip_<name>`` for a one-encoder ``SD1Tokenizer`` (Chroma's ``clip_t5xxl``); None if absent."""
+    tokenizer = getattr(clip.tokenizer, name, None)
+    return tokenizer if tokenizer is not None else getattr(clip.tokenizer, f"clip_{name}", None)
+
+
+@contextmanager
+def masked_padding(clip, enc):
+    """Encode ``enc``'s batches with the attention mask on when the model reads no padding
+    (``enc.spec.padded`` False): the solve pads those prompts to one length, and the mask keeps every
+    real position's features what ComfyUI gives for the unpadded prompt."""
+    module = encoder_module(clip, enc)
+    before = module.enable_attention_masks
+    module.enable_attention_masks = before or not enc.spec.padded
+    try:
+        yield
+    finally:
+        module.enable_attention_masks = before
 
 
 @dataclass(frozen=True)
@@ -97,7 +119,8 @@ def first_layer_inputs(clip, encoders, chunks_per_encoder) -> list:
 
             stopper = first.register_forward_pre_hook(stop)
             try:
-                encoder_module(clip, enc).encode([list(c) for c in chunks])
+                with masked_padding(clip, enc):
+                    encoder_module(clip, enc).encode([list(c) for c in chunks])
             except _Captured:
                 pass
             finally:
@@ -124,10 +147,10 @@ class LayerBlock:
 class ClipLayerBlock(LayerBlock):
     """A ComfyUI ``CLIPLayer`` seen through ``erasepro_ops.chain.MLPBlock``."""
 
-    def mlp_input(self, h):
+    def mlp_input(self, h, mask=None):
         layer = self.layer
         dtype = h.dtype
-        mask = self.mask
+        mask = self.mask if mask is None else mask
         if mask is not None and mask.shape[-1] > h.shape[1]:  # a batch cut short after its last position used
             mask = mask[..., : h.shape[1], : h.shape[1]]
         h_mid = h + layer.self_attn(layer.layer_norm1(h), mask, self.attention).to(dtype)
@@ -144,12 +167,12 @@ class T5LayerBlock(LayerBlock):
 
     first: torch.nn.Module
 
-    def mlp_input(self, h):
+    def mlp_input(self, h, mask=None):
         attn, ff = self.layer.layer[0], self.layer.layer[-1]
         position_bias = None
         if attn.SelfAttention.relative_attention_bias is None:
             position_bias = self.first.layer[0].SelfAttention.compute_bias(h.shape[1], h.shape[1], h.device, h.dtype)
-        out, _ = attn.SelfAttention(attn.layer_norm(h), mask=self.mask, past_bias=position_bias,
+        out, _ = attn.SelfAttention(attn.layer_norm(h), mask=self.mask if mask is None else mask, past_bias=position_bias,
                                     optimized_attention=self.attention)
         h_mid = h + out.to(h.dtype)
         dense, n = ff.DenseReluDense, ff.layer_norm(h_mid)
@@ -193,7 +216,7 @@ def _chunk_text(clip, enc: Encoder, ids) -> str:
     if enc.special.end in ids:
         ids = ids[: ids.index(enc.special.end)]
     try:
-        return getattr(clip.tokenizer, enc.name).tokenizer.decode(ids).strip()
+        return encoder_tokenizer(clip, enc.name).tokenizer.decode(ids).strip()
     except Exception:  # noqa: BLE001 - only for a message
         return f"<{len(ids)} tokens>"
 
@@ -226,7 +249,8 @@ def probe_encoders(clip, encoders, chunks_per_encoder) -> None:
     with torch.no_grad():
         for enc, chunks in zip(encoders, chunks_per_encoder):
             if len(chunks) > PROBE_BATCH:
-                z, p = encoder_module(clip, enc).encode([list(chunks[0])])[:2]
+                with masked_padding(clip, enc):
+                    z, p = encoder_module(clip, enc).encode([list(chunks[0])])[:2]
                 check_features(clip, enc, chunks[:1], z, p)
 
 
@@ -250,7 +274,8 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
             hook = LayerInputCapture(encoder_layers(clip, enc)[0]) if capture else None
             override = LinearOverride(clip.cond_stage_model, overrides) if overrides else None
             try:
-                z, p = encoder_module(clip, enc).encode([list(c) for c in chunks])[:2]
+                with masked_padding(clip, enc):
+                    z, p = encoder_module(clip, enc).encode([list(c) for c in chunks])[:2]
             finally:
                 if hook is not None:
                     hook.remove()

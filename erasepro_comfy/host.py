@@ -1,4 +1,4 @@
-"""ErasePro's host on ComfyUI for SD1.x, SD2.x, SDXL and Flux.1 (``erasepro_ops.host.Host``).
+"""ErasePro's host on ComfyUI for SD1.x, SD2.x, SDXL, Flux.1 and Chroma (``erasepro_ops.host.Host``).
 
 Which family a MODEL is, whether the CLIP belongs to it, and the host's calls on ComfyUI's
 objects. Everything here reads ComfyUI objects; the pipeline lives in ``erasepro_ops``.
@@ -20,18 +20,24 @@ from erasepro_ops.fingerprint import fingerprint  # noqa: F401  (re-exported)
 from erasepro_ops.host import Encoded
 
 from .encode import (PROBE_BATCH, ClipLayerBlock, encode_batch, encoder_layers, encoder_module, encoder_stack,  # noqa: F401
-                     first_layer_inputs)
+                     encoder_tokenizer, first_layer_inputs)
 from .weights import effective_weights, fingerprint_of  # noqa: F401
 
 TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl")  # the cond_stage_model attributes looked for
+
+
+SUPPORTED = "SD1.x, SD2.x, SDXL, Flux.1 and Chroma"
 
 
 def model_family(model) -> ModelFamily:
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
     flux = getattr(comfy.model_base, "Flux", None)  # not in ComfyUI before August 2024
-    if flux is not None and type(base) is flux:  # Flux.1 dev / schnell / fill; not Flux.2 nor Chroma
+    if flux is not None and type(base) is flux:  # Flux.1 dev / schnell / fill; not Flux.2
         return FAMILIES["flux"]
+    chroma = getattr(comfy.model_base, "Chroma", None)  # not in ComfyUI before mid 2025
+    if chroma is not None and type(base) is chroma:  # not Chroma Radiance (pixel space, untested)
+        return FAMILIES["chroma"]
     if isinstance(base, comfy.model_base.SDXL):
         return FAMILIES["sdxl"]
     if isinstance(config, comfy.supported_models.SD20):
@@ -39,11 +45,11 @@ def model_family(model) -> ModelFamily:
     if isinstance(config, comfy.supported_models.SD15):
         return FAMILIES["sd15"]
     name = type(config).__name__ if config is not None else type(base).__name__
-    raise EraseProError(f"not supported yet: {name}. ErasePro supports SD1.x, SD2.x, SDXL and Flux.1 models.")
+    raise EraseProError(f"not supported yet: {name}. ErasePro supports {SUPPORTED} models.")
 
 
 def _special_tokens(clip, encoder_attr: str) -> SpecialTokens:
-    tok = getattr(clip.tokenizer, encoder_attr, None)
+    tok = encoder_tokenizer(clip, encoder_attr)
     if tok is None:
         raise EraseProError(f"the CLIP's tokenizer has no {encoder_attr}: the CLIP does not match the MODEL")
     end = tok.end_token

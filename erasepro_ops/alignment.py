@@ -92,15 +92,16 @@ def _end_index(ids: Sequence[int], special: SpecialTokens, what: str) -> int:
     raise ValueError(f"the {what} tokens have no end token (id {special.end})")
 
 
-def preserve_alignment(prompt: str, ids: Sequence[object], special: SpecialTokens) -> PromptAlignment:
+def preserve_alignment(prompt: str, ids: Sequence[object], special: SpecialTokens, padded: bool = True) -> PromptAlignment:
     """A preserve prompt paired with itself in the original model.
 
     Every position is a constraint asking for the original features (``V* = W_o K``): the
-    positions up to the end token as role "preserve", the padding after it as "preserve_pad".
+    positions up to the end token as role "preserve", the padding after it as "preserve_pad"
+    (none when the model reads no padding, ``padded`` False).
     """
     chunk = token_ids(ids)
     end = _end_index(chunk, special, f"preserve prompt {quote(prompt)}")
-    positions = tuple(range(len(chunk)))
+    positions = tuple(range(len(chunk) if padded else end + 1))
     roles = tuple("preserve" if p <= end else "preserve_pad" for p in positions)
     return PromptAlignment(prompt, prompt, 0, 0, (), positions, positions, roles)
 

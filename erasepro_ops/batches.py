@@ -35,11 +35,15 @@ def context_prompt_pairs(concepts, n: int) -> list[tuple[str, str, ConceptPair]]
 
 def _fitting(chunks, enc, prompt: str):
     """``chunks``, after checking each holds at most the encoder's context (a T5 chunk grows with
-    the prompt instead of splitting)."""
+    the prompt instead of splitting). An unpadded encoder's chunks (Chroma's T5: the prompt and its
+    end token) are padded to the context with its pad token, so a batch has one length; the host
+    encodes them with the padding masked out."""
     longest = max(len(c) for c in chunks)
     if longest > enc.spec.context:
         raise EraseProError(f"the prompt {quote(prompt)} is {longest} {enc.name} tokens long; at most "
                             f"{enc.spec.context} fit: shorten it")
+    if not enc.spec.padded:
+        return [list(c) + [enc.special.pad] * (enc.spec.context - len(c)) for c in chunks]
     return chunks
 
 
@@ -84,8 +88,8 @@ def preserve_alignments(arch: Architecture, prompts, ids):
     """The preserve prompts as self-paired constraints (the same positions for every encoder)."""
     alignments = []
     for j, text in enumerate(prompts):
-        per_encoder = [preserve_alignment(text, ids[i][j], enc.special) for i, enc in enumerate(arch.encoders)
-                       if enc.spec.per_token]
+        per_encoder = [preserve_alignment(text, ids[i][j], enc.special, enc.spec.padded)
+                       for i, enc in enumerate(arch.encoders) if enc.spec.per_token]
         if any(al.role != per_encoder[0].role for al in per_encoder):
             raise EraseProError(f"the text encoders tokenise the preserve prompt {quote(text)} differently")
         alignments.append(per_encoder[0])
@@ -140,6 +144,15 @@ class Batches:
     soft_preserve: bool  # they weight the solve softly (UCE, or preserve_strength > 0)
     notes: list = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
     token_encoder: int = 0  # index of the first encoder whose per-token output the deep sites read
+    kept_lengths: tuple[int, ...] | None = None  # positions the model reads of each kept prompt; None: all
+
+    def kept_positions(self, features: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The kept prompts ``rows`` of ``features`` (batch × positions × width) as one
+        (positions × width) matrix, only the positions the diffusion model reads."""
+        if self.kept_lengths is None:
+            return features[rows].reshape(-1, features.shape[-1])
+        lengths = self.kept_lengths[rows]
+        return torch.cat([f[:n] for f, n in zip(features[rows], lengths)])
 
     @property
     def n_target(self) -> int:
@@ -163,6 +176,8 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
         contexts = context_prompt_pairs(request.concepts, request.context_templates)
         pairs, padding = pairs + contexts, padding + [request.context_padding] * len(contexts)
         suffix += [request.context_suffix] * len(contexts)
+    if not arch.padded:  # the model never reads a position past the end token
+        padding = [0] * len(pairs)
     alignments, target_ids, anchor_ids = align_prompts(host, arch, pairs)
     kept = request.preserve_prompts()
     preserve_tokens = preserve_ids(host, arch, kept) if kept else None
@@ -175,7 +190,7 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
 
     columns, notes = columns_with(padding), []
     overflows = columns.n_erasure > arch.context_width
-    if every_position and request.fit_padding and request.template_padding > 0 and overflows:
+    if every_position and arch.padded and request.fit_padding and request.template_padding > 0 and overflows:
         bare = columns_with([0] * templates + padding[templates:]).n_erasure
         fitted = fitted_padding(request.template_padding, bare, templates, arch.context_width)
         if fitted < request.template_padding:
@@ -184,5 +199,9 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
                          f"concept(s) with that padding would overflow the UNet's {arch.context_width}-direction rank budget")
     soft = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
     token_encoder = next(i for i, enc in enumerate(arch.encoders) if enc.spec.per_token)
+    kept_lengths = None
+    if preserve_tokens is not None and not arch.padded:
+        special = arch.encoders[token_encoder].special
+        kept_lengths = tuple(chunk.index(special.end) + 1 for chunk in preserve_tokens[token_encoder])
     return Batches(pairs, alignments, target_ids, anchor_ids, kept, preserve_tokens, columns, exact, soft, notes,
-                   token_encoder)
+                   token_encoder, kept_lengths)

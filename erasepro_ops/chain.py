@@ -65,8 +65,9 @@ class MLPBlock(Protocol):
     weight: torch.Tensor  # effective fc2 weight W_o (out × in)
     bias: torch.Tensor | None
 
-    def mlp_input(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h_mid, x)``: the residual stream entering the MLP and the ``fc2`` input, for ``h`` (B × T × D)."""
+    def mlp_input(self, h: torch.Tensor, mask: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h_mid, x)``: the residual stream entering the MLP and the ``fc2`` input, for ``h`` (B × T × D).
+        ``mask``: that batch's attention mask as the host captured it (None: the block's own)."""
         ...
 
 
@@ -251,11 +252,12 @@ class SiteResult:
 @dataclass(frozen=True)
 class KeptBatch:
     """Prompts whose ``fc2`` inputs a shallow weighting keeps still: their hidden states entering
-    the first block (P × T × D; for a causal encoder ``T`` may stop after the last position used)
-    and the flat positions used."""
+    the first block (P × T × D; for a causal encoder ``T`` may stop after the last position used),
+    the flat positions used, and their attention mask (None: the blocks' own)."""
 
     hidden: torch.Tensor
     index: torch.Tensor
+    mask: object = None
 
 
 def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch]) -> list[torch.Tensor]:
@@ -266,7 +268,7 @@ def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch]) -> l
         for batch in batches:
             h = batch.hidden
             for l, block in enumerate(blocks):
-                mid, x = block.mlp_input(h)
+                mid, x = block.mlp_input(h, batch.mask)
                 features[l].append(gather(x, batch.index))
                 if l + 1 < len(blocks):
                     h = block_output(mid, x, block.weight, block.bias)
@@ -283,10 +285,12 @@ def progressive_shallow(
     rule: str = "anchor_features",
     preserve: Sequence[torch.Tensor | PreserveWeighting | None] | None = None,
     on_site: Callable[[str], None] | None = None,
+    masks: tuple[object, object] = (None, None),
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
-    ``h_target``/``h_anchor`` (P × T × D) are the hidden states entering ``blocks[0]``;
+    ``h_target``/``h_anchor`` (P × T × D) are the hidden states entering ``blocks[0]``, ``masks``
+    their attention masks (None: the blocks' own);
     ``preserve`` (optional) per block the ``fc2`` inputs the ``C`` weighting keeps still (preserve
     prompts, the retain bank: :func:`kept_features`) or the weighting built from them.
     """
@@ -297,9 +301,9 @@ def progressive_shallow(
     h_t, h_a = h_target, h_anchor
     for l, block in enumerate(blocks):
         with torch.no_grad():
-            mid_a, x_a = block.mlp_input(h_a)
+            mid_a, x_a = block.mlp_input(h_a, masks[1])
             out_a = block_output(mid_a, x_a, block.weight, block.bias)
-            mid_t, x_t = block.mlp_input(h_t)
+            mid_t, x_t = block.mlp_input(h_t, masks[0])
 
             x, y = inputs_with_partners(x_t, x_a, columns)
             w = block.weight.to(torch.float64)

@@ -13,7 +13,8 @@ Key layout (kohya / A1111 / Forge, and ComfyUI's ``comfy.lora.model_lora_keys_*`
   ``lora_te_text_model_encoder_layers_<b>_mlp_fc2`` (SD1.x CLIP-L, SD2.x CLIP-H) or
   ``lora_te1_...`` (SDXL CLIP-L) / ``lora_te2_...`` (SDXL CLIP-G).
 * Flux's T5 ``t5xxl.transformer.<path>.weight`` → ``lora_te2_<path with . → _>`` (kohya's Flux
-  names: te1 is CLIP-L, te2 T5; ComfyUI maps them for a CLIP holding CLIP-L and T5).
+  names: te1 is CLIP-L, te2 T5; ComfyUI maps them for a CLIP holding CLIP-L and T5); Chroma's,
+  its only text encoder, → ``lora_te1_<path>`` (ComfyUI numbers T5 after the CLIPs present).
 * Tensors ``<name>.lora_up.weight`` (out × r), ``<name>.lora_down.weight`` (r × in),
   ``<name>.alpha`` (scalar, = r). Rank-0 sites (no change) are listed in the metadata only.
 
@@ -47,6 +48,7 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
 _BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya ss_base_model_version
 _TE_RE = re.compile(r"^(clip_[lgh])\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$")
 _T5_RE = re.compile(r"^t5xxl\.transformer\.(.+)\.weight$")
+_T5_PREFIX = {"flux": "lora_te2_", "chroma": "lora_te1_"}  # T5 after CLIP-L in Flux; Chroma's only encoder
 _SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
 CHECKSUM_METHOD = ("sha256 per site over its LoRA name, each stored tensor's (lora_up, lora_down, alpha) "
                    "dtype, shape and little-endian bytes, then repr() of its relative_change and residual")
@@ -79,12 +81,13 @@ def lora_name(key: str, family: str | None = None) -> str:
             raise EditFileError(f"a clip_g site ({key}) needs family 'sdxl', got {family!r}")
         return "lora_te_" + rest
     m = _T5_RE.match(key)
-    if m and family == "flux":
-        return "lora_te2_" + m.group(1).replace(".", "_")
+    if m and family in _T5_PREFIX:
+        return _T5_PREFIX[family] + m.group(1).replace(".", "_")
     raise EditFileError(f"no LoRA name for the weight {key!r}" + (f" in a {family} edit" if m else ""))
 
 
-def _family(edit: ErasureEdit) -> str:
+def edit_family(edit: ErasureEdit) -> str:
+    """The model family an edit was solved on (read from its settings; inferred for old files)."""
     fam = edit.settings.get("family") or edit.summary.get("family")
     if fam:
         return fam
@@ -241,7 +244,7 @@ def to_state_dict(edit: ErasureEdit, dtype: str = "float32") -> tuple[dict[str, 
     if not edit.sites:
         raise EditFileError("the edit has no sites: nothing to save")
     tdtype = STORAGE_DTYPES[dtype]
-    family = _family(edit)
+    family = edit_family(edit)
     tensors: dict[str, torch.Tensor] = {}
     sites = []
     for s in edit.sites:

@@ -31,6 +31,7 @@ class TextEncoderSpec:
     context: int = 77  # tokens per chunk (at least: a T5 chunk grows with a longer prompt)
     shallow_bias: bool = True  # the shallow sites have a bias (CLIP's fc2; T5's wo has none)
     per_token: bool = True  # the diffusion model reads its per-token output (False: only its pooled one, Flux's CLIP-L)
+    padded: bool = True  # the model reads the padding after the end token too (False: the prompt's own tokens, Chroma)
 
     def shallow_key(self, index: int) -> str:
         return self.shallow_site.format(index=index)
@@ -65,11 +66,13 @@ def clip_encoder(name: str, token_key: str) -> TextEncoderSpec:
     return TextEncoderSpec(name, token_key, f"{name}.transformer.text_model.encoder.layers.{{index}}.mlp.fc2.weight")
 
 
-def t5_encoder(name: str = "t5xxl", token_key: str = "t5xxl", context: int = 256) -> TextEncoderSpec:
+def t5_encoder(name: str = "t5xxl", token_key: str = "t5xxl", context: int = 256, padded: bool = True) -> TextEncoderSpec:
     """A T5 encoder stack as ComfyUI's ``cond_stage_model.<name>`` holds it: bidirectional, its
-    gated MLP's output projection ``wo`` without bias."""
+    gated MLP's output projection ``wo`` without bias. Unpadded (Chroma): the solve pads its
+    prompts to ``context`` with the attention mask on, so every real position's features are the
+    unpadded prompt's, and constrains no position past the end token."""
     return TextEncoderSpec(name, token_key, f"{name}.transformer.encoder.block.{{index}}.layer.1.DenseReluDense.wo.weight",
-                           causal=False, context=context, shallow_bias=False)
+                           causal=False, context=context, shallow_bias=False, padded=padded)
 
 
 CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")
@@ -81,7 +84,10 @@ SDXL = ModelFamily("sdxl", "SDXL", (clip_encoder("clip_l", "l"), clip_encoder("c
 # txt_in; CLIP-L's pooled output through vector_in's first linear layer.
 FLUX = ModelFamily("flux", "Flux.1", (dataclasses.replace(clip_encoder("clip_l", "l"), per_token=False), t5_encoder()),
                    ("txt_in",), pooled_site="diffusion_model.vector_in.in_layer.weight", pooled_encoder=0)
-FAMILIES = {f.name: f for f in (SD15, SD2, SDXL, FLUX)}
+# Chroma: Flux's transformer without vector_in; T5-XXL's tokens unpadded (the prompt and its end
+# token only) through txt_in.
+CHROMA = ModelFamily("chroma", "Chroma", (t5_encoder(padded=False),), ("txt_in",))
+FAMILIES = {f.name: f for f in (SD15, SD2, SDXL, FLUX, CHROMA)}
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,11 @@ class Architecture:
         """The deep sites' input width (768 / 1024 / 2048; Flux: T5's 4096): the erasure's rank budget."""
         widths = [e.width for e in self.encoders if e.spec.per_token]
         return max(widths) if self.family.combine == COMBINE_SEQUENCE else sum(widths)
+
+    @property
+    def padded(self) -> bool:
+        """Whether the diffusion model reads the positions after a prompt's end token."""
+        return all(e.spec.padded for e in self.encoders if e.spec.per_token)
 
     @property
     def pooled_site(self) -> str | None:

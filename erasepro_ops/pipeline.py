@@ -19,20 +19,16 @@ from .request import Request
 from .shallow import site_edits, soft_weighting, solve_shallow
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``(batch, tokens, width)`` → ``(batch·tokens, width)``."""
-    return t.reshape(-1, t.shape[-1])
-
-
-def _kept_features(k, k_edited, n_user: int, empty: bool = False):
+def _kept_features(b: Batches, k, k_edited, n_user: int, empty: bool = False):
     """``(K, K')`` as in × columns for the user's preserve prompts (the first ``n_user`` rows), or
-    with ``empty`` for the empty prompt after them; None when there are none."""
+    with ``empty`` for the empty prompt after them, at the positions the model reads; None when
+    there are none."""
     if k is None:
         return None
     rows = slice(n_user, n_user + 1) if empty else slice(0, n_user)
     if rows.stop - rows.start <= 0 or k.shape[0] < rows.stop:
         return None
-    return _flat(k[rows]).T, _flat(k_edited[rows]).T
+    return b.kept_positions(k, rows).T, b.kept_positions(k_edited, rows).T
 
 
 def encode_once(host: Host, chunks, capture: bool = False) -> Encoded:
@@ -104,7 +100,7 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
     k_edited = x_all[n_target:] if b.preserve_tokens is not None else None
     deep_weights = host.model_weights(arch.deep_keys)
     x, y = inputs_with_partners(x_cond, y_cond, columns)
-    preserve = _flat(o.k).T if b.soft_preserve else None
+    preserve = b.kept_positions(o.k, slice(None)).T if b.soft_preserve else None
     deep_results = solve_with_fallback(host, deep_weights, x, y, columns.groups, settings, preserve, on_site,
                                        columns.n_erasure)
     model_edits = site_edits(deep_results, "model", "deep")
@@ -127,8 +123,8 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
     summary = summarise(request, arch.name, arch.pooled_site, columns, shallow.results, deep_results, deep_weights,
                         gap=(y - x0)[:, : columns.n_erasure],
                         rank_budget=int(x.shape[0]), templates=n_target, seconds=seconds,
-                        preserve_features=_kept_features(o.k, k_edited, n_user),
-                        empty_features=_kept_features(o.k, k_edited, n_user, empty=True)
+                        preserve_features=_kept_features(b, o.k, k_edited, n_user),
+                        empty_features=_kept_features(b, o.k, k_edited, n_user, empty=True)
                         if len(b.kept_prompts) > n_user else None,
                         warnings=b.warnings() + shallow.notes)
     return ErasureEdit(tuple(shallow.edits + model_edits), request.settings_record(arch.name), summary.to_dict(),

@@ -15,7 +15,7 @@ from .family import Architecture
 from .host import Host
 from .request import Request
 from .retain import retain_prompts
-from .batches import preserve_alignments, preserve_ids
+from .batches import preserve_alignments, preserve_ids, select_inputs
 
 
 def site_edits(results, part: str, stage: str) -> list[SiteEdit]:
@@ -88,12 +88,12 @@ def _retain_batches(arch: Architecture, first_inputs, spans, padding: int) -> li
     out = [[] for _ in arch.encoders]
     for start in range(0, len(order), RETAIN_BATCH):
         rows = order[start: start + RETAIN_BATCH]
-        for i, (enc, (hidden, *_)) in enumerate(zip(arch.encoders, first_inputs(rows))):
+        for i, (enc, (hidden, mask, _)) in enumerate(zip(arch.encoders, first_inputs(rows))):
             if not enc.spec.per_token:  # only its pooled output is read: no shallow sites
                 continue
             length = max(max(positions[j]) for j in rows) + 1 if enc.spec.causal else hidden.shape[1]
             index = torch.tensor([r * length + pos for r, j in enumerate(rows) for pos in positions[j]])
-            out[i].append(KeptBatch(hidden[:, :length].contiguous(), index))
+            out[i].append(KeptBatch(hidden[:, :length].contiguous(), index, mask))
     return out
 
 
@@ -107,13 +107,13 @@ def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in
     def prepare():
         batches = [[] for _ in arch.encoders]
         if preserve_in is not None:
-            for i, (hidden, *_) in enumerate(preserve_in):
-                batches[i].append(KeptBatch(hidden, torch.arange(hidden.shape[0] * hidden.shape[1])))
+            for i, (hidden, mask, _) in enumerate(preserve_in):
+                batches[i].append(KeptBatch(hidden, torch.arange(hidden.shape[0] * hidden.shape[1]), mask))
         if retain:
             prompts = retain_prompts()
             ids = preserve_ids(host, arch, prompts)
             captured = host.first_block_inputs(ids)  # one call: each costs a pass through ComfyUI's encode
-            bank = _retain_batches(arch, lambda rows: [(c[0][rows], *c[1:]) for c in captured],
+            bank = _retain_batches(arch, lambda rows: [select_inputs(c, torch.tensor(rows)) for c in captured],
                                    preserve_alignments(arch, prompts, ids), request.retain_padding)
             for i, encoder_batches in enumerate(bank):
                 batches[i] += encoder_batches
@@ -182,7 +182,7 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
                                      target_in[i])
         results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns, shallow_settings,
                                       rule=request.rule, preserve=_weightings(host, enc, blocks, soft, i, shallow_settings),
-                                      on_site=on_site)
+                                      on_site=on_site, masks=(target_in[i][1], anchor_in[i][1]))
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")
         for key, bias_key, r in zip(keys, bias_keys, results):

@@ -179,7 +179,8 @@ def encode_flux(clip, text: str):
 def flux_velocity(model, cond, pooled, latents, timesteps, guidance: float = 3.5, load: bool = True,
                   return_denoised: bool = False):
     """The Flux DiT's raw output (the flow velocity) for ``latents`` [B, 16, h, w] at sigmas
-    ``timesteps`` (float in (0, 1], scalar / [1] / [B]; Flux's timestep *is* sigma).
+    ``timesteps`` (float in (0, 1], scalar / [1] / [B]; Flux's timestep *is* sigma). Chroma too
+    (``pooled`` None: it reads no pooled embedding).
 
     Goes the samplers' way: ``model.model.extra_conds(cross_attn=cond, pooled_output=pooled,
     guidance=...)`` -> ``process_cond`` -> ``model.model.apply_model(x, sigma, c_crossattn=...,
@@ -198,7 +199,8 @@ def flux_velocity(model, cond, pooled, latents, timesteps, guidance: float = 3.5
     sigma = torch.as_tensor(timesteps, dtype=torch.float32, device=dev).reshape(-1)
     if sigma.numel() == 1:
         sigma = sigma.expand(b)
-    conds = m.extra_conds(cross_attn=cond.to(dev), pooled_output=pooled.to(dev), guidance=guidance,
+    conds = m.extra_conds(cross_attn=cond.to(dev), pooled_output=None if pooled is None else pooled.to(dev),
+                          guidance=guidance,
                           noise=x, device=dev, width=x.shape[-1] * 8, height=x.shape[-2] * 8)
     kwargs = {k: v.process_cond(batch_size=b, device=dev, area=None).cond for k, v in conds.items()}
     topts = model.model_options.get("transformer_options", {}).copy()
@@ -326,3 +328,78 @@ def as_users_load(seed: int = 0, t5_layers: int = 2, folder=None, t5: dict | Non
         save_flux_files(model, clip, folder)
         del model, clip
     return load_flux_files(folder)
+
+
+# ---------------------------------------------------------------------------------------
+# Chroma: Flux's transformer without vector_in, a T5 alone, prompts unpadded
+# ---------------------------------------------------------------------------------------
+def chroma_unet_config(context_in_dim: int = TINY_T5["d_model"]) -> dict:
+    """A tiny ``comfy.supported_models.Chroma`` unet_config: hidden 128, 2 heads, one double and one
+    single block, the modulation approximator 64 → 256 (× 2 layers) → 128. ComfyUI's detection
+    would force hidden 3072 and a 5120-wide approximator (model_detection.py:251-258), so a
+    Chroma is built in memory here, not loaded from a file."""
+    return {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2, "mlp_ratio": 4.0,
+            "theta": 10000, "qkv_bias": True, "context_in_dim": int(context_in_dim), "hidden_size": 128,
+            "num_heads": 2, "axes_dim": [8, 28, 28], "depth": 1, "depth_single_blocks": 1,
+            "in_dim": 64, "out_dim": 128, "hidden_dim": 256, "n_layers": 2}
+
+
+def build_chroma_model(seed: int = 0, dtype=None, context_in_dim: int = TINY_T5["d_model"], std: float = 0.02):
+    """MODEL: ``ModelPatcher`` around ``comfy.model_base.Chroma``, random weights (seeded)."""
+    import torch
+    c = import_comfy()
+    mm = c.model_management
+    mc = c.supported_models.Chroma(chroma_unet_config(context_in_dim))
+    dtype = dtype or torch.float32
+    mc.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), mc.supported_inference_dtypes))
+    model = mc.get_model({}, "", device=mm.unet_inital_load_device(0, dtype))
+    init_weights_(model.diffusion_model, seed=seed, std=std)
+    return c.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def build_chroma_clip(seed: int = 0, dtype=None, t5_layers: int = 2, std: float = 0.02, t5: dict | None = None):
+    """CLIP: ``comfy.sd.CLIP`` from ``supported_models.Chroma.clip_target()`` (PixArtTokenizer, no
+    padding, + the PixArt T5 model) with the tiny T5 config, random weights (seeded)."""
+    import torch
+    c = import_comfy()
+    target = c.supported_models.Chroma(chroma_unet_config()).clip_target()
+    opts = {"dtype": dtype or torch.float32, "t5xxl_model_config": t5_config(t5_layers, t5)}
+    clip = c.sd.CLIP(target, model_options=opts)
+    init_weights_(clip.cond_stage_model, seed=seed + 1, std=std)
+    return clip
+
+
+def build_chroma(seed: int = 0, dtype=None, t5_layers: int = 2, t5: dict | None = None):
+    """(MODEL, CLIP) of a tiny Chroma: its T5 (``t5_layers`` blocks, d_model 64 unless ``t5`` says)."""
+    clip = build_chroma_clip(seed, dtype, t5_layers, t5=t5)
+    return build_chroma_model(seed, dtype, context_in_dim=_t5_width(clip)), clip
+
+
+def t5_as_users_load(clip, folder, dtype=None):
+    """Chroma's CLIP as CLIPLoader (type chroma) gives it for ``clip``'s T5 saved as one float16
+    file (``t5xxl.safetensors``, ``encoder.*`` keys): the file read by ``comfy.utils.load_torch_file``,
+    the T5's dtype detected from it, the CLIP built and loaded by ``comfy.sd.CLIP`` — what
+    ``comfy.sd.load_text_encoder_state_dicts`` does once it has recognised a T5-XXL. Its
+    recognition itself needs block 23 of a 4096-wide T5 (comfy/sd.py detect_te_model), so a reduced
+    T5 file would be taken for T5-base; this skips only that step. On the CPU ComfyUI runs it in
+    float16, as users get it."""
+    import torch
+    c = import_comfy()
+    from comfy import supported_models_base
+    from comfy.text_encoders import pixart_t5, sd3_clip
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FILE_NAMES["t5xxl"]
+    spu = c.utils.state_dict_prefix_replace
+    part = {k: v for k, v in clip.get_sd().items() if k.startswith("t5xxl.")}
+    part = spu(spu(part, {"t5xxl.": ""}), {"transformer.": ""})
+    c.utils.save_torch_file(_cast(part, dtype or torch.float16), str(path))
+    sd = c.utils.load_torch_file(str(path), safe_load=True)
+    target = supported_models_base.ClipTarget(pixart_t5.PixArtTokenizer,
+                                              pixart_t5.pixart_te(**sd3_clip.t5_xxl_detect(sd)))
+    loaded = c.sd.CLIP(target, parameters=c.utils.calculate_parameters(sd),
+                       model_options=load_clip_model_options(None, t5_config_of(clip)))
+    missing, _ = loaded.load_sd(sd)
+    if missing:
+        raise ValueError(f"{path}: the T5 misses {missing[:3]}")
+    return loaded

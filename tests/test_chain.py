@@ -35,7 +35,7 @@ class Block:
     def bias(self):
         return self.fc2.bias.detach()
 
-    def mlp_input(self, h):
+    def mlp_input(self, h, mask=None):
         mask = torch.full((h.shape[1], h.shape[1]), float("-inf")).triu(1)
         a = self.ln1(h)
         h_mid = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]

@@ -275,7 +275,7 @@ def test_bad_files_are_refused_and_apply_nothing(pack, eio, export, loras):
     # another architecture: shapes are checked even with the override
     sx_model, sx_clip, sx_edit = solved(pack, "sdxl")
     sx_name, _ = save_node(pack, sx_edit, "bad/sdxl")
-    with pytest.raises(from_host.EraseProError, match="another model"):
+    with pytest.raises(from_host.EraseProError, match=r"another model family \(SDXL\); this MODEL is SD1.x"):
         load_node(pack, sx_name, model, clip, ignore=True)
 
 

@@ -213,7 +213,7 @@ def test_unsupported_architecture_is_named(nodes, pack):
     sd3 = model.clone()
     sd3.model = type("Wrapper", (), {"model_config": comfy.supported_models.SD3({"in_channels": 16})})()
     (concepts,) = nodes[0].build(TARGET, SAME_LENGTH_ANCHOR, "style")
-    with pytest.raises(ValueError, match="not supported yet: SD3. ErasePro supports SD1.x, SD2.x, SDXL and Flux.1"):
+    with pytest.raises(ValueError, match="not supported yet: SD3. ErasePro supports SD1.x, SD2.x, SDXL, Flux.1 and Chroma"):
         nodes[1].solve(sd3, clip, concepts, 0, "erasepro")
 
 
