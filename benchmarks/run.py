@@ -1,10 +1,11 @@
-"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (and a reduced Flux.1).
+"""ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (and a reduced Flux.1
+and Chroma).
 
-    python -m benchmarks.run [--models sd15,sdxl,flux] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
+    python -m benchmarks.run [--models sd15,sdxl,flux,chroma] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
 
 Models are built from ComfyUI's own classes at full size with random weights (scripts/comfy_host);
-Flux.1 at reduced widths only (scripts/comfy_dit, ``FLUX_SIZES``: a full T5-XXL alone is 4.7B
-parameters).
+Flux.1 and Chroma at reduced widths only (scripts/comfy_dit, ``FLUX_SIZES``: a full T5-XXL alone is
+4.7B parameters; Chroma's transformer built in memory, its T5 in fp16 read from a file).
 Every configuration runs the solve (``erasepro_ops.pipeline.run_erasure`` on the ComfyUI host) on
 the same concepts and preserve set, in one process, models already loaded. "time s" is a first solve
 on the model (the retain bank's weightings not cached), "again s" the same solve queued again, as a
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from erasepro_ops.batches import align_prompts, preserve_ids, prompt_pairs
+from erasepro_ops.batches import align_prompts, pair_columns, preserve_ids, prompt_pairs, read_lengths, read_positions
 from erasepro_ops.pipeline import run_erasure
 from erasepro_ops.request import Request
 from erasepro_ops.shallow import RETAIN_WEIGHTINGS
@@ -170,10 +171,10 @@ def build_chain(concepts) -> tuple[ConceptPair, ...]:
 def deep_features(edited: ComfyHost, original: ComfyHost, pairs):
     """``(X', X, Y)`` at the deep sites for aligned prompt pairs, on all constrained columns:
     the targets through the edited and the original encoder, the anchors through the original."""
-    from erasepro_ops.chain import Columns, inputs_with_partners
+    from erasepro_ops.chain import inputs_with_partners
     arch = original.architecture()
     alignments, t_ids, a_ids = align_prompts(original, arch, pairs)
-    columns = Columns.from_alignments(alignments, arch.context)
+    columns = pair_columns(arch, alignments)
     y_cond = original.encode(a_ids).cond
     x_cond = original.encode(t_ids).cond
     x_new = edited.encode(t_ids).cond
@@ -183,17 +184,20 @@ def deep_features(edited: ComfyHost, original: ComfyHost, pairs):
 
 def prompt_pair_features(edited: ComfyHost, original: ComfyHost, pairs):
     """``X'``: the deep sites' input for the targets of ``pairs`` through the edited encoder."""
-    from erasepro_ops.chain import Columns, gather
+    from erasepro_ops.chain import gather
     arch = original.architecture()
     alignments, t_ids, _ = align_prompts(original, arch, pairs)
     x_new = edited.encode(t_ids).cond
-    return gather(x_new, Columns.from_alignments(alignments, arch.context).target)
+    return gather(x_new, pair_columns(arch, alignments).target)
 
 
 def prompt_features(host: ComfyHost, prompts):
-    """Deep-site input features (D × 77·P) of whole prompts, as the solver encodes preserve prompts."""
-    cond = host.encode(preserve_ids(host, host.architecture(), prompts)).cond
-    return cond.reshape(-1, cond.shape[-1]).T
+    """Deep-site input features (D × 77·P) of whole prompts, as the solver encodes preserve prompts,
+    at the positions the model reads."""
+    arch = host.architecture()
+    ids = preserve_ids(host, arch, prompts)
+    lengths = read_lengths(arch, next(i for i, e in zip(ids, arch.encoders) if e.spec.per_token))
+    return read_positions(host.encode(ids).cond, lengths).T
 
 
 def held_out_pairs(concepts):
@@ -204,9 +208,10 @@ def held_out_pairs(concepts):
 
 def column_roles(host: ComfyHost, pairs):
     """The role of each constrained column (keep, concept, suffix, end, pad), in Columns order."""
-    alignments, _, _ = align_prompts(host, host.architecture(), pairs)
+    arch = host.architecture()
+    alignments, _, _ = align_prompts(host, arch, pairs)
     keep = sum(len(al.keep) for al in alignments)
-    return ["keep"] * keep + [r for al in alignments for r in al.role]
+    return ["keep"] * keep + [r for al in alignments for r in al.role if arch.padded or r != "pad"]
 
 
 def role_residuals(w_list, d_list, x_new, x, y, roles):
@@ -222,7 +227,8 @@ def role_residuals(w_list, d_list, x_new, x, y, roles):
     return out
 
 
-FLUX_SIZES = {  # the DiT's width is irrelevant to the solve; T5 sets the gateway's rank budget and the cost
+DIT = ("flux", "chroma")  # a velocity, not eps; 16-channel latents
+FLUX_SIZES = {  # (Chroma's T5 too) the DiT's width is irrelevant to the solve; T5 sets the gateway's rank budget and the cost
     "tiny": dict(t5_layers=12, t5={"d_model": 512, "d_ff": 1024}),
     "full": dict(t5_layers=24, t5={"d_model": 1024, "d_kv": 64, "num_heads": 16, "d_ff": 2816}),  # T5 v1.1 large's shape
 }
@@ -238,6 +244,12 @@ def load_models(kind: str, size: str, dtype: str):
         if dtype == "fp16":
             return comfy_dit.as_users_load(**FLUX_SIZES[size])
         return comfy_dit.build_flux("tiny", **FLUX_SIZES[size])
+    if kind == "chroma":
+        from scripts import comfy_dit
+        model, clip = comfy_dit.build_chroma(**FLUX_SIZES[size])
+        if dtype == "fp16":
+            clip = comfy_dit.t5_as_users_load(clip, REPO / ".cache" / "chroma" / size)
+        return model, clip
     if dtype == "fp16":
         return H.as_users_load(kind, size)
     return H.build(kind, size)
@@ -263,13 +275,13 @@ class Bench:
         print(f"[{kind}] {size} random-weight model, {dtype}, ready in {time.perf_counter() - t0:.1f} s", flush=True)
         host = ComfyHost(model, clip)
         g = torch.Generator().manual_seed(0)
-        latents = torch.randn(2, 16 if kind == "flux" else 4, eps_size, eps_size, generator=g)
+        latents = torch.randn(2, 16 if kind in DIT else 4, eps_size, eps_size, generator=g)
         timesteps = torch.tensor([300.0, 800.0])
 
         def eps(m, c, text):  # Flux: the velocity at sigmas 0.3 and 0.8
             cond, pooled = H.encode(c, text)
             pooled = pooled.expand(2, -1) if pooled is not None else None
-            if kind == "flux":
+            if kind in DIT:
                 from scripts import comfy_dit
                 return comfy_dit.flux_velocity(m, cond.expand(2, -1, -1), pooled, latents, timesteps / 1000)
             return H.unet_eps(m, cond.expand(2, -1, -1), pooled, latents, timesteps).float()
@@ -484,7 +496,7 @@ def draw_trade_off(rows, path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux (reduced widths)")
+    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux, chroma (reduced widths)")
     parser.add_argument("--concepts", default="1,10,100")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median); 1 at 100 concepts")
     parser.add_argument("--eps-size", type=int, default=16, help="latent size for the eps metrics")

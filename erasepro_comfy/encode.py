@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 
 from erasepro_ops.errors import EraseProError
-from erasepro_ops.family import COMBINE_SEQUENCE, COMBINE_WIDTH
 from erasepro_ops.text import quote
 
 PROBE_BATCH = 8  # batches larger than this are probed with one prompt first (probe_encoders)
@@ -255,20 +254,21 @@ def probe_encoders(clip, encoders, chunks_per_encoder) -> None:
 
 
 def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, overrides: dict | None = None,
-                 combine: str = COMBINE_WIDTH, pooled_encoder: int = -1):
+                 text_width: int | None = None, pooled_names: tuple[str, ...] = ()):
     """Encode a batch of single chunks through ComfyUI's own text-encoder modules.
 
     ``chunks_per_encoder[i]`` is a list of token-id chunks for ``encoders[i]``. Returns
-    ``(cond [B, 77, D_total], pooled [B, P] or None, captured)`` (``combine``: the encoders'
-    outputs side by side, or one after the other along the tokens) where ``captured[i]`` is the
-    first layer's input ``(hidden, mask, attention)`` of encoder ``i`` when ``capture``.
-    ``overrides``: linear layers computed in float32 with other weights (:class:`LinearOverride`).
-    Only per-token encoders (``enc.spec.per_token``) make ``cond``; ``pooled`` is that of
-    ``encoders[pooled_encoder]``.
+    ``(cond [B, T, D], pooled [B, P] or None, captured)`` as ComfyUI's encode combines them: the
+    per-token encoders of one segment (``enc.spec.segment``) side by side, cut to the shortest,
+    zero-padded to ``text_width`` when given; the segments one after the other along the tokens
+    (SD3: CLIP-L‖G, then T5). ``pooled`` is the pooled outputs of ``pooled_names`` side by side.
+    ``captured[i]`` is the first layer's input ``(hidden, mask, attention)`` of encoder ``i`` when
+    ``capture``. ``overrides``: linear layers computed in float32 with other weights
+    (:class:`LinearOverride`).
     """
     clip.load_model()
     probe_encoders(clip, encoders, chunks_per_encoder)
-    outs, pooled, captured = [], None, []
+    segments, pooled, captured = {}, [], []
     with torch.no_grad():
         for enc, chunks in zip(encoders, chunks_per_encoder):
             hook = LayerInputCapture(encoder_layers(clip, enc)[0]) if capture else None
@@ -281,14 +281,19 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
                     hook.remove()
                 if override is not None:
                     override.remove()
-            check_features(clip, enc, chunks, z, p if enc is encoders[pooled_encoder] else None)
+            check_features(clip, enc, chunks, z, p if enc.name in pooled_names else None)
             if enc.spec.per_token:
-                outs.append(z.float())
-            if enc is encoders[pooled_encoder]:
-                pooled = p.float() if p is not None else None
+                segments.setdefault(enc.spec.segment, []).append(z.float())
+            if enc.name in pooled_names:
+                pooled.append(p.float())
             if hook is not None:
                 captured.append(hook.calls[0])
-    if combine == COMBINE_SEQUENCE:
-        return torch.cat(outs, dim=1), pooled, captured
-    length = min(o.shape[1] for o in outs)
-    return torch.cat([o[:, :length] for o in outs], dim=-1), pooled, captured
+    cond = []
+    for key in sorted(segments):
+        outs = segments[key]
+        length = min(o.shape[1] for o in outs)
+        part = torch.cat([o[:, :length] for o in outs], dim=-1)
+        if text_width is not None and part.shape[-1] < text_width:
+            part = torch.nn.functional.pad(part, (0, text_width - part.shape[-1]))
+        cond.append(part)
+    return torch.cat(cond, dim=1), torch.cat(pooled, dim=-1) if pooled else None, captured

@@ -1,4 +1,4 @@
-"""ErasePro's host on ComfyUI for SD1.x, SD2.x, SDXL, Flux.1 and Chroma (``erasepro_ops.host.Host``).
+"""ErasePro's host on ComfyUI for SD1.x, SD2.x, SDXL, SD3, Flux.1 and Chroma (``erasepro_ops.host.Host``).
 
 Which family a MODEL is, whether the CLIP belongs to it, and the host's calls on ComfyUI's
 objects. Everything here reads ComfyUI objects; the pipeline lives in ``erasepro_ops``.
@@ -26,7 +26,7 @@ from .weights import effective_weights, fingerprint_of  # noqa: F401
 TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl")  # the cond_stage_model attributes looked for
 
 
-SUPPORTED = "SD1.x, SD2.x, SDXL, Flux.1 and Chroma"
+SUPPORTED = "SD1.x, SD2.x, SDXL, SD3 / SD3.5, Flux.1 and Chroma"
 
 
 def model_family(model) -> ModelFamily:
@@ -38,6 +38,9 @@ def model_family(model) -> ModelFamily:
     chroma = getattr(comfy.model_base, "Chroma", None)  # not in ComfyUI before mid 2025
     if chroma is not None and type(base) is chroma:  # not Chroma Radiance (pixel space, untested)
         return FAMILIES["chroma"]
+    sd3 = getattr(comfy.model_base, "SD3", None)  # not in ComfyUI before June 2024
+    if sd3 is not None and type(base) is sd3:
+        return FAMILIES["sd3"]
     if isinstance(base, comfy.model_base.SDXL):
         return FAMILIES["sdxl"]
     if isinstance(config, comfy.supported_models.SD20):
@@ -61,14 +64,16 @@ def _special_tokens(clip, encoder_attr: str) -> SpecialTokens:
 
 def _text_encoders(clip, family: ModelFamily) -> tuple[TextEncoder, ...]:
     stage = clip.cond_stage_model
-    expected = [e.name for e in family.encoders]
-    present = [a for a in TEXT_ENCODERS if hasattr(stage, a)]
-    if present != expected:
+    present = [a for a in TEXT_ENCODERS if getattr(stage, a, None) is not None]
+    specs = [e for e in family.encoders if e.name in present]
+    if [e.name for e in specs] != present or any(not e.optional and e.name not in present for e in family.encoders):
+        needs = ", ".join(e.name + (" (optional)" if e.optional else "") for e in family.encoders)
         raise EraseProError(
-            f"the CLIP does not match the MODEL: a {family.name.upper()} model needs text encoder(s) {expected}, "
-            f"this CLIP has {present or [type(stage).__name__]}. Use the CLIP from the same checkpoint.")
+            f"the CLIP does not match the MODEL: a {family.label} model needs the text encoder(s) {needs}; "
+            f"this CLIP has {', '.join(present) or type(stage).__name__}. Use the CLIP from the same checkpoint "
+            "(or the loader type made for this model).")
     encoders = []
-    for spec in family.encoders:
+    for spec in specs:
         module = getattr(stage, spec.name, None)
         stack = encoder_stack(module)
         if stack is None:
@@ -106,7 +111,8 @@ def detect(model, clip) -> Architecture:
                             f"the {family.label} model reads {reads}. Use the text encoder(s) made for this model")
     if family.pooled_site is None:
         return arch
-    return Architecture(family, encoders, deep, _pooled_width(clip, encoders[family.pooled_encoder]))
+    pooled = [e for e in encoders if e.name in family.pooled_encoders]
+    return Architecture(family, encoders, deep, sum(_pooled_width(clip, e) for e in pooled))
 
 
 def solve_device():
@@ -132,7 +138,8 @@ class ComfyHost:
     def encode(self, chunks, capture: bool = False, overrides=None) -> Encoded:
         arch = self.architecture()
         return Encoded(*encode_batch(self.clip, arch.encoders, chunks, capture=capture, overrides=overrides,
-                                     combine=arch.family.combine, pooled_encoder=arch.family.pooled_encoder))
+                                     text_width=arch.family.text_width,
+                                     pooled_names=arch.family.pooled_encoders if arch.pooled_width else ()))
 
     def first_block_inputs(self, chunks) -> list:
         return first_layer_inputs(self.clip, self.architecture().encoders, chunks)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from .text import quote
 from .tokens import SpecialTokens, token_chunks, token_ids
 
-__all__ = ["ROLE_PRIORITY", "PART_NAMES", "PromptAlignment", "align_chunks", "preserve_alignment"]
+__all__ = ["ROLE_PRIORITY", "PART_NAMES", "PromptAlignment", "align_chunks", "merge_alignments", "preserve_alignment",
+           "segment_part"]
 
 ROLE_PRIORITY: dict[str, int] = {
     "keep": 0, "prefix": 0, "concept": 1, "suffix": 1, "end": 2, "preserve": 3, "pad": 4, "preserve_pad": 5,
@@ -81,6 +82,31 @@ class PromptAlignment:
         rows = [(pos, pos, "keep") for pos in self.keep]
         rows += list(zip(self.move, self.partner, self.role))
         return tuple(sorted(rows, key=lambda row: (ROLE_PRIORITY[row[2]], row[0])))
+
+
+def merge_alignments(parts: Sequence[PromptAlignment], offsets: Sequence[int]) -> PromptAlignment:
+    """One alignment over segments that follow one another along the tokens (SD3: CLIP's 77
+    positions, then T5's), each part's positions and partners shifted by its segment's offset."""
+    if len(parts) == 1 and offsets[0] == 0:
+        return parts[0]
+
+    def shifted(name):
+        return tuple(p + o for al, o in zip(parts, offsets) for p in getattr(al, name))
+    first = parts[0]
+    return PromptAlignment(first.target_prompt, first.anchor_prompt, first.target_chunk, first.anchor_chunk,
+                           shifted("keep"), shifted("move"), shifted("partner"), tuple(r for al in parts for r in al.role))
+
+
+def segment_part(al: PromptAlignment, offset: int, length: int) -> PromptAlignment:
+    """The positions of ``al`` in ``[offset, offset + length)`` shifted back to 0: one segment of a
+    :func:`merge_alignments` result (its partners lie in the same segment)."""
+    if offset == 0 and all(p < length for p in al.move + al.keep):
+        return al
+    inside = range(offset, offset + length)
+    rows = [(m - offset, p - offset, r) for m, p, r in zip(al.move, al.partner, al.role) if m in inside]
+    return PromptAlignment(al.target_prompt, al.anchor_prompt, al.target_chunk, al.anchor_chunk,
+                           tuple(k - offset for k in al.keep if k in inside), tuple(r[0] for r in rows),
+                           tuple(r[1] for r in rows), tuple(r[2] for r in rows))
 
 
 def _end_index(ids: Sequence[int], special: SpecialTokens, what: str) -> int:

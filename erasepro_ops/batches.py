@@ -14,7 +14,7 @@ import torch
 
 from .chain import Columns
 from .templates import ConceptPair, expand
-from .alignment import align_chunks, preserve_alignment
+from .alignment import align_chunks, merge_alignments, preserve_alignment, segment_part
 from .contexts import context_pairs, fitted_padding
 from .errors import EraseProError
 from .family import Architecture
@@ -48,10 +48,12 @@ def _fitting(chunks, enc, prompt: str):
 
 
 def align_prompts(host: Host, arch: Architecture, pairs):
-    """Per prompt pair: the alignment (shared by all encoders) and each encoder's chunk ids."""
+    """Per prompt pair: its alignment over the features the deep sites read (each segment's own,
+    shared by the encoders of that segment, at the segment's offset: :func:`split`) and each
+    encoder's chunk ids."""
     alignments, target_ids, anchor_ids = [], [[] for _ in arch.encoders], [[] for _ in arch.encoders]
     for t_prompt, a_prompt, pair in pairs:
-        found = None
+        found = [None] * len(arch.segments)
         for i, enc in enumerate(arch.encoders):
             t_chunks = _fitting(host.tokenize(t_prompt, enc), enc, t_prompt)
             a_chunks = _fitting(host.tokenize(a_prompt, enc), enc, a_prompt)
@@ -61,18 +63,26 @@ def align_prompts(host: Host, arch: Architecture, pairs):
                 continue
             try:
                 al = align_chunks(t_chunks, a_chunks, enc.special, anchor_empty=not pair.anchor,
-                                  context_length=enc.spec.context, target_prompt=t_prompt, anchor_prompt=a_prompt,
-                                  bidirectional=not enc.spec.causal)
+                                  context_length=arch.segment_context(arch.segment_of(i)), target_prompt=t_prompt,
+                                  anchor_prompt=a_prompt, bidirectional=not enc.spec.causal)
             except ValueError as e:
                 raise EraseProError(f"concept {quote(pair.target)} → {quote(pair.anchor)}: {e}") from e
-            if found is None:
-                found = al
-            elif (al.keep, al.move, al.partner) != (found.keep, found.move, found.partner):
+            s = arch.segment_of(i)
+            if found[s] is None:
+                found[s] = al
+            elif (al.keep, al.move, al.partner) != (found[s].keep, found[s].move, found[s].partner):
                 raise EraseProError(f"the text encoders tokenise {quote(t_prompt)} differently; cannot align it")
             target_ids[i].append(t_chunks[al.target_chunk])
             anchor_ids[i].append(a_chunks[al.anchor_chunk])
-        alignments.append(found)
+        alignments.append(merge_alignments(found, arch.segment_offsets))
     return alignments, target_ids, anchor_ids
+
+
+def split(arch: Architecture, alignments, segment: int):
+    """The part of each alignment (from :func:`align_prompts` or :func:`preserve_alignments`) in
+    one segment, positions counted from the segment's start: what its encoders' shallow sites see."""
+    offset, length = arch.segment_offsets[segment], arch.segment_context(segment)
+    return [segment_part(al, offset, length) for al in alignments]
 
 
 def preserve_ids(host: Host, arch: Architecture, prompts):
@@ -85,14 +95,18 @@ def preserve_ids(host: Host, arch: Architecture, prompts):
 
 
 def preserve_alignments(arch: Architecture, prompts, ids):
-    """The preserve prompts as self-paired constraints (the same positions for every encoder)."""
+    """The preserve prompts as self-paired constraints (the same positions for every encoder of a
+    segment), over the features the deep sites read."""
     alignments = []
     for j, text in enumerate(prompts):
-        per_encoder = [preserve_alignment(text, ids[i][j], enc.special, enc.spec.padded)
-                       for i, enc in enumerate(arch.encoders) if enc.spec.per_token]
-        if any(al.role != per_encoder[0].role for al in per_encoder):
-            raise EraseProError(f"the text encoders tokenise the preserve prompt {quote(text)} differently")
-        alignments.append(per_encoder[0])
+        parts = []
+        for members in arch.segments:
+            per_encoder = [preserve_alignment(text, ids[i][j], arch.encoders[i].special, arch.encoders[i].spec.padded)
+                           for i in members]
+            if any(al.role != per_encoder[0].role for al in per_encoder):
+                raise EraseProError(f"the text encoders tokenise the preserve prompt {quote(text)} differently")
+            parts.append(per_encoder[0])
+        alignments.append(merge_alignments(parts, arch.segment_offsets))
     return alignments
 
 
@@ -145,14 +159,18 @@ class Batches:
     notes: list = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
     token_encoder: int = 0  # index of the first encoder whose per-token output the deep sites read
     kept_lengths: tuple[int, ...] | None = None  # positions the model reads of each kept prompt; None: all
+    segment_columns: tuple = ()  # per segment, its columns counted from its start (the shallow sites'); () = columns
+    first_segment: list | None = None  # the alignments' part in the first segment (the token encoder's)
+
+    def columns_of(self, segment: int) -> Columns:
+        """The columns one segment's encoders see (their shallow sites): :attr:`columns` when one
+        segment holds every per-token encoder."""
+        return self.segment_columns[segment] if self.segment_columns else self.columns
 
     def kept_positions(self, features: torch.Tensor, rows: slice) -> torch.Tensor:
-        """The kept prompts ``rows`` of ``features`` (batch × positions × width) as one
-        (positions × width) matrix, only the positions the diffusion model reads."""
-        if self.kept_lengths is None:
-            return features[rows].reshape(-1, features.shape[-1])
-        lengths = self.kept_lengths[rows]
-        return torch.cat([f[:n] for f, n in zip(features[rows], lengths)])
+        """The kept prompts ``rows`` of ``features`` as one (positions × width) matrix, only the
+        positions the diffusion model reads."""
+        return read_positions(features[rows], None if self.kept_lengths is None else self.kept_lengths[rows])
 
     @property
     def n_target(self) -> int:
@@ -163,8 +181,32 @@ class Batches:
         if self.preserve_tokens is None:
             return list(self.notes)
         i = self.token_encoder
-        return list(self.notes) + preserve_conflicts(self.pairs, self.alignments, self.target_ids[i], self.kept_prompts,
+        first = self.alignments if self.first_segment is None else self.first_segment
+        return list(self.notes) + preserve_conflicts(self.pairs, first, self.target_ids[i], self.kept_prompts,
                                                      self.preserve_tokens[i])
+
+
+def read_lengths(arch: Architecture, chunks) -> tuple[int, ...] | None:
+    """How many positions of each whole prompt (``chunks``: one encoder's, one per prompt) the
+    diffusion model reads: up to its end token when the model reads no padding; None: all."""
+    if arch.padded:
+        return None
+    enc = next(e for e in arch.encoders if e.spec.per_token)
+    return tuple(list(chunk).index(enc.special.end) + 1 for chunk in chunks)
+
+
+def read_positions(features: torch.Tensor, lengths) -> torch.Tensor:
+    """``features`` (prompts × positions × width) as one (positions × width) matrix: every
+    position, or the first ``lengths[p]`` of prompt ``p`` (:func:`read_lengths`)."""
+    if lengths is None:
+        return features.reshape(-1, features.shape[-1])
+    return torch.cat([f[:n] for f, n in zip(features, lengths)])
+
+
+def pair_columns(arch: Architecture, alignments) -> Columns:
+    """Every column of aligned prompt pairs that the diffusion model reads (no padding position
+    when it reads none): what the figures measure on prompts the solve did not see."""
+    return Columns.from_alignments(alignments, arch.context, padding=None if arch.padded else [0] * len(alignments))
 
 
 def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
@@ -184,24 +226,30 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
     exact = request.method == "erasepro" and preserve_tokens is not None
     preserve = preserve_alignments(arch, kept, preserve_tokens) if exact else ()
 
-    def columns_with(padding):
-        return Columns.from_alignments(alignments, arch.context, last_token_only=request.features == "last_token",
-                                       padding=padding, suffix=suffix, preserve=preserve)
+    def columns_with(padding, segment=None):
+        if segment is None:
+            return Columns.from_alignments(alignments, arch.context, last_token_only=request.features == "last_token",
+                                           padding=padding, suffix=suffix, preserve=preserve)
+        return Columns.from_alignments(split(arch, alignments, segment), arch.segment_context(segment),
+                                       last_token_only=request.features == "last_token", padding=padding,
+                                       suffix=suffix, preserve=split(arch, preserve, segment))
 
     columns, notes = columns_with(padding), []
     overflows = columns.n_erasure > arch.context_width
     if every_position and arch.padded and request.fit_padding and request.template_padding > 0 and overflows:
         bare = columns_with([0] * templates + padding[templates:]).n_erasure
-        fitted = fitted_padding(request.template_padding, bare, templates, arch.context_width)
+        fitted = fitted_padding(request.template_padding, bare, templates * len(arch.segments), arch.context_width)
         if fitted < request.template_padding:
-            columns = columns_with([fitted] * templates + padding[templates:])
+            padding = [fitted] * templates + padding[templates:]
+            columns = columns_with(padding)
             notes.append(f"template_padding {request.template_padding} lowered to {fitted}: {len(request.concepts)} "
                          f"concept(s) with that padding would overflow the UNet's {arch.context_width}-direction rank budget")
     soft = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
     token_encoder = next(i for i, enc in enumerate(arch.encoders) if enc.spec.per_token)
-    kept_lengths = None
-    if preserve_tokens is not None and not arch.padded:
-        special = arch.encoders[token_encoder].special
-        kept_lengths = tuple(chunk.index(special.end) + 1 for chunk in preserve_tokens[token_encoder])
+    kept_lengths = None if preserve_tokens is None else read_lengths(arch, preserve_tokens[token_encoder])
+    segment_columns, first_segment = (), None
+    if len(arch.segments) > 1:
+        segment_columns = tuple(columns_with(padding, s) for s in range(len(arch.segments)))
+        first_segment = split(arch, alignments, 0)
     return Batches(pairs, alignments, target_ids, anchor_ids, kept, preserve_tokens, columns, exact, soft, notes,
-                   token_encoder, kept_lengths)
+                   token_encoder, kept_lengths, segment_columns, first_segment)

@@ -102,15 +102,15 @@ class Columns:
         concept token and no keep-constraints — the features the official UCE edits. ``preserve``
         (from :func:`~erasepro_ops.alignment.preserve_alignment`) adds preserve prompts' columns.
         ``padding[p]``, when not None, keeps only the first that many padding positions of prompt
-        ``p``, and ``suffix[p]`` False drops its suffix positions (context sentences: their concept
-        and end columns carry the erasure)."""
+        ``p`` (of each segment's padding, SD3), and ``suffix[p]`` False drops its suffix positions
+        (context sentences: their concept and end columns carry the erasure)."""
         keep, move, partner, groups = [], [], [], []
         for p, al in enumerate(alignments):
             base = p * context_length
             rows = list(zip(al.move, al.partner, al.role))
             limit = None if padding is None else padding[p]
-            if limit is not None:  # the padding is the tail of ``move``
-                rows = rows[: sum(r[2] != "pad" for r in rows) + limit]
+            if limit is not None:
+                rows = _first_padding(rows, limit)
             if suffix is not None and not suffix[p]:
                 rows = [r for r in rows if r[2] != "suffix"]
             if last_token_only:
@@ -145,6 +145,17 @@ class Columns:
     def n_erasure(self) -> int:
         """Columns of the erasure itself (the target prompts'), which come before the preserve columns."""
         return len(self) - self.n_preserve
+
+
+def _first_padding(rows, limit: int):
+    """``rows`` (position, partner, role) with only the first ``limit`` of each run of padding
+    positions (a run is one segment's padding, after its end token)."""
+    out, run = [], 0
+    for row in rows:
+        run = run + 1 if row[2] == "pad" else 0
+        if run <= limit:
+            out.append(row)
+    return out
 
 
 def gather(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

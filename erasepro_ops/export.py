@@ -14,7 +14,8 @@ Key layout (kohya / A1111 / Forge, and ComfyUI's ``comfy.lora.model_lora_keys_*`
   ``lora_te1_...`` (SDXL CLIP-L) / ``lora_te2_...`` (SDXL CLIP-G).
 * Flux's T5 ``t5xxl.transformer.<path>.weight`` → ``lora_te2_<path with . → _>`` (kohya's Flux
   names: te1 is CLIP-L, te2 T5; ComfyUI maps them for a CLIP holding CLIP-L and T5); Chroma's,
-  its only text encoder, → ``lora_te1_<path>`` (ComfyUI numbers T5 after the CLIPs present).
+  its only text encoder, → ``lora_te1_<path>``; SD3's → ``lora_te3_<path>`` after CLIP-L (te1) and
+  CLIP-G (te2) (ComfyUI numbers T5 after the CLIPs present).
 * Tensors ``<name>.lora_up.weight`` (out × r), ``<name>.lora_down.weight`` (r × in),
   ``<name>.alpha`` (scalar, = r). Rank-0 sites (no change) are listed in the metadata only.
 
@@ -48,7 +49,7 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
 _BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya ss_base_model_version
 _TE_RE = re.compile(r"^(clip_[lgh])\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$")
 _T5_RE = re.compile(r"^t5xxl\.transformer\.(.+)\.weight$")
-_T5_PREFIX = {"flux": "lora_te2_", "chroma": "lora_te1_"}  # T5 after CLIP-L in Flux; Chroma's only encoder
+_T5_PREFIX = {"flux": "lora_te2_", "chroma": "lora_te1_", "sd3": "lora_te3_"}  # T5 numbered after the CLIPs present
 _SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
 CHECKSUM_METHOD = ("sha256 per site over its LoRA name, each stored tensor's (lora_up, lora_down, alpha) "
                    "dtype, shape and little-endian bytes, then repr() of its relative_change and residual")
@@ -72,7 +73,7 @@ def lora_name(key: str, family: str | None = None) -> str:
     if m:
         enc, block, module = m.groups()
         rest = f"text_model_encoder_layers_{block}_{module.replace('.', '_')}"
-        if family == "sdxl":
+        if family in ("sdxl", "sd3"):
             prefix = {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}.get(enc)
             if prefix is None:
                 raise EditFileError(f"an SDXL edit cannot have a {enc} site ({key})")

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from .tokens import SpecialTokens
 
 REFERENCE_DEPTH = 12  # progressive_layers counts blocks of a 12-layer encoder; deeper encoders scale it
-COMBINE_WIDTH = "width"  # the encoders' outputs side by side, one token per position (SDXL)
-COMBINE_SEQUENCE = "sequence"  # one encoder's tokens after the other's (SD3)
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,8 @@ class TextEncoderSpec:
     shallow_bias: bool = True  # the shallow sites have a bias (CLIP's fc2; T5's wo has none)
     per_token: bool = True  # the diffusion model reads its per-token output (False: only its pooled one, Flux's CLIP-L)
     padded: bool = True  # the model reads the padding after the end token too (False: the prompt's own tokens, Chroma)
+    segment: int = 0  # encoders of one segment sit side by side per position; segments follow along the sequence
+    optional: bool = False  # the family's models run without it (SD3's T5)
 
     def shallow_key(self, index: int) -> str:
         return self.shallow_site.format(index=index)
@@ -44,21 +44,14 @@ class ModelFamily:
     encoders: tuple[TextEncoderSpec, ...]
     deep_sites: tuple[str, ...]  # suffixes of the diffusion model's module names that read the text features
     deep_prefix: str = "diffusion_model."  # the deep sites' weight keys: prefix + module name + ".weight"
-    combine: str = COMBINE_WIDTH
     pooled_site: str | None = None  # weight key of the layer reading the pooled embedding
-    pooled_encoder: int = -1  # the encoder whose pooled output that layer reads
+    pooled_encoders: tuple[str, ...] = ()  # the encoders whose pooled outputs, side by side, that layer reads
+    text_width: int | None = None  # every segment zero-padded to this width (SD3: 4096); None: its own
 
     @property
     def token_encoders(self) -> tuple[TextEncoderSpec, ...]:
         """The encoders whose per-token outputs the deep sites read."""
         return tuple(e for e in self.encoders if e.per_token)
-
-    @property
-    def context(self) -> int:
-        """Token positions per prompt in the features the deep sites read."""
-        if self.combine == COMBINE_SEQUENCE:
-            return sum(e.context for e in self.token_encoders)
-        return min(e.context for e in self.token_encoders)
 
 
 def clip_encoder(name: str, token_key: str) -> TextEncoderSpec:
@@ -79,15 +72,22 @@ CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")
 SD15 = ModelFamily("sd15", "SD1.x", (clip_encoder("clip_l", "l"),), CROSS_ATTENTION_KV)
 SD2 = ModelFamily("sd2", "SD2.x", (clip_encoder("clip_h", "h"),), CROSS_ATTENTION_KV)
 SDXL = ModelFamily("sdxl", "SDXL", (clip_encoder("clip_l", "l"), clip_encoder("clip_g", "g")), CROSS_ATTENTION_KV,
-                   pooled_site="diffusion_model.label_emb.0.0.weight")
+                   pooled_site="diffusion_model.label_emb.0.0.weight", pooled_encoders=("clip_g",))
 # Flux.1: T5-XXL's tokens (padded to 256) reach the transformer through one linear gateway,
 # txt_in; CLIP-L's pooled output through vector_in's first linear layer.
 FLUX = ModelFamily("flux", "Flux.1", (dataclasses.replace(clip_encoder("clip_l", "l"), per_token=False), t5_encoder()),
-                   ("txt_in",), pooled_site="diffusion_model.vector_in.in_layer.weight", pooled_encoder=0)
+                   ("txt_in",), pooled_site="diffusion_model.vector_in.in_layer.weight", pooled_encoders=("clip_l",))
 # Chroma: Flux's transformer without vector_in; T5-XXL's tokens unpadded (the prompt and its end
 # token only) through txt_in.
 CHROMA = ModelFamily("chroma", "Chroma", (t5_encoder(padded=False),), ("txt_in",))
-FAMILIES = {f.name: f for f in (SD15, SD2, SDXL, FLUX, CHROMA)}
+# SD3 / SD3.5: CLIP-L and CLIP-G side by side (2048 wide, zero-padded to 4096), then T5-XXL's 77
+# tokens after them, through one linear gateway, context_embedder; the CLIPs' pooled outputs side by
+# side through y_embedder's first linear layer. A CLIP without the T5 gives the CLIP tokens alone.
+SD3 = ModelFamily("sd3", "SD3", (clip_encoder("clip_l", "l"), clip_encoder("clip_g", "g"),
+                                 dataclasses.replace(t5_encoder(context=77), segment=1, optional=True)),
+                  ("context_embedder",), pooled_site="diffusion_model.y_embedder.mlp.0.weight",
+                  pooled_encoders=("clip_l", "clip_g"), text_width=4096)
+FAMILIES = {f.name: f for f in (SD15, SD2, SDXL, FLUX, CHROMA, SD3)}
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,44 @@ class Architecture:
         return self.family.name
 
     @property
+    def segments(self) -> tuple[tuple[int, ...], ...]:
+        """The per-token encoders (indices into ``encoders``) of each segment of the features the deep
+        sites read: side by side within a segment, one segment after the other along the tokens."""
+        found: dict[int, list[int]] = {}
+        for i, e in enumerate(self.encoders):
+            if e.spec.per_token:
+                found.setdefault(e.spec.segment, []).append(i)
+        return tuple(tuple(found[k]) for k in sorted(found))
+
+    def segment_of(self, encoder: int) -> int:
+        """The position in :attr:`segments` of the segment holding encoder ``encoder``."""
+        return next(s for s, members in enumerate(self.segments) if encoder in members)
+
+    def segment_context(self, segment: int) -> int:
+        """Token positions per prompt of one segment (its encoders' shortest context)."""
+        return min(self.encoders[i].spec.context for i in self.segments[segment])
+
+    @property
+    def segment_offsets(self) -> tuple[int, ...]:
+        """Where each segment's positions start in the features the deep sites read."""
+        offsets, at = [], 0
+        for s in range(len(self.segments)):
+            offsets.append(at)
+            at += self.segment_context(s)
+        return tuple(offsets)
+
+    @property
     def context(self) -> int:
-        return self.family.context
+        """Token positions per prompt in the features the deep sites read."""
+        return sum(self.segment_context(s) for s in range(len(self.segments)))
 
     @property
     def context_width(self) -> int:
-        """The deep sites' input width (768 / 1024 / 2048; Flux: T5's 4096): the erasure's rank budget."""
-        widths = [e.width for e in self.encoders if e.spec.per_token]
-        return max(widths) if self.family.combine == COMBINE_SEQUENCE else sum(widths)
+        """The deep sites' input width (768 / 1024 / 2048; Flux: T5's 4096; SD3: 4096): the erasure's
+        rank budget."""
+        if self.family.text_width is not None:
+            return self.family.text_width
+        return max(sum(self.encoders[i].width for i in members) for members in self.segments)
 
     @property
     def padded(self) -> bool:

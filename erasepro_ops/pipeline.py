@@ -92,8 +92,8 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
     o = _Originals(host, b)
     y_cond, x0_cond, anchor_in, target_in = o.constrained(b)
 
-    soft = soft_weighting(host, arch, request, o.preserve_in if b.soft_preserve else None)
-    shallow = solve_shallow(host, arch, request, settings, columns, anchor_in, target_in, soft, on_site)
+    soft = soft_weighting(host, arch, request, o.preserve_in if b.soft_preserve else None, b.kept_lengths)
+    shallow = solve_shallow(host, arch, request, settings, b.columns_of, anchor_in, target_in, soft, on_site)
 
     x_all, pooled_all = _deep_inputs(host, b, o, shallow.edited)
     x_cond = x_all if b.exact_preserve else x_all[:n_target]

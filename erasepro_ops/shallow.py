@@ -15,7 +15,7 @@ from .family import Architecture
 from .host import Host
 from .request import Request
 from .retain import retain_prompts
-from .batches import preserve_alignments, preserve_ids, select_inputs
+from .batches import preserve_alignments, preserve_ids, select_inputs, split
 
 
 def site_edits(results, part: str, stage: str) -> list[SiteEdit]:
@@ -83,23 +83,27 @@ def _retain_batches(arch: Architecture, first_inputs, spans, padding: int) -> li
     encoders' captured first-block inputs for those prompts). A causal encoder's features up to a
     position do not depend on what follows, so each batch stops after its last position used
     instead of running the whole context."""
-    positions = [list(al.positions("preserve")) + list(al.positions("preserve_pad"))[:padding] for al in spans]
-    order = sorted(range(len(spans)), key=lambda j: max(positions[j]))
+    positions = [[list(al.positions("preserve")) + list(al.positions("preserve_pad"))[:padding]
+                  for al in split(arch, spans, s)] for s in range(len(arch.segments))]
+    order = sorted(range(len(spans)), key=lambda j: max(positions[0][j]))
     out = [[] for _ in arch.encoders]
     for start in range(0, len(order), RETAIN_BATCH):
         rows = order[start: start + RETAIN_BATCH]
         for i, (enc, (hidden, mask, _)) in enumerate(zip(arch.encoders, first_inputs(rows))):
             if not enc.spec.per_token:  # only its pooled output is read: no shallow sites
                 continue
-            length = max(max(positions[j]) for j in rows) + 1 if enc.spec.causal else hidden.shape[1]
-            index = torch.tensor([r * length + pos for r, j in enumerate(rows) for pos in positions[j]])
+            used = positions[arch.segment_of(i)]
+            length = max(max(used[j]) for j in rows) + 1 if enc.spec.causal else hidden.shape[1]
+            index = torch.tensor([r * length + pos for r, j in enumerate(rows) for pos in used[j]])
             out[i].append(KeptBatch(hidden[:, :length].contiguous(), index, mask))
     return out
 
 
-def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in) -> SoftWeighting | None:
-    """The user's preserve prompts (UCE, or ``preserve_strength`` > 0) at every position, then the
-    retain bank (ErasePro with ``retain_strength`` > 0 and S > 0) up to each prompt's end token."""
+def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in,
+                   kept_lengths=None) -> SoftWeighting | None:
+    """The user's preserve prompts (UCE, or ``preserve_strength`` > 0) at every position the model
+    reads (``kept_lengths``, see ``batches.read_lengths``), then the retain bank (ErasePro with
+    ``retain_strength`` > 0 and S > 0) up to each prompt's end token."""
     retain = request.method == "erasepro" and request.retain_strength > 0 and request.progressive_layers > 0
     if preserve_in is None and not retain:
         return None
@@ -108,7 +112,10 @@ def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in
         batches = [[] for _ in arch.encoders]
         if preserve_in is not None:
             for i, (hidden, mask, _) in enumerate(preserve_in):
-                batches[i].append(KeptBatch(hidden, torch.arange(hidden.shape[0] * hidden.shape[1]), mask))
+                p, t = hidden.shape[:2]
+                index = (torch.arange(p * t) if kept_lengths is None else
+                         torch.tensor([r * t + pos for r, n in enumerate(kept_lengths) for pos in range(n)]))
+                batches[i].append(KeptBatch(hidden, index, mask))
         if retain:
             prompts = retain_prompts()
             ids = preserve_ids(host, arch, prompts)
@@ -148,9 +155,10 @@ class ShallowResult:
     notes: list[str] = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
 
 
-def solve_shallow(host: Host, arch: Architecture, request: Request, settings: SolverSettings, columns,
+def solve_shallow(host: Host, arch: Architecture, request: Request, settings: SolverSettings, columns_of,
                   anchor_in, target_in, soft: SoftWeighting | None, on_site) -> ShallowResult:
-    """The shallow sites (the first S blocks' MLP output projections), per text encoder, shallow to deep.
+    """The shallow sites (the first S blocks' MLP output projections), per text encoder, shallow to deep;
+    ``columns_of(segment)``: the columns an encoder of that segment sees (``Batches.columns_of``).
 
     An encoder whose weights are stored in fewer than :data:`MIN_SHALLOW_BITS` bits (a T5 loaded
     in fp8) gets none: ComfyUI rounds a patched weight to its storage dtype, and fp8's ~6% steps
@@ -180,7 +188,8 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
         bias = host.text_weights(bias_keys) if enc.spec.shallow_bias else dict.fromkeys(bias_keys)
         blocks = host.shallow_blocks(enc, keys, [weights[k] for k in keys], [bias[k] for k in bias_keys],
                                      target_in[i])
-        results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns, shallow_settings,
+        results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns_of(arch.segment_of(i)),
+                                      shallow_settings,
                                       rule=request.rule, preserve=_weightings(host, enc, blocks, soft, i, shallow_settings),
                                       on_site=on_site, masks=(target_in[i][1], anchor_in[i][1]))
         out.results += results

@@ -193,7 +193,7 @@ def flux_velocity(model, cond, pooled, latents, timesteps, guidance: float = 3.5
     if load:
         c.model_management.load_models_gpu([model])
     m = model.model
-    dev = m.diffusion_model.img_in.weight.device
+    dev = next(m.diffusion_model.parameters()).device
     x = latents.to(dev, torch.float32)
     b = x.shape[0]
     sigma = torch.as_tensor(timesteps, dtype=torch.float32, device=dev).reshape(-1)
@@ -403,3 +403,59 @@ def t5_as_users_load(clip, folder, dtype=None):
     if missing:
         raise ValueError(f"{path}: the T5 misses {missing[:3]}")
     return loaded
+
+
+# ---------------------------------------------------------------------------------------
+# SD3 / SD3.5: an MMDiT reading CLIP-L‖G (zero-padded to 4096) then T5 along the tokens
+# ---------------------------------------------------------------------------------------
+SD3_T5 = {"d_model": 4096, "d_kv": 64, "num_heads": 4, "d_ff": 512}  # SD3's encode pads the CLIPs to 4096: T5 must be that wide
+
+
+def sd3_unet_config(depth: int = 2) -> dict:
+    """A tiny ``comfy.supported_models.SD3`` unet_config as ``model_detection`` reads it from a file:
+    hidden 64·depth (SD3's head size 64, ``depth`` heads), the 4096-wide ``context_embedder``, the
+    2048-wide pooled input, a 16 × 16 position grid."""
+    return {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
+            "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 4096, "out_features": 64 * depth}},
+            "num_patches": 256, "pos_embed_max_size": 16}
+
+
+def build_sd3_model(seed: int = 0, dtype=None, depth: int = 2, std: float = 0.02):
+    """MODEL: ``ModelPatcher`` around ``comfy.model_base.SD3`` (ComfyUI's MMDiT), random weights."""
+    import torch
+    c = import_comfy()
+    mm = c.model_management
+    mc = c.supported_models.SD3(sd3_unet_config(depth))
+    dtype = dtype or torch.float32
+    mc.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), mc.supported_inference_dtypes))
+    model = mc.get_model({}, "", device=mm.unet_inital_load_device(0, dtype))
+    init_weights_(model.diffusion_model, seed=seed, std=std)
+    return c.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def build_sd3_clip(seed: int = 0, dtype=None, clip_layers: int = 4, t5_layers: int | None = 4, std: float = 0.02):
+    """CLIP: ``comfy.sd.CLIP`` with ``sd3_clip.SD3Tokenizer`` and ``SD3ClipModel``: CLIP-L (768) and
+    CLIP-G (1280) at full width with ``clip_layers`` layers, and a T5 4096 wide (SD3's encode needs
+    that width) with ``t5_layers`` blocks and a small feed-forward; ``t5_layers`` None: no T5, as a
+    checkpoint with only the CLIPs (or DualCLIPLoader type sd3) gives."""
+    import torch
+    c = import_comfy()
+    from comfy import supported_models_base
+    from comfy.text_encoders import sd3_clip
+    with_t5 = t5_layers is not None
+    target = supported_models_base.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(
+        clip_l=True, clip_g=True, t5=with_t5, dtype_t5=dtype or torch.float32))
+    opts = {"dtype": dtype or torch.float32, "clip_l_model_config": {"num_hidden_layers": int(clip_layers)},
+            "clip_g_model_config": {"num_hidden_layers": int(clip_layers)}}
+    if with_t5:
+        opts["t5xxl_model_config"] = t5_config(t5_layers, SD3_T5)
+    clip = c.sd.CLIP(target, model_options=opts)
+    init_weights_(clip.cond_stage_model, seed=seed + 1, std=std)
+    return clip
+
+
+def build_sd3(seed: int = 0, dtype=None, clip_layers: int = 4, t5_layers: int | None = 4, depth: int = 2):
+    """(MODEL, CLIP) of a tiny SD3 (see :func:`build_sd3_model`, :func:`build_sd3_clip`)."""
+    return build_sd3_model(seed, dtype, depth), build_sd3_clip(seed, dtype, clip_layers, t5_layers)

@@ -210,11 +210,12 @@ def test_unsupported_architecture_is_named(nodes, pack):
     import comfy.supported_models
 
     model, clip = H.build("sd15")
-    sd3 = model.clone()
-    sd3.model = type("Wrapper", (), {"model_config": comfy.supported_models.SD3({"in_channels": 16})})()
+    other = model.clone()
+    other.model = type("Wrapper", (), {"model_config": comfy.supported_models.Lumina2({"image_model": "lumina2"})})()
     (concepts,) = nodes[0].build(TARGET, SAME_LENGTH_ANCHOR, "style")
-    with pytest.raises(ValueError, match="not supported yet: SD3. ErasePro supports SD1.x, SD2.x, SDXL, Flux.1 and Chroma"):
-        nodes[1].solve(sd3, clip, concepts, 0, "erasepro")
+    with pytest.raises(ValueError, match=r"not supported yet: Lumina2. ErasePro supports SD1.x, SD2.x, SDXL, SD3 / SD3.5, "
+                                         r"Flux.1 and Chroma"):
+        nodes[1].solve(other, clip, concepts, 0, "erasepro")
 
 
 def test_nan_weights_are_refused_and_nothing_changes(nodes):

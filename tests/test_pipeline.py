@@ -44,7 +44,12 @@ def test_the_summary_dict_round_trips_and_has_no_erasepro_keys_for_uce():
 
 
 def test_the_families_describe_their_text_path():
-    assert [e.name for e in SDXL.encoders] == ["clip_l", "clip_g"] and SDXL.combine == "width"
-    assert SDXL.context == 77 and SDXL.pooled_site.endswith("label_emb.0.0.weight")
+    assert [e.name for e in SDXL.encoders] == ["clip_l", "clip_g"] and {e.segment for e in SDXL.encoders} == {0}
+    assert SDXL.text_width is None and SDXL.pooled_encoders == ("clip_g",)
+    assert SDXL.pooled_site.endswith("label_emb.0.0.weight")
+    sd3 = FAMILIES["sd3"]  # CLIP-L‖G (one segment), then T5 along the tokens, 4096 wide
+    assert [(e.name, e.segment, e.optional, e.context) for e in sd3.encoders] == [
+        ("clip_l", 0, False, 77), ("clip_g", 0, False, 77), ("t5xxl", 1, True, 77)]
+    assert sd3.text_width == 4096 and sd3.pooled_encoders == ("clip_l", "clip_g")
     assert FAMILIES["sd15"].encoders[0].shallow_key(3) == "clip_l.transformer.text_model.encoder.layers.3.mlp.fc2.weight"
     assert FAMILIES["sd2"].pooled_site is None

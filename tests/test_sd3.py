@@ -1,0 +1,183 @@
+"""SD3 / SD3.5 through its text gateway: a tiny random-weight SD3 from ComfyUI's own classes
+(scripts/comfy_dit.py: the MMDiT, SD3ClipModel with CLIP-L, CLIP-G and a T5), solved by the same
+pipeline and nodes as the other families.
+
+SD3's transformer reads CLIP-L‖CLIP-G side by side (2048 wide, zero-padded to 4096), then T5's 77
+tokens after them, through one linear layer, ``context_embedder``; the CLIPs' pooled outputs side by
+side through ``y_embedder.mlp.0``. Measured with ComfyUI's own encode and the model's own forward.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_host as H
+from log_capture import Warnings
+from scripts import comfy_dit
+
+TARGET, ANCHOR = "cat", "dog"
+GATEWAY, POOLED = "diffusion_model.context_embedder.weight", "diffusion_model.y_embedder.mlp.0.weight"
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return comfy_dit.build_sd3(seed=0)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return H.load_pack()
+
+
+def _request(**kw):
+    from erasepro_ops.request import Request
+    from erasepro_ops.templates import ConceptPair
+    concept = kw.pop("concept", ConceptPair(TARGET, ANCHOR, "object"))
+    return Request((concept,), **kw)
+
+
+def _every_position(**kw):
+    """One two-prompt concept with every position of both segments constrained."""
+    from erasepro_ops.templates import ConceptPair
+    return _request(concept=ConceptPair(TARGET, ANCHOR, "custom", "a photo of {}"), template_padding=77,
+                    keep_empty_prompt=False, fit_padding=False, **kw)
+
+
+def _velocity(model, clip, text, latents):
+    cond, pooled = comfy_dit.encode_flux(clip, text)
+    return comfy_dit.flux_velocity(model, cond, pooled, latents, 0.5)
+
+
+def _latents():
+    return torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _erasure_error(model, clip, erased, erased_clip, target, anchor):
+    latents = _latents()
+    v_anchor, v_target = _velocity(model, clip, anchor, latents), _velocity(model, clip, target, latents)
+    gap = float((v_target - v_anchor).norm())
+    assert gap > 1e-4 * float(v_anchor.norm())  # the prompts do differ
+    return float((_velocity(erased, erased_clip, target, latents) - v_anchor).norm()) / gap
+
+
+def test_sd3_is_detected_with_its_segments(sd3):
+    import comfy.model_base
+    from erasepro_comfy.host import ComfyHost
+    model, clip = sd3
+    assert type(model.model) is comfy.model_base.SD3
+    arch = ComfyHost(model, clip).architecture()
+    assert arch.name == "sd3"
+    assert [(e.name, e.width, e.spec.causal) for e in arch.encoders] == [
+        ("clip_l", 768, True), ("clip_g", 1280, True), ("t5xxl", 4096, False)]
+    assert arch.segments == ((0, 1), (2,)) and arch.segment_offsets == (0, 77) and arch.context == 154
+    assert arch.deep_keys == (GATEWAY,) and arch.context_width == 4096
+    assert arch.pooled_site == POOLED and arch.pooled_width == 2048
+
+
+def test_the_solves_encode_is_comfyuis(sd3):
+    """The features the solve reads for a batch are CLIPTextEncode's: CLIP-L‖G padded to 4096, then
+    T5 along the tokens, and the two pooled outputs side by side."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.batches import preserve_ids
+    model, clip = sd3
+    host = ComfyHost(model, clip)
+    prompts = ["a photo of a cat", ""]
+    encoded = host.encode(preserve_ids(host, host.architecture(), prompts))
+    for row, text in enumerate(prompts):
+        cond, pooled = comfy_dit.encode_flux(clip, text)
+        assert encoded.cond[row:row + 1].shape == cond.shape == (1, 154, 4096)
+        assert torch.equal(encoded.cond[row:row + 1], cond)
+        assert torch.allclose(encoded.pooled[row:row + 1], pooled, rtol=1e-5, atol=1e-6 * float(pooled.abs().max()))
+
+
+@pytest.mark.parametrize("layers", [0, 3])
+def test_gateway_erasure_is_exact(sd3, layers):
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import run_erasure
+    model, clip = sd3
+    edit = run_erasure(ComfyHost(model, clip), _request(progressive_layers=layers))
+    s = edit.summary
+    assert {e.key for e in edit.sites if e.stage != "shallow"} == {GATEWAY, POOLED}
+    shallow = sorted(e.key for e in edit.sites if e.stage == "shallow")
+    assert len(shallow) == (3 if layers else 0)  # one block of each 4-block encoder
+    assert all(k.startswith(("clip_l.", "clip_g.", "t5xxl.")) for k in shallow)
+    assert s["family"] == "sd3"
+    assert s["train_residual"] <= 1e-5, s["train_residual"]
+    assert s["empty_prompt_drift"] <= 1e-4, s["empty_prompt_drift"]
+
+
+@pytest.mark.parametrize("layers", [0, 3])
+def test_velocity_of_an_erased_prompt_is_the_anchors(sd3, layers):
+    """Every position of both segments constrained: the erased model's velocity for the target
+    prompt is the original model's for the anchor prompt (ComfyUI's encode, the MMDiT's forward)."""
+    from erasepro_comfy.apply import apply_edit
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import run_erasure
+    model, clip = sd3
+    edit = run_erasure(ComfyHost(model, clip), _every_position(progressive_layers=layers))
+    erased, erased_clip = apply_edit(model, clip, edit, 1.0)
+    for target, anchor in (("a photo of cat", "a photo of dog"), ("cat", "dog")):
+        err = _erasure_error(model, clip, erased, erased_clip, target, anchor)
+        assert err <= 1e-3, (target, err)
+    same_model, same_clip = apply_edit(model, clip, edit, 0.0)
+    latents = _latents()
+    assert torch.equal(_velocity(same_model, same_clip, "a photo of cat", latents),
+                       _velocity(model, clip, "a photo of cat", latents))
+
+
+def test_sd3_without_t5_and_in_fp16():
+    """A CLIP with CLIP-L and CLIP-G only (a checkpoint with its CLIPs, or DualCLIPLoader type sd3)
+    in float16, as ComfyUI runs text encoders on the CPU: the CLIP tokens alone, erased exactly."""
+    from erasepro_comfy.apply import apply_edit
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import run_erasure
+    model = comfy_dit.build_sd3_model(seed=0)
+    clip = comfy_dit.build_sd3_clip(seed=0, dtype=torch.float16, t5_layers=None)
+    arch = ComfyHost(model, clip).architecture()
+    assert [e.name for e in arch.encoders] == ["clip_l", "clip_g"] and arch.context == 77
+    edit = run_erasure(ComfyHost(model, clip), _every_position(progressive_layers=3))
+    assert edit.part("clip")
+    erased, erased_clip = apply_edit(model, clip, edit, 1.0)
+    err = _erasure_error(model, clip, erased, erased_clip, "a photo of cat", "a photo of dog")
+    assert err <= 1e-3, err
+
+
+def test_nodes_solve_sd3_and_the_lora_loads_through_the_stock_loader(sd3, pack, tmp_path, monkeypatch):
+    import folder_paths
+    from erasepro_comfy.host import effective_weights
+    model, clip = sd3
+    m = pack.NODE_CLASS_MAPPINGS
+    (concepts,) = m["ErasePro_ConceptPair"]().build(TARGET, ANCHOR, "object")
+    edit = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "erasepro")["result"][0]
+    assert {s.key.split(".")[0] for s in edit.part("clip")} == {"clip_l", "clip_g", "t5xxl"}
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    old = folder_paths.folder_names_and_paths["loras"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], old[1]))
+    folder_paths.filename_list_cache.clear()
+    name = m["ErasePro_SaveEdit"]().save(edit, "test/sd3_cat", "float32")["result"][0]
+    with Warnings() as w:
+        lora_model, lora_clip = H.comfy_nodes().LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    folder_paths.filename_list_cache.clear()
+    assert not [x for x in w.messages if "not loaded" in x.lower()], w.messages
+    assert {s.key for s in edit.part("model") if s.rank} <= set(lora_model.patches)
+    assert {s.key for s in edit.part("clip") if s.rank} <= set(lora_clip.patcher.patches)
+
+    applied, applied_clip = m["ErasePro_ApplyErasedUNet"]().apply(model, edit, 1.0, clip)
+    for part, (a, b) in (("model", (lora_model, applied)), ("clip", (lora_clip.patcher, applied_clip.patcher))):
+        keys = [s.key for s in edit.part(part)]
+        wa, wb = effective_weights(a, keys), effective_weights(b, keys)
+        for k in keys:
+            tol = 4 * torch.finfo(torch.float32).eps * float(wb[k].abs().max())
+            assert float((wa[k] - wb[k]).abs().max()) <= tol, k
+
+
+def test_a_prompt_longer_than_t5s_77_tokens_is_refused(sd3):
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.errors import EraseProError
+    from erasepro_ops.pipeline import run_erasure
+    model, clip = sd3
+    long = "a photo of a cat " + "in a long and winding sentence " * 12
+    with pytest.raises(EraseProError, match="t5xxl tokens long; at most 77 fit: shorten it"):
+        run_erasure(ComfyHost(model, clip), _request(preserve=(long,)))
