@@ -1,11 +1,13 @@
 """ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (and a reduced Flux.1
 and Chroma).
 
-    python -m benchmarks.run [--models sd15,sdxl,flux,chroma] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
+    python -m benchmarks.run [--models sd15,sdxl,flux,chroma,sd3] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
 
 Models are built from ComfyUI's own classes at full size with random weights (scripts/comfy_host);
 Flux.1 and Chroma at reduced widths only (scripts/comfy_dit, ``FLUX_SIZES``: a full T5-XXL alone is
-4.7B parameters; Chroma's transformer built in memory, its T5 in fp16 read from a file).
+4.7B parameters; Chroma's transformer built in memory, its T5 in fp16 read from a file); SD3 with a
+tiny MMDiT, CLIP-L and CLIP-G at full width with 12 layers, and a T5 at full width (4096, which
+SD3's encode needs) with a small feed-forward, text encoders in fp16 or fp32, built in memory.
 Every configuration runs the solve (``erasepro_ops.pipeline.run_erasure`` on the ComfyUI host) on
 the same concepts and preserve set, in one process, models already loaded. "time s" is a first solve
 on the model (the retain bank's weightings not cached), "again s" the same solve queued again, as a
@@ -227,7 +229,8 @@ def role_residuals(w_list, d_list, x_new, x, y, roles):
     return out
 
 
-DIT = ("flux", "chroma")  # a velocity, not eps; 16-channel latents
+DIT = ("flux", "chroma", "sd3")  # a velocity, not eps; 16-channel latents
+SD3_SIZES = {"tiny": dict(clip_layers=12, t5_layers=12), "full": dict(clip_layers=12, t5_layers=24)}  # T5 4096 wide
 FLUX_SIZES = {  # (Chroma's T5 too) the DiT's width is irrelevant to the solve; T5 sets the gateway's rank budget and the cost
     "tiny": dict(t5_layers=12, t5={"d_model": 512, "d_ff": 1024}),
     "full": dict(t5_layers=24, t5={"d_model": 1024, "d_kv": 64, "num_heads": 16, "d_ff": 2816}),  # T5 v1.1 large's shape
@@ -244,6 +247,12 @@ def load_models(kind: str, size: str, dtype: str):
         if dtype == "fp16":
             return comfy_dit.as_users_load(**FLUX_SIZES[size])
         return comfy_dit.build_flux("tiny", **FLUX_SIZES[size])
+    if kind == "sd3":  # the MMDiT and its three encoders built in memory, text encoders in fp16 as ComfyUI runs them
+        import torch
+        from scripts import comfy_dit
+        model = comfy_dit.build_sd3_model(seed=0)
+        return model, comfy_dit.build_sd3_clip(seed=0, dtype=torch.float16 if dtype == "fp16" else None,
+                                               **SD3_SIZES[size])
     if kind == "chroma":
         from scripts import comfy_dit
         model, clip = comfy_dit.build_chroma(**FLUX_SIZES[size])
@@ -496,7 +505,7 @@ def draw_trade_off(rows, path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux, chroma (reduced widths)")
+    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux, chroma, sd3 (reduced sizes)")
     parser.add_argument("--concepts", default="1,10,100")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median); 1 at 100 concepts")
     parser.add_argument("--eps-size", type=int, default=16, help="latent size for the eps metrics")

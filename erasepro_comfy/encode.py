@@ -30,9 +30,12 @@ def masked_padding(clip, enc):
     """Encode ``enc``'s batches with the attention mask on when the model reads no padding
     (``enc.spec.padded`` False): the solve pads those prompts to one length, and the mask keeps every
     real position's features what ComfyUI gives for the unpadded prompt."""
+    if enc.spec.padded:
+        yield
+        return
     module = encoder_module(clip, enc)
     before = module.enable_attention_masks
-    module.enable_attention_masks = before or not enc.spec.padded
+    module.enable_attention_masks = True
     try:
         yield
     finally:

@@ -66,10 +66,12 @@ def _text_encoders(clip, family: ModelFamily) -> tuple[TextEncoder, ...]:
     stage = clip.cond_stage_model
     present = [a for a in TEXT_ENCODERS if getattr(stage, a, None) is not None]
     specs = [e for e in family.encoders if e.name in present]
-    if [e.name for e in specs] != present or any(not e.optional and e.name not in present for e in family.encoders):
+    classes = {c.__name__ for c in type(stage).__mro__}
+    if ([e.name for e in specs] != present or any(not e.optional and e.name not in present for e in family.encoders)
+            or (family.clip_model is not None and family.clip_model not in classes)):
         needs = ", ".join(e.name + (" (optional)" if e.optional else "") for e in family.encoders)
         raise EraseProError(
-            f"the CLIP does not match the MODEL: a {family.label} model needs the text encoder(s) {needs}; "
+            f"the CLIP does not match the MODEL: {family.label} models need the text encoder(s) {needs}; "
             f"this CLIP has {', '.join(present) or type(stage).__name__}. Use the CLIP from the same checkpoint "
             "(or the loader type made for this model).")
     encoders = []

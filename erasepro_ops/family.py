@@ -39,7 +39,7 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    name: str  # sd15 / sd2 / sdxl / flux: stored with every edit
+    name: str  # sd15 / sd2 / sdxl / sd3 / flux / chroma: stored with every edit
     label: str  # for messages: SD1.x
     encoders: tuple[TextEncoderSpec, ...]
     deep_sites: tuple[str, ...]  # suffixes of the diffusion model's module names that read the text features
@@ -47,11 +47,7 @@ class ModelFamily:
     pooled_site: str | None = None  # weight key of the layer reading the pooled embedding
     pooled_encoders: tuple[str, ...] = ()  # the encoders whose pooled outputs, side by side, that layer reads
     text_width: int | None = None  # every segment zero-padded to this width (SD3: 4096); None: its own
-
-    @property
-    def token_encoders(self) -> tuple[TextEncoderSpec, ...]:
-        """The encoders whose per-token outputs the deep sites read."""
-        return tuple(e for e in self.encoders if e.per_token)
+    clip_model: str | None = None  # the class name ComfyUI's CLIP model must have (its encode combines the encoders)
 
 
 def clip_encoder(name: str, token_key: str) -> TextEncoderSpec:
@@ -86,7 +82,7 @@ CHROMA = ModelFamily("chroma", "Chroma", (t5_encoder(padded=False),), ("txt_in",
 SD3 = ModelFamily("sd3", "SD3", (clip_encoder("clip_l", "l"), clip_encoder("clip_g", "g"),
                                  dataclasses.replace(t5_encoder(context=77), segment=1, optional=True)),
                   ("context_embedder",), pooled_site="diffusion_model.y_embedder.mlp.0.weight",
-                  pooled_encoders=("clip_l", "clip_g"), text_width=4096)
+                  pooled_encoders=("clip_l", "clip_g"), text_width=4096, clip_model="SD3ClipModel")
 FAMILIES = {f.name: f for f in (SD15, SD2, SDXL, FLUX, CHROMA, SD3)}
 
 

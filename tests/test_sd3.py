@@ -173,6 +173,16 @@ def test_nodes_solve_sd3_and_the_lora_loads_through_the_stock_loader(sd3, pack, 
             assert float((wa[k] - wb[k]).abs().max()) <= tol, k
 
 
+def test_an_sdxl_clip_is_refused_on_sd3(sd3, pack):
+    """SDXL's CLIP holds CLIP-L and CLIP-G too, but encodes them for a UNet, not for SD3's gateway."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.errors import EraseProError
+    model, _ = sd3
+    _, sdxl_clip = H.build("sdxl")
+    with pytest.raises(EraseProError, match="the CLIP does not match the MODEL: SD3 models need the text encoder"):
+        ComfyHost(model, sdxl_clip).architecture()
+
+
 def test_a_prompt_longer_than_t5s_77_tokens_is_refused(sd3):
     from erasepro_comfy.host import ComfyHost
     from erasepro_ops.errors import EraseProError
