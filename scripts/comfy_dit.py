@@ -432,6 +432,11 @@ def build_sd3_model(seed: int = 0, dtype=None, depth: int = 2, std: float = 0.02
     mc.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), mc.supported_inference_dtypes))
     model = mc.get_model({}, "", device=mm.unet_inital_load_device(0, dtype))
     init_weights_(model.diffusion_model, seed=seed, std=std)
+    # pos_embed is a buffer a checkpoint fills (torch.empty until then): SD3's fixed 2D sin-cos grid
+    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+    dm = model.diffusion_model
+    grid = get_2d_sincos_pos_embed(dm.hidden_size, dm.pos_embed_max_size)
+    dm.pos_embed.copy_(torch.as_tensor(grid, dtype=dm.pos_embed.dtype).reshape(dm.pos_embed.shape))
     return c.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
