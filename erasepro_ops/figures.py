@@ -59,12 +59,22 @@ def _drifts(kv_results, kv_weights, preserve_features, empty_features):
     return drift, empty_drift
 
 
+def _pooled_residual(deep_results, pooled_site: str | None, pooled_gap) -> float | None:
+    r = next((r for r in deep_results if r.name == pooled_site), None)
+    if r is None or pooled_gap is None:
+        return None if r is None else r.solution.residual
+    weight, gap = pooled_gap
+    return residual_against_gap([r.solution.residual_sq], [weight], gap)
+
+
 def summarise(request: Request, family: str, pooled_site: str | None, columns, shallow_results, deep_results,
               deep_weights, *, gap, rank_budget: int, templates: int, seconds: float, preserve_features,
-              empty_features=None, warnings=()) -> Summary:
+              empty_features=None, warnings=(), pooled_gap=None) -> Summary:
     """The figures the node reports. ``gap`` is the unedited model's ``Y − X_0`` on the erasure's
     columns; ``preserve_features`` ``(K, K')``, the preserve prompts through the original and the
     edited text encoder, or None; ``empty_features`` the same for the empty prompt when it is kept;
+    ``pooled_gap`` ``(W, G)``: the pooled site's weight columns and the unedited pooled gap, so its
+    residual too is against the original gap (the shallow stage may have closed most of it);
     ``warnings`` come before the ones found here."""
     kv_results = [r for r in deep_results if r.name != pooled_site]
     kv_weights = [deep_weights[r.name] for r in kv_results]
@@ -77,7 +87,7 @@ def summarise(request: Request, family: str, pooled_site: str | None, columns, s
         sites=tuple(SiteFigure(short_name(r.name, pooled_site), r.name, r.stage, r.relative_change,
                                r.solution.residual) for r in shallow_results + deep_results),
         train_residual=train,
-        pooled_residual=next((r.solution.residual for r in deep_results if r.name == pooled_site), None),
+        pooled_residual=_pooled_residual(deep_results, pooled_site, pooled_gap),
         deep_burden=burden, preservation_drift=drift, empty_prompt_drift=empty_drift, solve_seconds=seconds,
         constraints=columns.n_erasure, preserve_constraints=columns.n_preserve, templates=templates,
         rank_budget=rank_budget, deep_rank=max((r.rank for r in kv_results), default=0), warnings=tuple(warnings))

@@ -106,6 +106,7 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
     model_edits = site_edits(deep_results, "model", "deep")
     model_weights = dict(deep_weights)
 
+    pooled_gap = None
     if arch.pooled_width:
         px, py = pooled_all[:n_target], o.y_pooled
         if b.exact_preserve:  # the preserve prompts' pooled embeddings stay too, after the targets'
@@ -114,6 +115,7 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
                                                                                    settings, on_site)
         deep_results = deep_results + [pooled_result]
         model_edits.append(pooled_edit)
+        pooled_gap = (model_weights[arch.pooled_site][:, : arch.pooled_width], (o.y_pooled - o.x0_pooled).T)
 
     seconds = time.perf_counter() - start
     n_user = len(request.preserve)
@@ -126,6 +128,6 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
                         preserve_features=_kept_features(b, o.k, k_edited, n_user),
                         empty_features=_kept_features(b, o.k, k_edited, n_user, empty=True)
                         if len(b.kept_prompts) > n_user else None,
-                        warnings=b.warnings() + shallow.notes)
+                        warnings=b.warnings() + shallow.notes, pooled_gap=pooled_gap)
     return ErasureEdit(tuple(shallow.edits + model_edits), request.settings_record(arch.name), summary.to_dict(),
                        fingerprint({**shallow.weights, **model_weights}))
