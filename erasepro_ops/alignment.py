@@ -16,7 +16,7 @@ from .text import quote
 from .tokens import SpecialTokens, token_chunks, token_ids
 
 __all__ = ["ROLE_PRIORITY", "PART_NAMES", "PromptAlignment", "align_chunks", "merge_alignments", "preserve_alignment",
-           "segment_part"]
+           "segment_part", "first_padding", "limit_padding"]
 
 ROLE_PRIORITY: dict[str, int] = {
     "keep": 0, "prefix": 0, "concept": 1, "suffix": 1, "end": 2, "preserve": 3, "pad": 4, "preserve_pad": 5,
@@ -95,6 +95,24 @@ def merge_alignments(parts: Sequence[PromptAlignment], offsets: Sequence[int]) -
     first = parts[0]
     return PromptAlignment(first.target_prompt, first.anchor_prompt, first.target_chunk, first.anchor_chunk,
                            shifted("keep"), shifted("move"), shifted("partner"), tuple(r for al in parts for r in al.role))
+
+
+def limit_padding(rows, limit: int) -> list:
+    """``rows`` (position, partner, role) with only the first ``limit`` of each run of padding
+    positions (a run is one segment's padding, after its end token)."""
+    out, run = [], 0
+    for row in rows:
+        run = run + 1 if row[2] == "pad" else 0
+        if run <= limit:
+            out.append(row)
+    return out
+
+
+def first_padding(al: PromptAlignment, n: int) -> PromptAlignment:
+    """``al`` (one segment's) with only its first ``n`` padding positions (role "pad")."""
+    rows = limit_padding(zip(al.move, al.partner, al.role), n)
+    return PromptAlignment(al.target_prompt, al.anchor_prompt, al.target_chunk, al.anchor_chunk, al.keep,
+                           tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows))
 
 
 def segment_part(al: PromptAlignment, offset: int, length: int) -> PromptAlignment:

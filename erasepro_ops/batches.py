@@ -14,7 +14,7 @@ import torch
 
 from .chain import Columns
 from .templates import ConceptPair, expand
-from .alignment import align_chunks, merge_alignments, preserve_alignment, segment_part
+from .alignment import align_chunks, merge_alignments, preserve_alignment, segment_part, first_padding
 from .contexts import context_pairs, fitted_padding
 from .errors import EraseProError
 from .family import Architecture
@@ -203,6 +203,22 @@ def read_positions(features: torch.Tensor, lengths) -> torch.Tensor:
     return torch.cat([f[:n] for f, n in zip(features, lengths)])
 
 
+def _max_padding(arch: Architecture, segment: int) -> int | None:
+    limits = [arch.encoders[i].spec.max_padding for i in arch.segments[segment]]
+    return min((n for n in limits if n is not None), default=None)
+
+
+def solved_alignments(arch: Architecture, alignments):
+    """The alignments as the solve constrains them: at most ``TextEncoderSpec.max_padding`` padding
+    positions in a segment whose encoder sets one (the figures still measure every position read)."""
+    limits = [_max_padding(arch, s) for s in range(len(arch.segments))]
+    if all(n is None for n in limits):
+        return alignments
+    parts = [split(arch, alignments, s) for s in range(len(limits))]
+    return [merge_alignments([p[j] if n is None else first_padding(p[j], n) for n, p in zip(limits, parts)],
+                             arch.segment_offsets) for j in range(len(alignments))]
+
+
 def pair_columns(arch: Architecture, alignments) -> Columns:
     """Every column of aligned prompt pairs that the diffusion model reads (no padding position
     when it reads none): what the figures measure on prompts the solve did not see."""
@@ -221,6 +237,7 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
     if not arch.padded:  # the model never reads a position past the end token
         padding = [0] * len(pairs)
     alignments, target_ids, anchor_ids = align_prompts(host, arch, pairs)
+    alignments = solved_alignments(arch, alignments)
     kept = request.preserve_prompts()
     preserve_tokens = preserve_ids(host, arch, kept) if kept else None
     exact = request.method == "erasepro" and preserve_tokens is not None
@@ -238,7 +255,8 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
     overflows = columns.n_erasure > arch.context_width
     if every_position and arch.padded and request.fit_padding and request.template_padding > 0 and overflows:
         bare = columns_with([0] * templates + padding[templates:]).n_erasure
-        fitted = fitted_padding(request.template_padding, bare, templates * len(arch.segments), arch.context_width)
+        padded = sum(_max_padding(arch, s) is None for s in range(len(arch.segments)))
+        fitted = fitted_padding(request.template_padding, bare, templates * padded, arch.context_width)
         if fitted < request.template_padding:
             padding = [fitted] * templates + padding[templates:]
             columns = columns_with(padding)

@@ -48,7 +48,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from .alignment import ROLE_PRIORITY, PromptAlignment
+from .alignment import ROLE_PRIORITY, PromptAlignment, limit_padding
 from .linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL,
                      PreserveWeighting, check_finite)
 from .solve import ConstraintSystem, LowRankUpdate, SharedUpdate, SiteSolution, UCESystem
@@ -110,7 +110,7 @@ class Columns:
             rows = list(zip(al.move, al.partner, al.role))
             limit = None if padding is None else padding[p]
             if limit is not None:
-                rows = _first_padding(rows, limit)
+                rows = limit_padding(rows, limit)
             if suffix is not None and not suffix[p]:
                 rows = [r for r in rows if r[2] != "suffix"]
             if last_token_only:
@@ -145,17 +145,6 @@ class Columns:
     def n_erasure(self) -> int:
         """Columns of the erasure itself (the target prompts'), which come before the preserve columns."""
         return len(self) - self.n_preserve
-
-
-def _first_padding(rows, limit: int):
-    """``rows`` (position, partner, role) with only the first ``limit`` of each run of padding
-    positions (a run is one segment's padding, after its end token)."""
-    out, run = [], 0
-    for row in rows:
-        run = run + 1 if row[2] == "pad" else 0
-        if run <= limit:
-            out.append(row)
-    return out
 
 
 def gather(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
