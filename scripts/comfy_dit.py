@@ -344,17 +344,25 @@ def chroma_unet_config(context_in_dim: int = TINY_T5["d_model"]) -> dict:
             "in_dim": 64, "out_dim": 128, "hidden_dim": 256, "n_layers": 2}
 
 
-def build_chroma_model(seed: int = 0, dtype=None, context_in_dim: int = TINY_T5["d_model"], std: float = 0.02):
-    """MODEL: ``ModelPatcher`` around ``comfy.model_base.Chroma``, random weights (seeded)."""
+def _random_model(config_class: str, unet_config: dict, seed: int, dtype, std: float, fill=None):
+    """``ModelPatcher`` around ``comfy.supported_models.<config_class>(unet_config)``'s model, its
+    inference dtype set, random weights (seeded); ``fill(diffusion_model)`` sets what is not a weight."""
     import torch
     c = import_comfy()
     mm = c.model_management
-    mc = c.supported_models.Chroma(chroma_unet_config(context_in_dim))
+    mc = getattr(c.supported_models, config_class)(unet_config)
     dtype = dtype or torch.float32
     mc.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), mc.supported_inference_dtypes))
     model = mc.get_model({}, "", device=mm.unet_inital_load_device(0, dtype))
     init_weights_(model.diffusion_model, seed=seed, std=std)
+    if fill is not None:
+        fill(model.diffusion_model)
     return c.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def build_chroma_model(seed: int = 0, dtype=None, context_in_dim: int = TINY_T5["d_model"], std: float = 0.02):
+    """MODEL: ``ModelPatcher`` around ``comfy.model_base.Chroma``, random weights (seeded)."""
+    return _random_model("Chroma", chroma_unet_config(context_in_dim), seed, dtype, std)
 
 
 def build_chroma_clip(seed: int = 0, dtype=None, t5_layers: int = 2, std: float = 0.02, t5: dict | None = None):
@@ -422,22 +430,17 @@ def sd3_unet_config(depth: int = 2) -> dict:
             "num_patches": 256, "pos_embed_max_size": 16}
 
 
-def build_sd3_model(seed: int = 0, dtype=None, depth: int = 2, std: float = 0.02):
-    """MODEL: ``ModelPatcher`` around ``comfy.model_base.SD3`` (ComfyUI's MMDiT), random weights."""
+def _sd3_pos_embed(dm) -> None:
+    """pos_embed is a buffer a checkpoint fills (torch.empty until then): SD3's fixed 2D sin-cos grid."""
     import torch
-    c = import_comfy()
-    mm = c.model_management
-    mc = c.supported_models.SD3(sd3_unet_config(depth))
-    dtype = dtype or torch.float32
-    mc.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), mc.supported_inference_dtypes))
-    model = mc.get_model({}, "", device=mm.unet_inital_load_device(0, dtype))
-    init_weights_(model.diffusion_model, seed=seed, std=std)
-    # pos_embed is a buffer a checkpoint fills (torch.empty until then): SD3's fixed 2D sin-cos grid
     from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
-    dm = model.diffusion_model
     grid = get_2d_sincos_pos_embed(dm.hidden_size, dm.pos_embed_max_size)
     dm.pos_embed.copy_(torch.as_tensor(grid, dtype=dm.pos_embed.dtype).reshape(dm.pos_embed.shape))
-    return c.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def build_sd3_model(seed: int = 0, dtype=None, depth: int = 2, std: float = 0.02):
+    """MODEL: ``ModelPatcher`` around ``comfy.model_base.SD3`` (ComfyUI's MMDiT), random weights."""
+    return _random_model("SD3", sd3_unet_config(depth), seed, dtype, std, fill=_sd3_pos_embed)
 
 
 def build_sd3_clip(seed: int = 0, dtype=None, clip_layers: int = 4, t5_layers: int | None = 4, std: float = 0.02):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import comfy_host as H
-from log_capture import Warnings
+import dit_checks
 from scripts import comfy_dit
 
 TARGET, ANCHOR = "cat", "dog"
@@ -30,10 +30,7 @@ def pack():
 
 
 def _request(**kw):
-    from erasepro_ops.request import Request
-    from erasepro_ops.templates import ConceptPair
-    concept = kw.pop("concept", ConceptPair(TARGET, ANCHOR, "object"))
-    return Request((concept,), **kw)
+    return dit_checks.request(TARGET, ANCHOR, **kw)
 
 
 def _every_position(**kw):
@@ -147,34 +144,13 @@ def test_sd3_without_t5_and_in_fp16():
 
 
 def test_nodes_solve_sd3_and_the_lora_loads_through_the_stock_loader(sd3, pack, tmp_path, monkeypatch):
-    import folder_paths
-    from erasepro_comfy.host import effective_weights
     model, clip = sd3
     m = pack.NODE_CLASS_MAPPINGS
     (concepts,) = m["ErasePro_ConceptPair"]().build(TARGET, ANCHOR, "object")
     edit = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "erasepro")["result"][0]
     assert {s.key.split(".")[0] for s in edit.part("clip")} == {"clip_l", "clip_g", "t5xxl"}
 
-    loras = tmp_path / "loras"
-    loras.mkdir()
-    old = folder_paths.folder_names_and_paths["loras"]
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], old[1]))
-    folder_paths.filename_list_cache.clear()
-    name = m["ErasePro_SaveEdit"]().save(edit, "test/sd3_cat", "float32")["result"][0]
-    with Warnings() as w:
-        lora_model, lora_clip = H.comfy_nodes().LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
-    folder_paths.filename_list_cache.clear()
-    assert not [x for x in w.messages if "not loaded" in x.lower()], w.messages
-    assert {s.key for s in edit.part("model") if s.rank} <= set(lora_model.patches)
-    assert {s.key for s in edit.part("clip") if s.rank} <= set(lora_clip.patcher.patches)
-
-    applied, applied_clip = m["ErasePro_ApplyErasedUNet"]().apply(model, edit, 1.0, clip)
-    for part, (a, b) in (("model", (lora_model, applied)), ("clip", (lora_clip.patcher, applied_clip.patcher))):
-        keys = [s.key for s in edit.part(part)]
-        wa, wb = effective_weights(a, keys), effective_weights(b, keys)
-        for k in keys:
-            tol = 4 * torch.finfo(torch.float32).eps * float(wb[k].abs().max())
-            assert float((wa[k] - wb[k]).abs().max()) <= tol, k
+    dit_checks.lora_round_trip(pack, model, clip, edit, "test/sd3_cat", tmp_path, monkeypatch)
 
 
 def test_an_sdxl_clip_is_refused_on_sd3(sd3, pack):
