@@ -16,6 +16,13 @@ def request(target: str, anchor: str, **kw):
     return Request((concept,), **kw)
 
 
+def solve_with_nodes(pack, model, clip, target: str, anchor: str, layers: int = 3):
+    """The edit ErasePro Concept Pair (an object concept) and the Progressive Solver make."""
+    m = pack.NODE_CLASS_MAPPINGS
+    (concepts,) = m["ErasePro_ConceptPair"]().build(target, anchor, "object")
+    return m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, layers, "erasepro")["result"][0]
+
+
 def lora_round_trip(pack, model, clip, edit, name: str, tmp_path, monkeypatch) -> None:
     """Save ``edit`` with Save ErasePro Edit, load it with ComfyUI's LoraLoader: every key applied
     (no "not loaded"), every changed site patched, the effective weights equal Apply Erased UNet's."""

@@ -145,10 +145,7 @@ def test_t5_loaded_by_comfyui_in_fp16(chroma, tmp_path):
 
 def test_nodes_solve_chroma_and_the_lora_loads_through_the_stock_loader(chroma, pack, tmp_path, monkeypatch):
     model, clip = chroma
-    m = pack.NODE_CLASS_MAPPINGS
-    (concepts,) = m["ErasePro_ConceptPair"]().build(TARGET, ANCHOR, "object")
-    out = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "erasepro")
-    edit = out["result"][0]
+    edit = dit_checks.solve_with_nodes(pack, model, clip, TARGET, ANCHOR)
     assert any(e.stage == "shallow" for e in edit.sites)
 
     dit_checks.lora_round_trip(pack, model, clip, edit, "test/chroma_cat", tmp_path, monkeypatch)

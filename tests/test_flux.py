@@ -133,10 +133,7 @@ def test_t5_as_users_load_it_fp16_or_fp8(flux, dtype):
 
 def test_nodes_solve_flux_and_the_lora_loads_through_the_stock_loader(flux, pack, tmp_path, monkeypatch):
     model, clip = flux
-    m = pack.NODE_CLASS_MAPPINGS
-    (concepts,) = m["ErasePro_ConceptPair"]().build(TARGET, ANCHOR, "object")
-    out = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "erasepro")
-    edit = out["result"][0]
+    edit = dit_checks.solve_with_nodes(pack, model, clip, TARGET, ANCHOR)
     assert any(e.stage == "shallow" for e in edit.sites)
 
     dit_checks.lora_round_trip(pack, model, clip, edit, "test/flux_cat", tmp_path, monkeypatch)

@@ -145,9 +145,7 @@ def test_sd3_without_t5_and_in_fp16():
 
 def test_nodes_solve_sd3_and_the_lora_loads_through_the_stock_loader(sd3, pack, tmp_path, monkeypatch):
     model, clip = sd3
-    m = pack.NODE_CLASS_MAPPINGS
-    (concepts,) = m["ErasePro_ConceptPair"]().build(TARGET, ANCHOR, "object")
-    edit = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "erasepro")["result"][0]
+    edit = dit_checks.solve_with_nodes(pack, model, clip, TARGET, ANCHOR)
     assert {s.key.split(".")[0] for s in edit.part("clip")} == {"clip_l", "clip_g", "t5xxl"}
 
     dit_checks.lora_round_trip(pack, model, clip, edit, "test/sd3_cat", tmp_path, monkeypatch)
