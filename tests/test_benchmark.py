@@ -34,6 +34,18 @@ def test_benchmark_runs_flux_beside_uce(tmp_path):
     assert ours["width"] == 512 and ours["empty_prompt_drift"] <= 1e-4
 
 
+def test_benchmark_runs_chroma_at_the_positions_it_reads(tmp_path):
+    """The reduced Chroma (T5 read from an fp16 file): no padding position is constrained or measured,
+    so the gateway edit is exact over every template position the transformer reads."""
+    assert run.main(["--models", "chroma", "--size", "tiny", "--concepts", "1", "--runs", "1", "--eps-size", "8",
+                     "--out", str(tmp_path), "--configs", "UCE,ErasePro S=0"]) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "chroma_fp16.json").read_text())["rows"]}
+    uce, ours = rows["UCE"], rows["ErasePro S=0"]
+    assert ours["train_residual"] <= 1e-5 < uce["train_residual"]  # measured 3.0e-8 against 0.89
+    assert ours["eps_erasure"] < 0.5 * uce["eps_erasure"]  # 9.6e-2 against 0.78
+    assert ours["width"] == 512 and ours["empty_prompt_drift"] <= 1e-5  # 1.5e-7
+
+
 def test_benchmark_sweep_writes_the_trade_off_chart(tmp_path):
     configs = "UCE,S=3 ctx 10"
     assert run.main(["--size", "tiny", "--concepts", "1", "--runs", "1", "--eps-size", "8", "--out", str(tmp_path),
