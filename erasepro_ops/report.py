@@ -43,12 +43,12 @@ WARN = (196, 48, 40)
 NA_COLOR = (185, 188, 196)
 STAGE_COLORS = {
     "shallow": (52, 120, 230),  # text-encoder fc2 sites
-    "deep": (232, 118, 36),  # cross-attention K/V sites
+    "deep": (232, 118, 36),  # the diffusion model's sites (cross-attention K/V, a DiT's text gateway)
     "other": (140, 110, 190),
 }
 STAGE_LABELS = {
     "shallow": "text encoder (shallow fc2)",
-    "deep": "UNet cross-attn K/V (deep)",
+    "deep": "diffusion model: cross-attn K/V or text gateway (deep)",
     "other": "other",
 }
 

@@ -443,11 +443,12 @@ def build_sd3_model(seed: int = 0, dtype=None, depth: int = 2, std: float = 0.02
     return _random_model("SD3", sd3_unet_config(depth), seed, dtype, std, fill=_sd3_pos_embed)
 
 
-def build_sd3_clip(seed: int = 0, dtype=None, clip_layers: int = 4, t5_layers: int | None = 4, std: float = 0.02):
+def build_sd3_clip(seed: int = 0, dtype=None, clip_layers: int | None = 4, t5_layers: int | None = 4,
+                   std: float = 0.02):
     """CLIP: ``comfy.sd.CLIP`` with ``sd3_clip.SD3Tokenizer`` and ``SD3ClipModel``: CLIP-L (768) and
-    CLIP-G (1280) at full width with ``clip_layers`` layers, and a T5 4096 wide (SD3's encode needs
-    that width) with ``t5_layers`` blocks and a small feed-forward; ``t5_layers`` None: no T5, as a
-    checkpoint with only the CLIPs (or DualCLIPLoader type sd3) gives."""
+    CLIP-G (1280) at full width with ``clip_layers`` layers (None: full depth, 12 and 32), and a T5
+    4096 wide (SD3's encode needs that width) with ``t5_layers`` blocks and a small feed-forward;
+    ``t5_layers`` None: no T5, as a checkpoint with only the CLIPs (or DualCLIPLoader type sd3) gives."""
     import torch
     c = import_comfy()
     from comfy import supported_models_base
@@ -455,8 +456,10 @@ def build_sd3_clip(seed: int = 0, dtype=None, clip_layers: int = 4, t5_layers: i
     with_t5 = t5_layers is not None
     target = supported_models_base.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(
         clip_l=True, clip_g=True, t5=with_t5, dtype_t5=dtype or torch.float32))
-    opts = {"dtype": dtype or torch.float32, "clip_l_model_config": {"num_hidden_layers": int(clip_layers)},
-            "clip_g_model_config": {"num_hidden_layers": int(clip_layers)}}
+    opts = {"dtype": dtype or torch.float32}
+    if clip_layers is not None:
+        opts["clip_l_model_config"] = {"num_hidden_layers": int(clip_layers)}
+        opts["clip_g_model_config"] = {"num_hidden_layers": int(clip_layers)}
     if with_t5:
         opts["t5xxl_model_config"] = t5_config(t5_layers, SD3_T5)
     clip = c.sd.CLIP(target, model_options=opts)
@@ -467,3 +470,23 @@ def build_sd3_clip(seed: int = 0, dtype=None, clip_layers: int = 4, t5_layers: i
 def build_sd3(seed: int = 0, dtype=None, clip_layers: int = 4, t5_layers: int | None = 4, depth: int = 2):
     """(MODEL, CLIP) of a tiny SD3 (see :func:`build_sd3_model`, :func:`build_sd3_clip`)."""
     return build_sd3_model(seed, dtype, depth), build_sd3_clip(seed, dtype, clip_layers, t5_layers)
+
+
+SD3_CHECKPOINT_NAME = "erasepro_tiny_sd3.safetensors"
+
+
+def ensure_sd3_checkpoint(folder, seed: int = 0) -> Path:
+    """``folder/erasepro_tiny_sd3.safetensors``, written once: an SD3 checkpoint the stock Load
+    Checkpoint detects as SD3 (its MMDiT detection takes any depth): the tiny MMDiT (depth 2),
+    CLIP-L and CLIP-G at full depth (the loader builds them so), no T5, a 16-channel VAE; float16,
+    random weights, saved the way CheckpointSave does."""
+    import torch
+    from scripts.comfy_host import save_checkpoint, vae_state_dict
+    path = Path(folder) / SD3_CHECKPOINT_NAME
+    if not path.is_file():
+        c = import_comfy()
+        model, clip = build_sd3_model(seed), build_sd3_clip(seed, clip_layers=None, t5_layers=None)
+        vae = c.sd.VAE(sd=vae_state_dict(seed, latent_channels=16))
+        tmp = save_checkpoint(model, clip, path.with_name(path.name + ".tmp"), torch.float16, vae=vae)
+        tmp.replace(path)
+    return path

@@ -209,14 +209,15 @@ def build_clip(kind: str = "sd15", size: str = "tiny", seed: int = 0, layers: in
     return clip
 
 
-def vae_state_dict(seed: int = 0, std: float = 0.02, dtype=None) -> dict:
-    """State dict of the standard SD1.x/SDXL KL VAE (ComfyUI's AutoencoderKL), random init."""
+def vae_state_dict(seed: int = 0, std: float = 0.02, dtype=None, latent_channels: int = 4) -> dict:
+    """State dict of the standard SD1.x/SDXL KL VAE (ComfyUI's AutoencoderKL), random init;
+    ``latent_channels`` 16: SD3's (ComfyUI reads the latent width from ``decoder.conv_in``)."""
     import torch
     import_comfy()
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    ddconfig = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
-                'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
-    ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    ddconfig = {'double_z': True, 'z_channels': latent_channels, 'resolution': 256, 'in_channels': 3, 'out_ch': 3,
+                'ch': 128, 'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+    ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=latent_channels)
     init_weights_(ae, seed=seed + 2, std=std)
     sd = ae.state_dict()
     if dtype is not None:

@@ -56,6 +56,14 @@ def tiny_checkpoint(comfy_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd3_checkpoint(comfy_path) -> Path:
+    """<comfyui>/models/checkpoints/erasepro_tiny_sd3.safetensors, written once (seed 0): tiny MMDiT,
+    full-size CLIP-L and CLIP-G, no T5, fp16 (scripts/comfy_dit.py ``ensure_sd3_checkpoint``)."""
+    from scripts import comfy_dit
+    return comfy_dit.ensure_sd3_checkpoint(comfy_path / "models" / "checkpoints")
+
+
+@pytest.fixture(scope="session")
 def comfy_server_handle(tiny_checkpoint, artifacts_dir):
     """A running comfy_server.ComfyServer (has .base_url, .output_dir, .log_text(), .object_info())."""
     import comfy_server

@@ -58,6 +58,8 @@ EXPECTED_NODES = {
 EVALUATE = "ErasePro_Evaluate"
 SOLVER = "ErasePro_ProgressiveSolver"
 MAX_TRAIN_RESIDUAL = 1e-4
+# The checkpoint each shipped workflow names -> the fixture that writes it (random weights)
+TEST_CHECKPOINTS = {"erasepro_tiny_sd15.safetensors": "tiny_checkpoint", "erasepro_tiny_sd3.safetensors": "sd3_checkpoint"}
 
 
 def _load(path: Path) -> dict:
@@ -154,16 +156,17 @@ def test_workflow_structure(path, object_info):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_workflow_runs(path, comfy_server, comfy_server_handle, object_info, tiny_checkpoint, artifacts_dir):
+def test_workflow_runs(path, request, comfy_server, comfy_server_handle, object_info, artifacts_dir):
     wf = _load(path)
     api = cs.ui_to_api(copy.deepcopy(wf), object_info)
 
     ckpts = [nid for nid, n in api.items() if n["class_type"] == "CheckpointLoaderSimple"]
     assert ckpts, "no CheckpointLoaderSimple"
-    options = object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
-    assert tiny_checkpoint.name in options, options
-    for nid in ckpts:
-        api[nid]["inputs"]["ckpt_name"] = tiny_checkpoint.name
+    names = {api[nid]["inputs"]["ckpt_name"] for nid in ckpts}
+    assert len(names) == 1 and names <= set(TEST_CHECKPOINTS), f"{path.name} names {names}: not a test checkpoint"
+    checkpoint = request.getfixturevalue(TEST_CHECKPOINTS[names.pop()])  # written on first use
+    options = cs.object_info(comfy_server)["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert checkpoint.name in options, options
 
     solver_ids = [nid for nid, n in api.items() if n["class_type"] == SOLVER]
     assert len(solver_ids) == 1

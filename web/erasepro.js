@@ -11,7 +11,7 @@
 //   "executed" message (the node returns {"ui": {"erasepro_report": [report]}, "result": ...}).
 //   The report is stored in node.properties.erasepro_report (serialised with the workflow, so it
 //   is shown again after a page reload or when the workflow is reopened) and drawn in a view under
-//   the other widgets: per-site relative dW bars (shallow text-encoder vs deep cross-attn) on a
+//   the other widgets: per-site relative dW bars (shallow text-encoder vs the diffusion model's deep sites) on a
 //   <canvas>, and the badge "residual 3.1e-7 · burden 0.41% · 0.52 s" as text.
 // ErasePro_ConceptPair: after target / anchor / concept_type / prompts change (300 ms debounce),
 //   and when the node is created or loaded, it POSTs {target, anchor, concept_type, prompts} to
@@ -240,7 +240,7 @@ function drawChart(ctx, report, x, y, w, h) {
   let lx = x + 4;
   const stages = [];
   for (const s of sites) { const st = stageOf(s); if (!stages.includes(st)) stages.push(st); }
-  const legend = { shallow: "text enc", deep: "cross-attn", other: "other" };
+  const legend = { shallow: "text enc", deep: "model", other: "other" };
   for (const st of ["shallow", "deep", "other"]) {
     if (!stages.includes(st)) continue;
     ctx.fillStyle = COLORS[st];
