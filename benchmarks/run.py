@@ -1,13 +1,15 @@
 """ErasePro against UCE, side by side, on full-size random-weight SD1.5 / SDXL (and a reduced Flux.1
 and Chroma).
 
-    python -m benchmarks.run [--models sd15,sdxl,flux,chroma,sd3] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
+    python -m benchmarks.run [--models sd15,sdxl,flux,chroma,sd3,zimage] [--concepts 1,10,100] [--runs 3] [--configs "UCE,ErasePro S=0"]
 
 Models are built from ComfyUI's own classes at full size with random weights (scripts/comfy_host);
 Flux.1 and Chroma at reduced widths only (scripts/comfy_dit, ``FLUX_SIZES``: a full T5-XXL alone is
 4.7B parameters; Chroma's transformer built in memory, its T5 in fp16 read from a file); SD3 with a
 tiny MMDiT, CLIP-L and CLIP-G at full width with 12 layers, and a T5 at full width (4096, which
-SD3's encode needs) with a small feed-forward, text encoders in fp16 or fp32, built in memory.
+SD3's encode needs) with a small feed-forward, text encoders in fp16 or fp32, built in memory;
+Z-Image with a tiny transformer and a reduced Qwen3 (``ZIMAGE_SIZES``) read through ComfyUI's
+load_clip from an fp16 file.
 Every configuration runs the solve (``erasepro_ops.pipeline.run_erasure`` on the ComfyUI host) on
 the same concepts and preserve set, in one process, models already loaded. "time s" is a first solve
 on the model (the retain bank's weightings not cached), "again s" the same solve queued again, as a
@@ -229,11 +231,17 @@ def role_residuals(w_list, d_list, x_new, x, y, roles):
     return out
 
 
-DIT = ("flux", "chroma", "sd3")  # a velocity, not eps; 16-channel latents
+DIT = ("flux", "chroma", "sd3", "zimage")  # a velocity, not eps; 16-channel latents
 SD3_SIZES = {"tiny": dict(clip_layers=12, t5_layers=12), "full": dict(clip_layers=12, t5_layers=24)}  # T5 4096 wide
 FLUX_SIZES = {  # (Chroma's T5 too) the DiT's width is irrelevant to the solve; T5 sets the gateway's rank budget and the cost
     "tiny": dict(t5_layers=12, t5={"d_model": 512, "d_ff": 1024}),
     "full": dict(t5_layers=24, t5={"d_model": 1024, "d_kv": 64, "num_heads": 16, "d_ff": 2816}),  # T5 v1.1 large's shape
+}
+ZIMAGE_SIZES = {  # Qwen3's width is the gateway's rank budget (Qwen3-4B: 2560 wide, 36 layers)
+    "tiny": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 8,
+             "num_key_value_heads": 2},
+    "full": {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+             "num_key_value_heads": 8},
 }
 
 
@@ -253,6 +261,14 @@ def load_models(kind: str, size: str, dtype: str):
         model = comfy_dit.build_sd3_model(seed=0)
         return model, comfy_dit.build_sd3_clip(seed=0, dtype=torch.float16 if dtype == "fp16" else None,
                                                **SD3_SIZES[size])
+    if kind == "zimage":  # the transformer in memory; Qwen3 through ComfyUI's load_clip from an fp16 file
+        from scripts import comfy_dit
+        qwen = ZIMAGE_SIZES[size]
+        model = comfy_dit.build_zimage_model(seed=0, cap_feat_dim=qwen["hidden_size"])
+        clip = comfy_dit.build_zimage_clip(seed=0, layers=qwen["num_hidden_layers"], qwen=qwen)
+        if dtype == "fp16":
+            clip = comfy_dit.qwen3_as_users_load(clip, REPO / ".cache" / "zimage" / size)
+        return model, clip
     if kind == "chroma":
         from scripts import comfy_dit
         model, clip = comfy_dit.build_chroma(**FLUX_SIZES[size])
@@ -505,7 +521,7 @@ def draw_trade_off(rows, path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux, chroma, sd3 (reduced sizes)")
+    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux, chroma, sd3, zimage (reduced sizes)")
     parser.add_argument("--concepts", default="1,10,100")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median); 1 at 100 concepts")
     parser.add_argument("--eps-size", type=int, default=16, help="latent size for the eps metrics")

@@ -48,11 +48,12 @@ class EncoderStack:
     or a T5 encoder stack (``transformer.encoder``, ``comfy.text_encoders.t5``). Key prefixes are
     relative to the encoder's name on the CLIP (``clip_l.``, ``t5xxl.``)."""
 
-    kind: str  # "clip" or "t5"
+    kind: str  # "clip", "t5" or "llama"
     layers: torch.nn.ModuleList
     final_norm: torch.nn.Module
     embeddings: str  # key prefix of the token (and position) embeddings
     block_key: str  # key prefix of block {index}
+    config: object = None  # a decoder LLM's config (its rotary embedding)
 
     def block_prefixes(self, depth: int) -> tuple[str, ...]:
         return tuple(self.block_key.format(index=l) for l in range(depth))
@@ -63,6 +64,8 @@ class EncoderStack:
         _, mask, attention = captured
         if self.kind == "clip":
             return ClipLayerBlock(key, self.layers[index], weight, bias, mask, attention)
+        if self.kind == "llama":
+            return LlamaLayerBlock(key, self.layers[index], weight, bias, mask, attention, self.config)
         return T5LayerBlock(key, self.layers[index], weight, bias, mask, attention, self.layers[0])
 
 
@@ -77,6 +80,12 @@ def encoder_stack(module) -> EncoderStack | None:
     if stack is not None and hasattr(stack, "block") and hasattr(transformer, "shared"):
         return EncoderStack("t5", stack.block, stack.final_layer_norm, "transformer.shared.",
                             "transformer.encoder.block.{index}.")
+    llm = getattr(transformer, "model", None)  # comfy.text_encoders.llama.Llama2_ (Qwen3, ...)
+    layers = getattr(llm, "layers", None)
+    if (layers is not None and hasattr(llm, "embed_tokens") and getattr(llm, "norm", None) is not None
+            and all(type(layer).__name__ == "TransformerBlock" for layer in layers)):
+        return EncoderStack("llama", layers, llm.norm, "transformer.model.embed_tokens.",
+                            "transformer.model.layers.{index}.", llm.config)
     return None
 
 
@@ -86,16 +95,20 @@ def encoder_layers(clip, enc):
 
 class LayerInputCapture:
     """Capture what ComfyUI passes to the first encoder layer: ``(hidden, mask, optimized_attention)``
-    (a CLIP layer gets ``(x, mask, attention)``, a T5 block ``(x, mask, past_bias, attention)``)."""
+    (a CLIP layer gets ``(x, mask, attention)``, a T5 block ``(x, mask, past_bias, attention)``, a
+    Llama block the keywords ``x, attention_mask, freqs_cis, optimized_attention``)."""
 
     def __init__(self, layer: torch.nn.Module):
         self.calls = []
-        self.handle = layer.register_forward_pre_hook(self._hook)
+        self.handle = layer.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args):
-        x = args[0]
-        mask = args[1] if len(args) > 1 else None
-        attention = args[-1] if len(args) > 2 else None
+    def _hook(self, module, args, kwargs):
+        if "x" in kwargs:
+            x, mask, attention = kwargs["x"], kwargs.get("attention_mask"), kwargs.get("optimized_attention")
+        else:
+            x = args[0]
+            mask = args[1] if len(args) > 1 else None
+            attention = args[-1] if len(args) > 2 else None
         self.calls.append((x.detach().clone(), mask, attention))
 
     def remove(self):
@@ -182,6 +195,30 @@ class T5LayerBlock(LayerBlock):
         return h_mid, x.to(h.dtype)
 
 
+@dataclass
+class LlamaLayerBlock(LayerBlock):
+    """A ComfyUI decoder-LLM block (``comfy.text_encoders.llama.TransformerBlock``: Qwen3) seen
+    through ``erasepro_ops.chain.MLPBlock``: the site is its MLP's ``down_proj`` (no bias); ``x`` is
+    ``act(gate_proj n) * up_proj n``, ``n`` the RMS-normed residual stream after attention. The
+    rotary embedding is the model's own for positions ``0..T-1``."""
+
+    config: object
+
+    def mlp_input(self, h, mask=None):
+        from comfy.text_encoders.llama import precompute_freqs_cis
+        layer, c = self.layer, self.config
+        mask = self.mask if mask is None else mask
+        if mask is not None and mask.shape[-1] > h.shape[1]:  # a batch cut short after its last position used
+            mask = mask[..., : h.shape[1], : h.shape[1]]
+        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        freqs = precompute_freqs_cis(c.head_dim, positions, c.rope_theta, c.rope_scale, c.rope_dims, device=h.device)
+        out = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask, freqs_cis=freqs,
+                              optimized_attention=self.attention)
+        h_mid = h + out.to(h.dtype)
+        n, mlp = layer.post_attention_layernorm(h_mid), layer.mlp
+        return h_mid, (mlp.activation(mlp.gate_proj(n)) * mlp.up_proj(n)).to(h.dtype)
+
+
 class LinearOverride:
     """Forward hooks that recompute chosen linear layers in float32 with the weights given.
 
@@ -215,8 +252,9 @@ def _chunk_text(clip, enc: Encoder, ids) -> str:
     ids = [int(t) for t in ids]
     if ids and ids[0] == enc.special.start:
         ids = ids[1:]
-    if enc.special.end in ids:
-        ids = ids[: ids.index(enc.special.end)]
+    stop = enc.special.end if enc.special.end is not None else enc.special.pad
+    if stop in ids:
+        ids = ids[: ids.index(stop)]
     try:
         return encoder_tokenizer(clip, enc.name).tokenizer.decode(ids).strip()
     except Exception:  # noqa: BLE001 - only for a message
@@ -256,6 +294,16 @@ def probe_encoders(clip, encoders, chunks_per_encoder) -> None:
                 check_features(clip, enc, chunks[:1], z, p)
 
 
+def _real_length(enc, chunks) -> int | None:
+    """The longest prompt of an unpadded encoder's batch (``enc.spec.padded`` False), its trailing
+    padding tokens dropped; None for a padded encoder, whose model reads the padding."""
+    if enc.spec.padded:
+        return None
+    pad = enc.special.pad
+    lengths = [len(c) - next((i for i, t in enumerate(reversed(c)) if t != pad), len(c)) for c in chunks]
+    return max(1, max(lengths))
+
+
 def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, overrides: dict | None = None,
                  text_width: int | None = None, pooled_names: tuple[str, ...] = ()):
     """Encode a batch of single chunks through ComfyUI's own text-encoder modules.
@@ -267,7 +315,9 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
     (SD3: CLIP-L‖G, then T5). ``pooled`` is the pooled outputs of ``pooled_names`` side by side.
     ``captured[i]`` is the first layer's input ``(hidden, mask, attention)`` of encoder ``i`` when
     ``capture``. ``overrides``: linear layers computed in float32 with other weights
-    (:class:`LinearOverride`).
+    (:class:`LinearOverride`). Without ``capture``, an unpadded encoder (Chroma's T5, Qwen3) runs
+    only up to the batch's longest prompt: the rest is masked padding, which no real position
+    sees; its features there are returned as zeros.
     """
     clip.load_model()
     probe_encoders(clip, encoders, chunks_per_encoder)
@@ -276,14 +326,17 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
         for enc, chunks in zip(encoders, chunks_per_encoder):
             hook = LayerInputCapture(encoder_layers(clip, enc)[0]) if capture else None
             override = LinearOverride(clip.cond_stage_model, overrides) if overrides else None
+            length = None if capture else _real_length(enc, chunks)
             try:
                 with masked_padding(clip, enc):
-                    z, p = encoder_module(clip, enc).encode([list(c) for c in chunks])[:2]
+                    z, p = encoder_module(clip, enc).encode([list(c)[:length] for c in chunks])[:2]
             finally:
                 if hook is not None:
                     hook.remove()
                 if override is not None:
                     override.remove()
+            if length is not None and z.shape[1] < len(chunks[0]):
+                z = torch.nn.functional.pad(z, (0, 0, 0, len(chunks[0]) - z.shape[1]))
             check_features(clip, enc, chunks, z, p if enc.name in pooled_names else None)
             if enc.spec.per_token:
                 segments.setdefault(enc.spec.segment, []).append(z.float())

@@ -1,4 +1,5 @@
-"""ErasePro's host on ComfyUI for SD1.x, SD2.x, SDXL, SD3, Flux.1 and Chroma (``erasepro_ops.host.Host``).
+"""ErasePro's host on ComfyUI for SD1.x, SD2.x, SDXL, SD3, Flux.1, Chroma and Z-Image
+(``erasepro_ops.host.Host``).
 
 Which family a MODEL is, whether the CLIP belongs to it, and the host's calls on ComfyUI's
 objects. Everything here reads ComfyUI objects; the pipeline lives in ``erasepro_ops``.
@@ -23,10 +24,10 @@ from .encode import (PROBE_BATCH, ClipLayerBlock, encode_batch, encoder_layers, 
                      encoder_tokenizer, first_layer_inputs)
 from .weights import effective_weights, fingerprint_of  # noqa: F401
 
-TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl")  # the cond_stage_model attributes looked for
+TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl", "qwen3_4b")  # the cond_stage_model attributes looked for
 
 
-SUPPORTED = "SD1.x, SD2.x, SDXL, SD3 / SD3.5, Flux.1 and Chroma"
+SUPPORTED = "SD1.x, SD2.x, SDXL, SD3 / SD3.5, Flux.1, Chroma and Z-Image"
 
 
 def model_family(model) -> ModelFamily:
@@ -41,6 +42,9 @@ def model_family(model) -> ModelFamily:
     sd3 = getattr(comfy.model_base, "SD3", None)  # not in ComfyUI before June 2024
     if sd3 is not None and type(base) is sd3:
         return FAMILIES["sd3"]
+    z_image = getattr(comfy.supported_models, "ZImage", None)  # not in ComfyUI before November 2025
+    if z_image is not None and isinstance(config, z_image):
+        return FAMILIES["zimage"]
     if isinstance(base, comfy.model_base.SDXL):
         return FAMILIES["sdxl"]
     if isinstance(config, comfy.supported_models.SD20):
@@ -55,7 +59,7 @@ def _special_tokens(clip, encoder_attr: str) -> SpecialTokens:
     tok = encoder_tokenizer(clip, encoder_attr)
     if tok is None:
         raise EraseProError(f"the CLIP's tokenizer has no {encoder_attr}: the CLIP does not match the MODEL")
-    end = tok.end_token
+    end = tok.end_token  # None: the tokenizer adds none (Qwen3)
     pad = tok.pad_token if getattr(tok, "pad_token", None) is not None else end
     if not getattr(tok, "pad_with_end", True) and getattr(tok, "pad_token", None) is None:
         pad = 0
@@ -79,8 +83,8 @@ def _text_encoders(clip, family: ModelFamily) -> tuple[TextEncoder, ...]:
         module = getattr(stage, spec.name, None)
         stack = encoder_stack(module)
         if stack is None:
-            raise EraseProError(f"not supported yet: the text encoder {spec.name} of this CLIP is neither a CLIP nor a T5 "
-                                "transformer")
+            raise EraseProError(f"not supported yet: the text encoder {spec.name} of this CLIP is neither a CLIP, a T5 "
+                                "nor a Llama-style decoder (Qwen3)")
         encoders.append(TextEncoder(spec, _special_tokens(clip, spec.name), len(stack.layers),
                                     stack.final_norm.weight.shape[0]))
     return tuple(encoders)
@@ -139,9 +143,21 @@ class ComfyHost:
 
     def encode(self, chunks, capture: bool = False, overrides=None) -> Encoded:
         arch = self.architecture()
-        return Encoded(*encode_batch(self.clip, arch.encoders, chunks, capture=capture, overrides=overrides,
-                                     text_width=arch.family.text_width,
-                                     pooled_names=arch.family.pooled_encoders if arch.pooled_width else ()))
+        cond, pooled, captured = encode_batch(self.clip, arch.encoders, chunks, capture=capture, overrides=overrides,
+                                              text_width=arch.family.text_width,
+                                              pooled_names=arch.family.pooled_encoders if arch.pooled_width else ())
+        if arch.family.gateway_norm is not None:
+            cond = self._gateway_norm(arch.family, cond)
+        return Encoded(cond, pooled, captured)
+
+    def _gateway_norm(self, family, cond):
+        """What the deep site reads: ``cond`` through the model's RMSNorm before it (Z-Image's
+        cap_embedder.0), in float32 with its effective weight."""
+        norm = self.model.model.diffusion_model.get_submodule(family.gateway_norm)
+        key = f"{family.deep_prefix}{family.gateway_norm}.weight"
+        weight = effective_weights(self.model, [key])[key].to(cond.device)
+        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        return torch.nn.functional.rms_norm(cond, (cond.shape[-1],), weight, eps)
 
     def first_block_inputs(self, chunks) -> list:
         return first_layer_inputs(self.clip, self.architecture().encoders, chunks)

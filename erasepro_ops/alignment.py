@@ -16,7 +16,7 @@ from .text import quote
 from .tokens import SpecialTokens, token_chunks, token_ids
 
 __all__ = ["ROLE_PRIORITY", "PART_NAMES", "PromptAlignment", "align_chunks", "merge_alignments", "preserve_alignment",
-           "segment_part", "first_padding", "limit_padding"]
+           "segment_part", "first_padding", "limit_padding", "end_index"]
 
 ROLE_PRIORITY: dict[str, int] = {
     "keep": 0, "prefix": 0, "concept": 1, "suffix": 1, "end": 2, "preserve": 3, "pad": 4, "preserve_pad": 5,
@@ -127,9 +127,15 @@ def segment_part(al: PromptAlignment, offset: int, length: int) -> PromptAlignme
                            tuple(r[1] for r in rows), tuple(r[2] for r in rows))
 
 
-def _end_index(ids: Sequence[int], special: SpecialTokens, what: str) -> int:
-    """Index of the end token: the first ``special.end`` after the start token."""
+def end_index(ids: Sequence[int], special: SpecialTokens, what: str = "prompt") -> int:
+    """Index of the end token: the first ``special.end`` after the start token; without an end
+    token (``special.end`` None) the last token before the first padding token."""
     first = 1 if special.start is not None and ids and ids[0] == special.start else 0
+    if special.end is None:
+        stop = next((i for i in range(first, len(ids)) if ids[i] == special.pad), len(ids))
+        if stop > first:
+            return stop - 1
+        raise ValueError(f"the {what} tokens are empty")
     for index in range(first, len(ids)):
         if ids[index] == special.end:
             return index
@@ -144,7 +150,7 @@ def preserve_alignment(prompt: str, ids: Sequence[object], special: SpecialToken
     (none when the model reads no padding, ``padded`` False).
     """
     chunk = token_ids(ids)
-    end = _end_index(chunk, special, f"preserve prompt {quote(prompt)}")
+    end = end_index(chunk, special, f"preserve prompt {quote(prompt)}")
     positions = tuple(range(len(chunk) if padded else end + 1))
     roles = tuple("preserve" if p <= end else "preserve_pad" for p in positions)
     return PromptAlignment(prompt, prompt, 0, 0, (), positions, positions, roles)
@@ -264,8 +270,8 @@ def _pairing(
     for two different outputs, and no edit can meet both. The last prefix position depends on
     the prefix alone.
     """
-    target_end_token = _end_index(target_ids, special, "target")
-    _end_index(anchor_ids, special, "anchor")  # the anchor chunk must be well formed too
+    target_end_token = end_index(target_ids, special, "target")
+    end_index(anchor_ids, special, "anchor")  # the anchor chunk must be well formed too
     partner, role = _partners(start, target_len, anchor_len, target_end_token, context_length, anchor_empty)
     kept = start
     if bidirectional:
@@ -300,7 +306,7 @@ def _stream(chunks: Sequence[Sequence[int]], special: SpecialTokens, what: str) 
     chunk_start: list[int] = []
     for index, chunk in enumerate(chunks):
         first = 1 if special.start is not None and chunk and chunk[0] == special.start else 0
-        stop = _end_index(chunk, special, f"{what} chunk {index}")
+        stop = end_index(chunk, special, f"{what} chunk {index}")
         chunk_start.append(len(ids))
         for pos in range(first, stop):
             ids.append(chunk[pos])
@@ -377,7 +383,7 @@ def align_chunks(
                            target_prompt, anchor_prompt)
 
     start = target.position[prefix]
-    anchor_end = _end_index(anchors[index], special, f"anchor chunk {index}")
+    anchor_end = end_index(anchors[index], special, f"anchor chunk {index}")
     if start + anchor_len > anchor_end:
         raise ValueError(
             f"the anchor's concept in {quote(anchor_prompt or 'the anchor prompt')} does not fit in "

@@ -14,7 +14,7 @@ import torch
 
 from .chain import Columns
 from .templates import ConceptPair, expand
-from .alignment import align_chunks, merge_alignments, preserve_alignment, segment_part, first_padding
+from .alignment import align_chunks, end_index, merge_alignments, preserve_alignment, segment_part, first_padding
 from .contexts import context_pairs, fitted_padding
 from .errors import EraseProError
 from .family import Architecture
@@ -192,7 +192,7 @@ def read_lengths(arch: Architecture, chunks) -> tuple[int, ...] | None:
     if arch.padded:
         return None
     enc = next(e for e in arch.encoders if e.spec.per_token)
-    return tuple(list(chunk).index(enc.special.end) + 1 for chunk in chunks)
+    return tuple(end_index(list(chunk), enc.special) + 1 for chunk in chunks)
 
 
 def read_positions(features: torch.Tensor, lengths) -> torch.Tensor:

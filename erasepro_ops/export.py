@@ -16,6 +16,8 @@ Key layout (kohya / A1111 / Forge, and ComfyUI's ``comfy.lora.model_lora_keys_*`
   names: te1 is CLIP-L, te2 T5; ComfyUI maps them for a CLIP holding CLIP-L and T5); Chroma's,
   its only text encoder, → ``lora_te1_<path>``; SD3's → ``lora_te3_<path>`` after CLIP-L (te1) and
   CLIP-G (te2) (ComfyUI numbers T5 after the CLIPs present).
+* Z-Image's Qwen3 ``qwen3_4b.<path>.weight`` → ``text_encoders.qwen3_4b.<path>`` (ComfyUI's generic
+  text-encoder LoRA names: it has no kohya names for an LLM encoder).
 * Tensors ``<name>.lora_up.weight`` (out × r), ``<name>.lora_down.weight`` (r × in),
   ``<name>.alpha`` (scalar, = r). Rank-0 sites (no change) are listed in the metadata only.
 
@@ -50,6 +52,7 @@ _BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"
 _TE_RE = re.compile(r"^(clip_[lgh])\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$")
 _T5_RE = re.compile(r"^t5xxl\.transformer\.(.+)\.weight$")
 _T5_PREFIX = {"flux": "lora_te2_", "chroma": "lora_te1_", "sd3": "lora_te3_"}  # T5 numbered after the CLIPs present
+_LLM_RE = re.compile(r"^(qwen3_4b\..+)\.weight$")
 _SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
 CHECKSUM_METHOD = ("sha256 per site over its LoRA name, each stored tensor's (lora_up, lora_down, alpha) "
                    "dtype, shape and little-endian bytes, then repr() of its relative_change and residual")
@@ -84,6 +87,9 @@ def lora_name(key: str, family: str | None = None) -> str:
     m = _T5_RE.match(key)
     if m and family in _T5_PREFIX:
         return _T5_PREFIX[family] + m.group(1).replace(".", "_")
+    m = _LLM_RE.match(key)
+    if m and family == "zimage":
+        return "text_encoders." + m.group(1)
     raise EditFileError(f"no LoRA name for the weight {key!r}" + (f" in a {family} edit" if m else ""))
 
 

@@ -49,6 +49,7 @@ class ModelFamily:
     pooled_encoders: tuple[str, ...] = ()  # the encoders whose pooled outputs, side by side, that layer reads
     text_width: int | None = None  # every segment zero-padded to this width (SD3: 4096); None: its own
     clip_model: str | None = None  # the class name ComfyUI's CLIP model must have (its encode combines the encoders)
+    gateway_norm: str | None = None  # a norm module between the encoder and the deep site (its input is the normed feature)
 
 
 def clip_encoder(name: str, token_key: str) -> TextEncoderSpec:
@@ -63,6 +64,15 @@ def t5_encoder(name: str = "t5xxl", token_key: str = "t5xxl", context: int = 256
     unpadded prompt's, and constrains no position past the end token."""
     return TextEncoderSpec(name, token_key, f"{name}.transformer.encoder.block.{{index}}.layer.1.DenseReluDense.wo.weight",
                            causal=False, context=context, shallow_bias=False, padded=padded)
+
+
+def qwen3_encoder(name: str = "qwen3_4b", context: int = 256) -> TextEncoderSpec:
+    """Qwen3 (a causal decoder LLM, ``comfy.text_encoders.llama``) as ComfyUI's
+    ``cond_stage_model.<name>`` holds it: its sites are the MLPs' ``down_proj`` (no bias). The
+    model reads the prompt's tokens only (no padding); the solve pads a batch to ``context`` with
+    the attention mask on, which a causal encoder's real positions never see anyway."""
+    return TextEncoderSpec(name, name, f"{name}.transformer.model.layers.{{index}}.mlp.down_proj.weight",
+                           context=context, shallow_bias=False, padded=False)
 
 
 CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")
@@ -89,7 +99,12 @@ SD3 = ModelFamily("sd3", "SD3", (clip_encoder("clip_l", "l"), clip_encoder("clip
                                                      max_padding=1)),
                   ("context_embedder",), pooled_site="diffusion_model.y_embedder.mlp.0.weight",
                   pooled_encoders=("clip_l", "clip_g"), text_width=4096, clip_model="SD3ClipModel")
-FAMILIES = {f.name: f for f in (SD15, SD2, SDXL, FLUX, CHROMA, SD3)}
+# Z-Image (Turbo): Qwen3-4B's hidden state after its second-to-last layer, under a chat template,
+# reaches the transformer through cap_embedder: an RMSNorm, then the linear gateway. The prompt's
+# own tokens only, no pooled embedding.
+ZIMAGE = ModelFamily("zimage", "Z-Image", (qwen3_encoder(),), ("cap_embedder.1",), gateway_norm="cap_embedder.0",
+                     clip_model="ZImageTEModel")
+FAMILIES = {f.name: f for f in (SD15, SD2, SDXL, FLUX, CHROMA, SD3, ZIMAGE)}
 
 
 @dataclass(frozen=True)

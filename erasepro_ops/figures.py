@@ -13,10 +13,15 @@ from .summary import SiteFigure, Summary
 
 
 def short_name(key: str, pooled_site: str | None = None) -> str:
-    """A compact site label for charts: ``clip_l.3.fc2``, ``t5xxl.0.wo``, ``in.4.1.k``, ``mid.1.v``,
-    ``txt_in``, ``pooled``."""
+    """A compact site label for charts: ``clip_l.3.fc2``, ``t5xxl.0.wo``, ``qwen3_4b.0.down``,
+    ``in.4.1.k``, ``mid.1.v``, ``txt_in``, ``cap_embedder``, ``pooled``."""
     if key == pooled_site:
         return "pooled"
+    if ".mlp.down_proj" in key:
+        enc, rest = key.split(".", 1)
+        return f"{enc}.{rest.split('.layers.')[1].split('.')[0]}.down"
+    if key == "diffusion_model.cap_embedder.1.weight":
+        return "cap_embedder"
     if ".mlp.fc2" in key:
         enc, rest = key.split(".", 1)
         return f"{enc}.{rest.split('.layers.')[1].split('.')[0]}.fc2"

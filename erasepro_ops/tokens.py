@@ -83,10 +83,12 @@ def overflow(ids_chunks: object, key: str | None = None) -> bool:
 @dataclass(frozen=True)
 class SpecialTokens:
     """The tokenizer's special ids: ``start`` (None when the tokenizer adds none), ``end``, and
-    ``pad`` (clip_l pads with the end token, clip_g with 0)."""
+    ``pad`` (clip_l pads with the end token, clip_g with 0). ``end`` None: the tokenizer adds no
+    end token and the prompt's last token before the padding takes its place (Qwen3 under
+    Z-Image's chat template, which ends every prompt with the same tokens)."""
 
     start: int | None
-    end: int
+    end: int | None
     pad: int
 
     def __post_init__(self) -> None:

@@ -490,3 +490,73 @@ def ensure_sd3_checkpoint(folder, seed: int = 0) -> Path:
         tmp = save_checkpoint(model, clip, path.with_name(path.name + ".tmp"), torch.float16, vae=vae)
         tmp.replace(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Z-Image: Qwen3 (a causal decoder LLM) -> cap_embedder (RMSNorm, then the linear gateway)
+# ---------------------------------------------------------------------------------------
+# Qwen3-4B's shape made small: ComfyUI's Qwen3_4B class reads ``qwen3_4b_model_config`` over its
+# config (head_dim stays 128); the vocabulary is kept so every id of the shipped tokenizer exists.
+TINY_QWEN3 = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 2,
+              "num_key_value_heads": 1}
+
+
+def zimage_unet_config(cap_feat_dim: int = TINY_QWEN3["hidden_size"]) -> dict:
+    """A tiny ``comfy.supported_models.ZImage`` unet_config (Lumina 2's NextDiT as Z-Image sets it:
+    z_image_modulation, captions padded to a multiple of 32 with a learned token): hidden 256, two
+    heads of 128 (the rope axes 32 + 48 + 48, as Z-Image's), one refiner and one main layer.
+    ComfyUI's detection reads Z-Image only at hidden 3840, so it is built in memory."""
+    return {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": int(cap_feat_dim),
+            "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2,
+            "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+            "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+            "pad_tokens_multiple": 32}
+
+
+def build_zimage_model(seed: int = 0, dtype=None, cap_feat_dim: int = TINY_QWEN3["hidden_size"], std: float = 0.02):
+    """MODEL: ``ModelPatcher`` around ``comfy.model_base.Lumina2`` from ``supported_models.ZImage``."""
+    return _random_model("ZImage", zimage_unet_config(cap_feat_dim), seed, dtype, std)
+
+
+def qwen3_config(layers: int = TINY_QWEN3["num_hidden_layers"], qwen: dict | None = None) -> dict:
+    return {**(qwen or TINY_QWEN3), "num_hidden_layers": int(layers)}
+
+
+def build_zimage_clip(seed: int = 0, dtype=None, layers: int = TINY_QWEN3["num_hidden_layers"], std: float = 0.02,
+                      qwen: dict | None = None):
+    """CLIP: ``comfy.sd.CLIP`` with ``z_image.ZImageTokenizer`` (the chat template around the prompt)
+    and ``z_image.te()`` (``Qwen3_4BModel``: the hidden state after the second-to-last layer, no
+    final norm), the Qwen3 reduced as :data:`TINY_QWEN3` says."""
+    import torch
+    c = import_comfy()
+    from comfy import supported_models_base
+    from comfy.text_encoders import z_image
+    target = supported_models_base.ClipTarget(z_image.ZImageTokenizer, z_image.te())
+    clip = c.sd.CLIP(target, model_options={"dtype": dtype or torch.float32,
+                                            "qwen3_4b_model_config": qwen3_config(layers, qwen)})
+    init_weights_(clip.cond_stage_model, seed=seed + 1, std=std)
+    return clip
+
+
+def build_zimage(seed: int = 0, dtype=None, layers: int = TINY_QWEN3["num_hidden_layers"]):
+    """(MODEL, CLIP) of a tiny Z-Image (see :func:`build_zimage_model`, :func:`build_zimage_clip`)."""
+    return build_zimage_model(seed, dtype), build_zimage_clip(seed, dtype, layers)
+
+
+def qwen3_as_users_load(clip, folder, dtype=None):
+    """Z-Image's CLIP as CLIPLoader gives it for ``clip``'s Qwen3 saved as one float16 file
+    (``qwen3_4b.safetensors``, ``model.*`` keys): ``comfy.sd.load_clip`` itself, which recognises a
+    Qwen3-4B by its q_norm (any size) and loads it in its detected dtype; only the reduced shape is
+    passed as ``model_options`` (the stock node would build the full 4B model). On the CPU
+    ComfyUI runs it in float16, as users get it."""
+    import torch
+    c = import_comfy()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "qwen3_4b.safetensors"
+    part = {k.removeprefix("qwen3_4b.transformer."): v for k, v in clip.get_sd().items() if k.startswith("qwen3_4b.")}
+    c.utils.save_torch_file(_cast(part, dtype or torch.float16), str(path))
+    config = clip.cond_stage_model.qwen3_4b.transformer.model.config
+    shape = {k: getattr(config, k) for k in TINY_QWEN3}
+    return c.sd.load_clip([str(path)], clip_type=c.sd.CLIPType.LUMINA2,
+                          model_options={"qwen3_4b_model_config": shape})

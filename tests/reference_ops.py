@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from erasepro_ops.alignment import PromptAlignment, _check_chunk, _end_index, _pairing, _spans
+from erasepro_ops.alignment import PromptAlignment, _check_chunk, end_index, _pairing, _spans
 from erasepro_ops.solve import ConstraintSystem, SiteSolution, UCESystem
 from erasepro_ops.tokens import SpecialTokens, token_ids
 
@@ -51,8 +51,8 @@ def align(
     anchor = token_ids(anchor_ids)
     _check_chunk(target, context_length, "target")
     _check_chunk(anchor, context_length, "anchor")
-    target_real = target[: _end_index(target, special, "target") + 1]
-    anchor_real = anchor[: _end_index(anchor, special, "anchor") + 1]
+    target_real = target[: end_index(target, special, "target") + 1]
+    anchor_real = anchor[: end_index(anchor, special, "anchor") + 1]
     prefix, target_len, anchor_len = _spans(target_real, anchor_real, target_prompt, anchor_prompt)
     return _pairing(
         target,

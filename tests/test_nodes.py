@@ -214,7 +214,7 @@ def test_unsupported_architecture_is_named(nodes, pack):
     other.model = type("Wrapper", (), {"model_config": comfy.supported_models.Lumina2({"image_model": "lumina2"})})()
     (concepts,) = nodes[0].build(TARGET, SAME_LENGTH_ANCHOR, "style")
     with pytest.raises(ValueError, match=r"not supported yet: Lumina2. ErasePro supports SD1.x, SD2.x, SDXL, SD3 / SD3.5, "
-                                         r"Flux.1 and Chroma"):
+                                         r"Flux.1, Chroma and Z-Image"):
         nodes[1].solve(other, clip, concepts, 0, "erasepro")
 
 
