@@ -34,10 +34,10 @@ class ProgressiveSolver:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x or SDXL). LoRAs already applied count."}),
-                "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model to erase from (SD1.x, SD2.x, SDXL, SD3 / SD3.5, Flux.1, Chroma or Z-Image). LoRAs already applied count."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder(s) of the same model: the checkpoint's CLIP, or the CLIP loader's output made for this model (DualCLIPLoader for Flux, CLIPLoader for Chroma and Z-Image)."}),
                 "concepts": ("ERASEPRO_CONCEPTS", {"tooltip": "From ErasePro Concept Pair (chain several for many concepts)."}),
-                "progressive_layers": ("INT", {"default": 3, "min": 0, "max": 12, "tooltip": "How many shallow text-encoder blocks (of 12; scaled for deeper encoders) take part of the change. 0 = edit the UNet only."}),
+                "progressive_layers": ("INT", {"default": 3, "min": 0, "max": 12, "tooltip": "How many shallow text-encoder blocks (of 12; scaled for deeper encoders) take part of the change. 0 = edit the UNet only (a DiT's text gateway)."}),
                 "method": (list(METHODS), {"default": "erasepro", "tooltip": "erasepro: exact (zero-residual) alignment. uce: the UCE baseline, for comparison."}),
             },
             "optional": {
