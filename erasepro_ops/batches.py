@@ -255,7 +255,7 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
     overflows = columns.n_erasure > arch.context_width
     if every_position and arch.padded and request.fit_padding and request.template_padding > 0 and overflows:
         bare = columns_with([0] * templates + padding[templates:]).n_erasure
-        padded = sum(_max_padding(arch, s) is None for s in range(len(arch.segments)))
+        padded = sum(_max_padding(arch, s) != 0 for s in range(len(arch.segments)))  # a capped one counts too
         fitted = fitted_padding(request.template_padding, bare, templates * padded, arch.context_width)
         if fitted < request.template_padding:
             padding = [fitted] * templates + padding[templates:]

@@ -66,8 +66,9 @@ def test_gateway_erasure_is_exact_and_keeps_the_empty_prompt(flux, layers):
 
 
 def test_velocity_of_an_erased_prompt_is_the_anchors(flux):
-    """Every T5 position of the concept's prompts constrained (256 per prompt, 2 prompts = the
-    gateway's 512 directions): the erased model's velocity for the target prompt is the original
+    """Every T5 position of the concept's prompts up to the first padding one constrained (the
+    family's cap; the rest of T5's padding repeats it): the erased model's velocity for the target
+    prompt is the original
     model's for the anchor prompt, through ComfyUI's own encode and the DiT's forward."""
     from erasepro_comfy.apply import apply_edit
     from erasepro_comfy.host import ComfyHost
@@ -75,7 +76,7 @@ def test_velocity_of_an_erased_prompt_is_the_anchors(flux):
     from erasepro_ops.templates import ConceptPair
     model, clip = flux
     concept = ConceptPair(TARGET, ANCHOR, "custom", "a photo of {}")
-    edit = run_erasure(ComfyHost(model, clip), _request(concept=concept, progressive_layers=0, template_padding=256,
+    edit = run_erasure(ComfyHost(model, clip), _request(concept=concept, progressive_layers=0, template_padding=8,
                                                         keep_empty_prompt=False, fit_padding=False))
     erased, erased_clip = apply_edit(model, clip, edit, 1.0)
     same_model, same_clip = apply_edit(model, clip, edit, 0.0)
@@ -114,7 +115,7 @@ def test_t5_as_users_load_it_fp16_or_fp8(flux, dtype):
     assert clip.patcher.model_state_dict()[wo].dtype == dtype
 
     concept = ConceptPair(TARGET, ANCHOR, "custom", "a photo of {}")
-    edit = run_erasure(ComfyHost(model, clip), _request(concept=concept, progressive_layers=3, template_padding=256,
+    edit = run_erasure(ComfyHost(model, clip), _request(concept=concept, progressive_layers=3, template_padding=8,
                                                         keep_empty_prompt=False, fit_padding=False))
     fp8 = dtype == torch.float8_e4m3fn
     assert bool(edit.part("clip")) != fp8
