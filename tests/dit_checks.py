@@ -51,3 +51,29 @@ def lora_round_trip(pack, model, clip, edit, name: str, tmp_path, monkeypatch) -
         for k in keys:
             tol = 4 * torch.finfo(torch.float32).eps * float(wb[k].abs().max())
             assert float((wa[k] - wb[k]).abs().max()) <= tol, k
+
+
+def erased_gap(velocity, model, clip, erased, erased_clip, target: str, anchor: str) -> float:
+    """How far the erased model's velocity for ``target`` lies from the original model's for
+    ``anchor``, relative to the original gap between the two (``velocity(model, clip, text)``),
+    after checking the two prompts do differ there."""
+    v_anchor, v_target = velocity(model, clip, anchor), velocity(model, clip, target)
+    gap = float((v_target - v_anchor).norm())
+    assert gap > 1e-4 * float(v_anchor.norm()), (target, anchor)
+    return float((velocity(erased, erased_clip, target) - v_anchor).norm()) / gap
+
+
+def solve_and_apply(model, clip, req):
+    """``run_erasure`` on the ComfyUI host, then the edit applied at strength 1: (edit, MODEL, CLIP)."""
+    from erasepro_comfy.apply import apply_edit
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import run_erasure
+    edit = run_erasure(ComfyHost(model, clip), req)
+    return (edit, *apply_edit(model, clip, edit, 1.0))
+
+
+def refused_on(pack, edit, model, clip, message: str) -> None:
+    """Apply Erased UNet refuses ``edit`` on ``model`` with an error matching ``message``."""
+    import pytest
+    with pytest.raises(Exception, match=message):
+        pack.NODE_CLASS_MAPPINGS["ErasePro_ApplyErasedUNet"]().apply(model, edit, 1.0, clip)
