@@ -166,6 +166,7 @@ class SolverSettings:
 
     method: str = "erasepro"
     rtol: float = DEFAULT_RTOL
+    preserve_rtol: float | None = None  # the kept prompts' tolerance (None: rtol)
     overflow_damping: float = DEFAULT_OVERFLOW_DAMPING  # ρ for constraints beyond the rank budget
     overflow_preserve_weight: float = DEFAULT_OVERFLOW_PRESERVE_WEIGHT  # w of preserve columns in that fit
     budget: int | None = None  # rank budget for the overflow rule (None: each site's own width)
@@ -208,7 +209,7 @@ class SolverSettings:
         if isinstance(preserve, torch.Tensor):
             preserve = self.weighting(preserve)
         return ConstraintSystem.build(
-            x, groups, preserve=preserve, lam=self.lam, rtol=self.rtol,
+            x, groups, preserve=preserve, lam=self.lam, rtol=self.rtol, preserve_rtol=self.preserve_rtol,
             overflow_damping=self.overflow_damping, budget=self.budget, unbudgeted=PRESERVE_GROUPS,
             overflow_weight=self.overflow_preserve_weight,
             report_columns=report_columns,

@@ -74,7 +74,7 @@ def _pooled_residual(deep_results, pooled_site: str | None, pooled_gap) -> float
 
 def summarise(request: Request, family: str, pooled_site: str | None, columns, shallow_results, deep_results,
               deep_weights, *, gap, rank_budget: int, templates: int, seconds: float, preserve_features,
-              empty_features=None, warnings=(), pooled_gap=None) -> Summary:
+              empty_features=None, warnings=(), pooled_gap=None, refitted: bool = False) -> Summary:
     """The figures the node reports. ``gap`` is the unedited model's ``Y − X_0`` on the erasure's
     columns; ``preserve_features`` ``(K, K')``, the preserve prompts through the original and the
     edited text encoder, or None; ``empty_features`` the same for the empty prompt when it is kept;
@@ -103,12 +103,14 @@ def summarise(request: Request, family: str, pooled_site: str | None, columns, s
     summary = dataclasses.replace(summary, unaligned_energy=max((r.unaligned_energy for r in kv_results), default=0.0),
                                   overflow_damped=any(r.damped for r in kv_results),
                                   exact_parts=tuple(exact), least_squares_parts=tuple(rest))
-    return dataclasses.replace(summary, warnings=summary.warnings + tuple(_residual_warnings(summary, len(columns))))
+    return dataclasses.replace(summary, warnings=summary.warnings + tuple(_residual_warnings(summary, len(columns),
+                                                                                            refitted)))
 
 
-def _residual_warnings(s: Summary, n_columns: int) -> list[str]:
+def _residual_warnings(s: Summary, n_columns: int, refitted: bool = False) -> list[str]:
     """ErasePro's warnings about a residual left: the rank budget overflowed, or the constraints
-    contradict each other."""
+    contradict each other (not said when the deep sites were ``refitted`` with a coarser tolerance,
+    whose own note explains the residual)."""
     budget_full = s.overflow_damped or s.deep_rank >= s.rank_budget - 1
     train = s.train_residual
     if budget_full and train > 1e-5:
@@ -118,7 +120,7 @@ def _residual_warnings(s: Summary, n_columns: int) -> list[str]:
                 f"{'damped ' if s.overflow_damped else ''}least squares: {', '.join(s.least_squares_parts)} "
                 f"({s.unaligned_energy:.1%} of the target features' energy outside the exact span). "
                 "Erase fewer concepts per solve for exact alignment everywhere"]
-    if train > 1e-3:
+    if train > 1e-3 and not refitted:
         return [f"least-squares residual {train:.2e}: some constraints contradict each other (the same "
                 "features are asked for different outputs); check the anchors and custom prompts"]
     return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -17,6 +18,10 @@ from .fingerprint import fingerprint
 from .host import Encoded, Host
 from .request import Request
 from .shallow import site_edits, soft_weighting, solve_shallow
+
+FALLBACK_CHANGE = 3.0
+"""A deep update larger than this many times its weight (‖ΔW‖/‖W‖) is solved again with the
+family's ``fallback_rtol`` (SD3's gateway: ten concepts at S = 0 gave 10–114×; one concept 0.3–0.4)."""
 
 
 def _kept_features(b: Batches, k, k_edited, n_user: int, empty: bool = False):
@@ -103,6 +108,18 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
     preserve = b.kept_positions(o.k, slice(None)).T if b.soft_preserve else None
     deep_results = solve_with_fallback(host, deep_weights, x, y, columns.groups, settings, preserve, on_site,
                                        columns.n_erasure)
+    notes = b.warnings() + shallow.notes
+    coarse = arch.family.fallback_rtol
+    largest = max((r.relative_change for r in deep_results), default=0.0)
+    refitted = settings.method == "erasepro" and coarse is not None and largest > FALLBACK_CHANGE and coarse > settings.rtol
+    if refitted:
+        settings_coarse = dataclasses.replace(settings, rtol=coarse, preserve_rtol=settings.rtol)
+        deep_results = solve_with_fallback(host, deep_weights, x, y, columns.groups, settings_coarse, preserve, None,
+                                           columns.n_erasure)
+        notes.append(f"the {arch.family.label} gateway's exact update came out {largest:.0f}× its weight (near-duplicate "
+                     f"columns of many concepts): solved again with singular values below {coarse:g} of the largest "
+                     f"dropped; the kept prompts stay exact, the erasure's columns are fitted as far as that allows "
+                     f"(their residual is the train residual)")
     model_edits = site_edits(deep_results, "model", "deep")
     model_weights = dict(deep_weights)
 
@@ -128,6 +145,6 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
                         preserve_features=_kept_features(b, o.k, k_edited, n_user),
                         empty_features=_kept_features(b, o.k, k_edited, n_user, empty=True)
                         if len(b.kept_prompts) > n_user else None,
-                        warnings=b.warnings() + shallow.notes, pooled_gap=pooled_gap)
+                        warnings=notes, pooled_gap=pooled_gap, refitted=refitted)
     return ErasureEdit(tuple(shallow.edits + model_edits), request.settings_record(arch.name), summary.to_dict(),
                        fingerprint({**shallow.weights, **model_weights}))

@@ -161,6 +161,7 @@ class _Fit:
     threshold: float  # singular values at or below it are rounding noise
     budget: int
     damping: float  # ρ
+    preserve_threshold: float | None = None  # the unbudgeted (preserve) groups' own; None: threshold
     steps: list[_Step] = field(default_factory=list)
     downs_t: list[torch.Tensor] = field(default_factory=list)  # each step's directions, as rows
     basis: torch.Tensor | None = None  # width × (directions taken)
@@ -191,7 +192,8 @@ class _Fit:
             gram: torch.Tensor | None, budgeted: bool) -> None:
         """Fit one step (groups ``ids``): ``xg`` is its columns of ``X̃``, ``y`` their part outside
         the basis, weighted by ``cw``."""
-        rb = range_basis(y, self.threshold, gram).top(self.room)  # rounding noise cannot add rank
+        threshold = self.threshold if budgeted or self.preserve_threshold is None else self.preserve_threshold
+        rb = range_basis(y, threshold, gram).top(self.room)  # rounding noise cannot add rank
         overflow = self.overflows(cols.numel(), rb.rank, budgeted=budgeted)
         u = _outside(self.basis, rb.u)
         cross = tuple(d @ xg for d in self.downs_t)
@@ -321,6 +323,7 @@ class ConstraintSystem:
         lam: float = 1.0,
         alpha: float = 0.0,
         rtol: float = DEFAULT_RTOL,
+        preserve_rtol: float | None = None,
         overflow_damping: float = DEFAULT_OVERFLOW_DAMPING,
         budget: int | None = None,
         unbudgeted: Collection[int] = (),
@@ -339,6 +342,8 @@ class ConstraintSystem:
         preserve prompts') do not count toward it and overflow only the width, and ``overflow_weight`` weights
         them when they join an overflowing erasure's fit; ``report_columns`` the number of
         leading columns the unaligned energy is measured on (default all; preserve columns come last).
+        ``preserve_rtol``: the tolerance of the groups in ``unbudgeted`` (default ``rtol``), so the
+        erasure's near-degenerate directions can be dropped while the kept prompts stay exact.
         """
         _check_settings(x, rtol, overflow_damping, overflow_weight)
         device = x.device if device is None else torch.device(device)
@@ -351,7 +356,8 @@ class ConstraintSystem:
         c_max = 1.0 if cis is None else cis.c_max
         xt = x64 if cis is None else cis.left(x64)
 
-        fit = _Fit(xt, rtol * spectral_norm_estimate(x64) / c_max**0.5, budget, overflow_damping)
+        scale = spectral_norm_estimate(x64) / c_max**0.5
+        fit = _Fit(xt, rtol * scale, budget, overflow_damping, None if preserve_rtol is None else preserve_rtol * scale)
         _fit_groups(fit, group_ids, set(unbudgeted), overflow_weight, device)
         return fit.system(x64, cis, report_columns, rtol)
 

@@ -169,3 +169,23 @@ def test_a_prompt_longer_than_t5s_77_tokens_is_refused(sd3):
     long = "a photo of a cat " + "in a long and winding sentence " * 12
     with pytest.raises(EraseProError, match="t5xxl tokens long; at most 77 fit: shorten it"):
         run_erasure(ComfyHost(model, clip), _request(preserve=(long,)))
+
+
+def test_ten_concepts_refit_the_gateway_with_a_coarser_tolerance(sd3):
+    """Ten concepts' exact gateway update on this SD3 comes out ~115× its weight (near-duplicate
+    T5 columns): the gateway is solved again dropping singular values below 1e-3 of the largest;
+    the update is then ~2.3× the weight, and the empty prompt still holds."""
+    from benchmarks.run import PRESERVE, build_chain, concept_set
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.pipeline import FALLBACK_CHANGE, run_erasure
+    from erasepro_ops.request import Request
+    model, clip = sd3
+    edit = run_erasure(ComfyHost(model, clip), Request(build_chain(concept_set(10)), progressive_layers=0,
+                                                       preserve=tuple(PRESERVE)))
+    s = edit.summary
+    notes = [w for w in s["warnings"] if "solved again" in w]
+    assert len(notes) == 1 and "×" in notes[0], s["warnings"]
+    assert not any("contradict" in w for w in s["warnings"])
+    gateway = next(e for e in edit.sites if e.key == GATEWAY)
+    assert gateway.relative_change < FALLBACK_CHANGE  # measured 2.29
+    assert s["empty_prompt_drift"] <= 1e-4  # measured 8.8e-6

@@ -393,3 +393,31 @@ def test_overflow_weight_must_be_positive():
     x = torch.randn(6, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="overflow_weight"):
         ConstraintSystem.build(x, overflow_weight=0.0)
+
+
+def test_a_coarser_erasure_tolerance_drops_its_near_duplicates_and_keeps_the_preserve_prompt_exact():
+    """Two near-duplicate erasure columns asking for different outputs: at rtol 1e-6 their tiny
+    difference is fitted by a huge update; at 1e-3 it is dropped. A preserve column whose own new
+    direction is that small stays exact only with its own, finer tolerance (``preserve_rtol``)."""
+    from erasepro_ops.chain import PRESERVE_GROUPS
+    g = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    e = basis.T
+    x = torch.stack([e[0], e[0] + 1e-5 * e[1], e[2], 1e-4 * (e[0] + e[3])], dim=1)
+    w = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    v = w @ x
+    v[:, :3] += torch.randn(5, 3, generator=g, dtype=torch.float64)  # the erasure moves the first three
+    keep = sorted(PRESERVE_GROUPS)[0]
+    groups = [1, 1, 1, keep]
+
+    def fit(**kw):
+        sol = ConstraintSystem.build(x, groups, unbudgeted=PRESERVE_GROUPS, **kw).solve(w, v)
+        out = (w + sol.update.dense()) @ x
+        return sol.update.norm() / float(w.norm()), float((out[:, 3] - v[:, 3]).norm() / v[:, 3].norm())
+
+    fine_burden, fine_preserve = fit()
+    coarse_burden, coarse_preserve = fit(rtol=1e-3)
+    split_burden, split_preserve = fit(rtol=1e-3, preserve_rtol=1e-9)
+    assert fine_burden > 1e3 * split_burden and fine_preserve < 1e-9
+    assert coarse_preserve > 1e-3  # dropped with the erasure's tolerance
+    assert split_preserve < 1e-9 and split_burden == pytest.approx(coarse_burden, rel=0.5)
