@@ -346,6 +346,8 @@ class ConstraintSystem:
         erasure's near-degenerate directions can be dropped while the kept prompts stay exact.
         """
         _check_settings(x, rtol, overflow_damping, overflow_weight)
+        if preserve_rtol is not None and not preserve_rtol > 0:
+            raise ValueError("preserve_rtol must be positive")
         device = x.device if device is None else torch.device(device)
         x64 = x.to(device=device, dtype=torch.float64)
         check_finite("features X", x64)
