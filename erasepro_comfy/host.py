@@ -156,8 +156,7 @@ class ComfyHost:
         norm = self.model.model.diffusion_model.get_submodule(family.gateway_norm)
         key = f"{family.deep_prefix}{family.gateway_norm}.weight"
         weight = effective_weights(self.model, [key])[key].to(cond.device)
-        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-        return torch.nn.functional.rms_norm(cond, (cond.shape[-1],), weight, eps)
+        return torch.nn.functional.rms_norm(cond, (cond.shape[-1],), weight, norm.eps)
 
     def first_block_inputs(self, chunks) -> list:
         return first_layer_inputs(self.clip, self.architecture().encoders, chunks)

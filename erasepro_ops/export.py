@@ -84,13 +84,12 @@ def lora_name(key: str, family: str | None = None) -> str:
         if enc == "clip_g":
             raise EditFileError(f"a clip_g site ({key}) needs family 'sdxl', got {family!r}")
         return "lora_te_" + rest
-    m = _T5_RE.match(key)
-    if m and family in _T5_PREFIX:
-        return _T5_PREFIX[family] + m.group(1).replace(".", "_")
-    m = _LLM_RE.match(key)
-    if m and family == "zimage":
-        return "text_encoders." + m.group(1)
-    raise EditFileError(f"no LoRA name for the weight {key!r}" + (f" in a {family} edit" if m else ""))
+    t5, llm = _T5_RE.match(key), _LLM_RE.match(key)
+    if t5 and family in _T5_PREFIX:
+        return _T5_PREFIX[family] + t5.group(1).replace(".", "_")
+    if llm and family == "zimage":
+        return "text_encoders." + llm.group(1)
+    raise EditFileError(f"no LoRA name for the weight {key!r}" + (f" in a {family} edit" if t5 or llm else ""))
 
 
 def edit_family(edit: ErasureEdit) -> str:
