@@ -492,6 +492,52 @@ def ensure_sd3_checkpoint(folder, seed: int = 0) -> Path:
     return path
 
 
+FLUX_WORKFLOW_FILES = {"diffusion_models": "erasepro_tiny_flux.safetensors",
+                       "clip_l": "erasepro_tiny_flux_clip_l.safetensors",
+                       "t5xxl": "erasepro_tiny_flux_t5xxl.safetensors", "vae": "erasepro_tiny_flux_ae.safetensors"}
+TEST_MODEL_OPTIONS_KEY = "erasepro_test_model_options"
+"""Safetensors metadata key of a reduced text encoder written for the live-server tests: the
+``model_options`` that ``comfy.sd.load_clip`` needs to build it (tests/server_nodes reads it)."""
+
+
+WORKFLOW_T5 = {"d_model": 512, "d_ff": 1024}
+"""The Flux workflow files' T5 width (the gateway's rank budget: 512 holds one concept exactly)."""
+
+
+def ensure_flux_workflow_files(models_dir, seed: int = 0, t5_layers: int = 4) -> dict:
+    """The files the Flux example workflow names, written once into ComfyUI's ``models_dir``:
+    ``diffusion_models/`` the ``size="loader"`` Flux (hidden 3072, one block of each kind),
+    ``text_encoders/`` CLIP-L at full depth and a small T5 (``t5_layers`` blocks, :data:`WORKFLOW_T5`;
+    its config in the metadata under :data:`TEST_MODEL_OPTIONS_KEY`), ``vae/`` a 16-channel KL
+    VAE; float16, random weights. Returns {"diffusion_models", "clip_l", "t5xxl", "vae": Path}."""
+    import torch
+    from safetensors.torch import load_file
+    from scripts.comfy_host import vae_state_dict
+    models_dir = Path(models_dir)
+    sub = {"diffusion_models": "diffusion_models", "clip_l": "text_encoders", "t5xxl": "text_encoders",
+           "vae": "vae"}
+    paths = {k: models_dir / sub[k] / name for k, name in FLUX_WORKFLOW_FILES.items()}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    c = import_comfy()
+    model, clip = build_flux("loader", seed, t5_layers=t5_layers, clip_l_layers=12, t5=WORKFLOW_T5)
+    tmp = models_dir / ".erasepro_flux_tmp"
+    written = save_flux_files(model, clip, tmp)
+    options = json.dumps(load_clip_model_options(None, t5_config_of(clip)))
+    del model, clip
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    c.utils.save_torch_file(load_file(str(written["t5xxl"])), str(paths["t5xxl"]),
+                            metadata={TEST_MODEL_OPTIONS_KEY: options})
+    written["clip_l"].replace(paths["clip_l"])
+    c.utils.save_torch_file(vae_state_dict(seed, dtype=torch.float16, latent_channels=16), str(paths["vae"]))
+    written["diffusion_model"].replace(paths["diffusion_models"])  # last: its presence means all are written
+    for p in tmp.iterdir():
+        p.unlink()
+    tmp.rmdir()
+    return paths
+
+
 # ---------------------------------------------------------------------------------------
 # Z-Image: Qwen3 (a causal decoder LLM) -> cap_embedder (RMSNorm, then the linear gateway)
 # ---------------------------------------------------------------------------------------

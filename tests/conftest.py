@@ -8,6 +8,7 @@ comfy_host.load_pack()).
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -64,12 +65,31 @@ def sd3_checkpoint(comfy_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux_workflow_files(comfy_path) -> dict:
+    """The Flux example workflow's files in <comfyui>/models/{diffusion_models,text_encoders,vae},
+    written once (seed 0): Flux 3072 wide with one block of each kind, CLIP-L, a tiny T5 whose
+    config the live server's test extension passes to the loader (tests/server_nodes), a
+    16-channel VAE; fp16 (scripts/comfy_dit.py ``ensure_flux_workflow_files``)."""
+    from scripts import comfy_dit
+    return comfy_dit.ensure_flux_workflow_files(comfy_path / "models")
+
+
+SERVER_NODES = REPO / "tests" / "server_nodes"
+
+
+@pytest.fixture(scope="session")
 def comfy_server_handle(tiny_checkpoint, artifacts_dir):
-    """A running comfy_server.ComfyServer (has .base_url, .output_dir, .log_text(), .object_info())."""
+    """A running comfy_server.ComfyServer (has .base_url, .output_dir, .log_text(), .object_info()),
+    with the test-only extension in tests/server_nodes (reduced text encoders through the stock
+    CLIP loaders) added through an extra model paths file."""
     import comfy_server
     d = artifacts_dir / "comfy-server"
+    d.mkdir(parents=True, exist_ok=True)
+    paths = d / "extra_model_paths.yaml"
+    paths.write_text(f"erasepro_tests:\n  custom_nodes: {json.dumps(str(SERVER_NODES))}\n", encoding="utf-8")
     srv = comfy_server.ComfyServer(output_dir=d / "output", input_dir=d / "input", temp_dir=d / "temp",
-                                   user_dir=d / "user", log_path=d / "comfyui.log")
+                                   user_dir=d / "user", log_path=d / "comfyui.log",
+                                   extra_args=["--extra-model-paths-config", str(paths)])
     srv.start(timeout=240)
     try:
         yield srv

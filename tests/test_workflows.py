@@ -2,13 +2,15 @@
 
 For each UI-format (LiteGraph) workflow: every node type is known to the server, every link's
 type matches the output and input it joins, it converts with ``ui_to_api`` and runs through
-``run_workflow`` on the tiny random-weight SD1.5 checkpoint; the SaveImage files exist (on disk
+``run_workflow`` on the random-weight model files it names (``TEST_MODELS``); the SaveImage files exist (on disk
 and through GET /view) and the solver's ``ui`` output carries ``erasepro_report`` with a train
 residual <= 1e-4 (method erasepro). Also checks the pack's node definitions in /object_info
 against the node contract (docs/DESIGN.md, *Nodes*).
 
 CPU only: 64x64 latents, 2 steps. The tiny checkpoint's CLIP is full-size CLIP-L, so each solve
-takes some seconds.
+takes some seconds. The Flux workflow's T5 is a small one: the stock DualCLIPLoader builds T5-XXL
+at full size whatever the file holds, so the server's test-only extension (tests/server_nodes)
+passes the file's own config to ComfyUI's loader; every node of the workflow is the stock one.
 """
 from __future__ import annotations
 
@@ -58,8 +60,15 @@ EXPECTED_NODES = {
 EVALUATE = "ErasePro_Evaluate"
 SOLVER = "ErasePro_ProgressiveSolver"
 MAX_TRAIN_RESIDUAL = 1e-4
-# The checkpoint each shipped workflow names -> the fixture that writes it (random weights)
-TEST_CHECKPOINTS = {"erasepro_tiny_sd15.safetensors": "tiny_checkpoint", "erasepro_tiny_sd3.safetensors": "sd3_checkpoint"}
+# The model files each shipped workflow names -> the fixture that writes them (random weights)
+TEST_MODELS = {"erasepro_tiny_sd15.safetensors": "tiny_checkpoint", "erasepro_tiny_sd3.safetensors": "sd3_checkpoint",
+               "erasepro_tiny_flux.safetensors": "flux_workflow_files",
+               "erasepro_tiny_flux_clip_l.safetensors": "flux_workflow_files",
+               "erasepro_tiny_flux_t5xxl.safetensors": "flux_workflow_files",
+               "erasepro_tiny_flux_ae.safetensors": "flux_workflow_files"}
+# loader node -> its file inputs
+MODEL_LOADERS = {"CheckpointLoaderSimple": ("ckpt_name",), "UNETLoader": ("unet_name",),
+                 "DualCLIPLoader": ("clip_name1", "clip_name2"), "VAELoader": ("vae_name",)}
 
 
 def _load(path: Path) -> dict:
@@ -139,8 +148,8 @@ def test_workflow_structure(path, object_info):
                       if n["type"] not in cs.VIRTUAL_NODES and n["type"] not in object_info})
     assert not missing, f"node types not known to the server: {missing}"
     types = {n["type"] for n in nodes.values()}
-    assert {"CheckpointLoaderSimple", "ErasePro_ConceptPair", SOLVER, "ErasePro_ApplyErasedUNet",
-            "SaveImage", "Note"} <= types, types
+    assert {"ErasePro_ConceptPair", SOLVER, "ErasePro_ApplyErasedUNet", "SaveImage", "Note"} <= types, types
+    assert types & {"CheckpointLoaderSimple", "UNETLoader"}, "no model loader"
     assert "KSampler" in types or EVALUATE in types, "neither a before/after KSampler pair nor ErasePro Evaluate"
     for lid, a, aslot, b, bslot, ltype in wf["links"]:
         src, dst = nodes[a], nodes[b]
@@ -160,13 +169,16 @@ def test_workflow_runs(path, request, comfy_server, comfy_server_handle, object_
     wf = _load(path)
     api = cs.ui_to_api(copy.deepcopy(wf), object_info)
 
-    ckpts = [nid for nid, n in api.items() if n["class_type"] == "CheckpointLoaderSimple"]
-    assert ckpts, "no CheckpointLoaderSimple"
-    names = {api[nid]["inputs"]["ckpt_name"] for nid in ckpts}
-    assert len(names) == 1 and names <= set(TEST_CHECKPOINTS), f"{path.name} names {names}: not a test checkpoint"
-    checkpoint = request.getfixturevalue(TEST_CHECKPOINTS[names.pop()])  # written on first use
-    options = cs.object_info(comfy_server)["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
-    assert checkpoint.name in options, options
+    files = [(n["class_type"], name, n["inputs"][name]) for n in api.values()
+             for name in MODEL_LOADERS.get(n["class_type"], ())]
+    assert files, "no model loader"
+    unknown = {f for _, _, f in files} - set(TEST_MODELS)
+    assert not unknown, f"{path.name} names {unknown}: not a test model"
+    for fixture in {TEST_MODELS[f] for _, _, f in files}:
+        request.getfixturevalue(fixture)  # written on first use
+    info = cs.object_info(comfy_server)
+    for loader, name, f in files:
+        assert f in info[loader]["input"]["required"][name][0], (loader, name, f)
 
     solver_ids = [nid for nid, n in api.items() if n["class_type"] == SOLVER]
     assert len(solver_ids) == 1
