@@ -27,7 +27,8 @@ from pathlib import Path
 
 from erasepro_ops import export
 from erasepro_ops.templates import CONCEPT_TYPES, ConceptPair
-from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES
+from erasepro_ops.contexts import (ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES,
+                                   PADDING_TEMPLATES)
 from erasepro_ops.errors import EraseProError
 from erasepro_ops.pipeline import run_erasure
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT
@@ -249,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_TEMPLATE_PADDING}; {ALL_PADDING} = all: the templates erased to the last digit, other "
                         "prompts served worse)")
     e.add_argument("--keep-padding", action="store_true",
-                   help="keep --template-padding even when the concepts' columns would overflow the rank budget "
-                        "(by default it is lowered until they take at most half of it; the summary says so)")
+                   help="keep --template-padding as given (by default all templates share the padding positions of "
+                        f"{PADDING_TEMPLATES}, and it is lowered until the concepts' columns take at most half the "
+                        "rank budget; the summary says so)")
     e.add_argument("--context-sentences", type=int, default=DEFAULT_CONTEXT_TEMPLATES, metavar="N",
                    help="varied sentences per concept from the built-in bank, aligned at the concept and end tokens "
                         f"(erasepro; default {DEFAULT_CONTEXT_TEMPLATES}, at most {MAX_CONTEXT_TEMPLATES}; 0 = only the templates)")

@@ -15,7 +15,7 @@ import torch
 from .chain import Columns
 from .templates import ConceptPair, expand
 from .alignment import align_chunks, end_index, merge_alignments, preserve_alignment, segment_part, first_padding
-from .contexts import context_pairs, fitted_padding
+from .contexts import PADDING_TEMPLATES, context_pairs, fitted_padding, spread_padding
 from .errors import EraseProError
 from .family import Architecture
 from .host import Host
@@ -225,6 +225,27 @@ def pair_columns(arch: Architecture, alignments) -> Columns:
     return Columns.from_alignments(alignments, arch.context, padding=None if arch.padded else [0] * len(alignments))
 
 
+def _fitted_template_padding(arch: Architecture, request: Request, templates: int, padding: list, columns_with):
+    """``padding`` with the templates' entries lowered (:func:`contexts.spread_padding`, then
+    :func:`contexts.fitted_padding` if the erasure would still overflow the rank budget), and
+    the notes that say so."""
+    requested, n = request.template_padding, len(request.concepts)
+    fitted, notes = spread_padding(requested, templates), []
+    if fitted < requested:
+        notes.append(f"template_padding {requested} lowered to {fitted}: the {templates} templates of {n} concept(s) "
+                     f"share the padding positions of {PADDING_TEMPLATES} ({requested * PADDING_TEMPLATES} in all)")
+    with_fitted = [fitted] * templates + padding[templates:]
+    if fitted > 0 and columns_with(with_fitted).n_erasure > arch.context_width:
+        bare = columns_with([0] * templates + padding[templates:]).n_erasure
+        padded = sum(_max_padding(arch, s) != 0 for s in range(len(arch.segments)))  # a capped one counts too
+        budget_fitted = fitted_padding(fitted, bare, templates * padded, arch.context_width)
+        if budget_fitted < fitted:
+            fitted, notes = budget_fitted, [
+                f"template_padding {requested} lowered to {budget_fitted}: {n} concept(s) with that padding would "
+                f"overflow the UNet's {arch.context_width}-direction rank budget"]
+    return [fitted] * templates + padding[templates:], notes
+
+
 def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
     pairs = prompt_pairs(request.concepts)
     templates = len(pairs)  # the concepts' templates come first, their context sentences after
@@ -251,17 +272,10 @@ def build_batches(host: Host, arch: Architecture, request: Request) -> Batches:
                                        last_token_only=request.features == "last_token", padding=padding,
                                        suffix=suffix, preserve=split(arch, preserve, segment))
 
-    columns, notes = columns_with(padding), []
-    overflows = columns.n_erasure > arch.context_width
-    if every_position and arch.padded and request.fit_padding and request.template_padding > 0 and overflows:
-        bare = columns_with([0] * templates + padding[templates:]).n_erasure
-        padded = sum(_max_padding(arch, s) != 0 for s in range(len(arch.segments)))  # a capped one counts too
-        fitted = fitted_padding(request.template_padding, bare, templates * padded, arch.context_width)
-        if fitted < request.template_padding:
-            padding = [fitted] * templates + padding[templates:]
-            columns = columns_with(padding)
-            notes.append(f"template_padding {request.template_padding} lowered to {fitted}: {len(request.concepts)} "
-                         f"concept(s) with that padding would overflow the UNet's {arch.context_width}-direction rank budget")
+    notes = []
+    if every_position and arch.padded and request.fit_padding and request.template_padding > 0:
+        padding, notes = _fitted_template_padding(arch, request, templates, padding, columns_with)
+    columns = columns_with(padding)
     soft = preserve_tokens is not None and (request.method == "uce" or request.preserve_strength > 0)
     token_encoder = next(i for i, enc in enumerate(arch.encoders) if enc.spec.per_token)
     kept_lengths = None if preserve_tokens is None else read_lengths(arch, preserve_tokens[token_encoder])

@@ -40,11 +40,25 @@ position (:data:`ALL_PADDING`) erases the template prompts themselves to the las
 near-identical padding columns fill the rank budget and move every prompt's padding with them
 (README.md, *Which positions are aligned*, has the figures)."""
 
+PADDING_TEMPLATES = 8
+"""A solve's templates share the padding columns of this many (one built-in concept type's):
+``template_padding · 8`` in all. The padding columns of many templates are near-duplicates of one
+another; aligning all of them exactly made unlisted prompts drift more and unseen sentences be
+erased less (ten concepts on SD1.5, and on SDXL, whose 2048 directions hold them), so more
+templates get fewer positions each (:func:`spread_padding`; at the default 8: three concepts 2,
+ten none)."""
+
 PADDING_BUDGET_SHARE = 0.5
 """When the erasure's columns would overflow the deep sites' width (the rank budget: ten concepts
 on SD1.5), the template padding shrinks until they take at most this share of it, to 0 at the
 least. The concept and end tokens then stay exact and leave the deep sites room, instead of the
 padding filling the budget and being fitted by damped least squares (:func:`fitted_padding`)."""
+
+
+def spread_padding(requested: int, templates: int) -> int:
+    """The largest padding ``≤ requested`` whose columns (``padding · templates``) number at most
+    ``requested · PADDING_TEMPLATES``, 0 at the least."""
+    return max(0, min(requested, requested * PADDING_TEMPLATES // max(templates, 1)))
 
 
 def fitted_padding(requested: int, columns_without_padding: int, templates: int, budget: int) -> int:

@@ -36,7 +36,7 @@ class Request:
     context_padding: int = DEFAULT_CONTEXT_PADDING  # their padding positions constrained after the end token
     context_suffix: bool = DEFAULT_CONTEXT_SUFFIX  # their words after the concept constrained too
     template_padding: int = DEFAULT_TEMPLATE_PADDING  # erasepro: padding positions constrained per template
-    fit_padding: bool = True  # erasepro: lower template_padding when it would overflow the rank budget
+    fit_padding: bool = True  # erasepro: lower template_padding for many templates or a full rank budget
 
     def check(self) -> None:
         if not self.concepts:

@@ -5,7 +5,8 @@ import comfy.utils
 
 from erasepro_comfy.host import ComfyHost
 from erasepro_ops.chain import METHODS, SHALLOW_RULES
-from erasepro_ops.contexts import ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES
+from erasepro_ops.contexts import (ALL_PADDING, DEFAULT_CONTEXT_TEMPLATES, DEFAULT_TEMPLATE_PADDING, MAX_CONTEXT_TEMPLATES,
+                                   PADDING_TEMPLATES)
 from erasepro_ops.linalg import DEFAULT_OVERFLOW_DAMPING
 from erasepro_ops.pipeline import run_erasure
 from erasepro_ops.report import draw_report, report_to_image_tensor, summary_text
@@ -48,7 +49,7 @@ class ProgressiveSolver:
                 "overflow_damping": ("FLOAT", {"default": DEFAULT_OVERFLOW_DAMPING, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip": "Only matters when the constraints exceed the rank budget (many concepts in one solve): the overflow (padding positions) is fitted by damped least squares instead of exactly, so the model is not wrecked. 0 = plain least squares; larger = gentler edit, larger residual."}),
                 "keep_empty_prompt": ("BOOLEAN", {"default": True, "tooltip": "Hold the empty prompt exactly still (erasepro). Samplers run it as the negative/unconditional branch at every step of every image, so moving it changes pictures that never name the concept."}),
                 "retain_strength": ("FLOAT", {"default": DEFAULT_RETAIN_STRENGTH, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "With progressive_layers > 0 (erasepro): steer the text-encoder edit away from a built-in bank of 300 ordinary prompts, so prompts you did not list change less. 0 = off; larger = they change less, the edit spreads elsewhere."}),
-                "template_padding": ("INT", {"default": DEFAULT_TEMPLATE_PADDING, "min": 0, "max": ALL_PADDING, "tooltip": "erasepro: how many padding positions after each template's end token are aligned exactly. 77 = all of them: the template prompts themselves are erased to the last digit, but other prompts and sentences you write are served worse (they drift more, the UNet changes more). Fewer = better on your own sentences, lighter on everything else. With many concepts in one solve (ten on SD1.5) the padding would overflow the UNet's rank budget: the solve then lowers it, to 0 at the least, and the summary says so."}),
+                "template_padding": ("INT", {"default": DEFAULT_TEMPLATE_PADDING, "min": 0, "max": ALL_PADDING, "tooltip": f"erasepro: how many padding positions after each template's end token are aligned exactly. 77 = all of them: the template prompts themselves are erased to the last digit, but other prompts and sentences you write are served worse (they drift more, the UNet changes more). Fewer = better on your own sentences, lighter on everything else. With several concepts in one solve their templates share the padding positions of {PADDING_TEMPLATES} (one concept's): at 8, three concepts get 2 each and ten none; the padding is lowered further if it would overflow the model's rank budget; the summary says so."}),
                 "context_sentences": ("INT", {"default": DEFAULT_CONTEXT_TEMPLATES, "min": 0, "max": MAX_CONTEXT_TEMPLATES, "tooltip": "erasepro: also align the concept in this many varied built-in sentences per concept (at its own tokens, the words after it and the end token). Erases better in sentences you write yourself and moves unlisted prompts less, but one concept then fills the rank budget: the templates' padding and the empty prompt are fitted by least squares instead of exactly. 0 = the templates only (exact)."}),
             },
         }

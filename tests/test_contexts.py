@@ -41,6 +41,38 @@ def test_padding_shrinks_only_when_the_erasure_overflows_the_rank_budget():
     assert fitted_padding(3, 0, 8, budget) == 3  # never above what was asked
 
 
+def test_templates_share_one_concepts_padding():
+    from erasepro_ops.contexts import PADDING_TEMPLATES, spread_padding
+    assert PADDING_TEMPLATES == 8
+    assert spread_padding(8, 8) == 8  # one concept: its 8 templates keep the default 8 positions
+    assert spread_padding(77, 8) == 77  # and every position when asked for
+    assert spread_padding(8, 5) == 8  # never above what was asked
+    assert spread_padding(8, 24) == 2 and spread_padding(8, 40) == 1  # three and five concepts
+    assert spread_padding(8, 80) == 0  # ten
+    assert spread_padding(77, 24) == 25
+    assert spread_padding(0, 1) == 0
+
+
+def test_three_concepts_spread_their_template_padding(host):
+    """Three concepts (24 templates) align 2 padding positions each instead of 8, well inside the
+    rank budget, and the summary says why."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.batches import build_batches
+    from erasepro_ops.request import Request
+
+    model, clip = host.build("sd15", "tiny", seed=0)
+    h = ComfyHost(model, clip)
+    concepts = (ConceptPair("van gogh", "a painting", "style"), ConceptPair("bicycle", "an object", "object"),
+                ConceptPair("teapot", "an object", "object"))
+    b = build_batches(h, h.architecture(), Request(concepts, template_padding=8))
+    assert b.n_target == 24
+    assert sum(g == ROLE_PRIORITY["pad"] for g in b.columns.groups.tolist()) == 2 * 24
+    assert [w for w in b.warnings() if "lowered" in w] == [
+        "template_padding 8 lowered to 2: the 24 templates of 3 concept(s) share the padding positions of 8 (64 in all)"]
+    kept = build_batches(h, h.architecture(), Request(concepts, template_padding=8, fit_padding=False))
+    assert sum(g == ROLE_PRIORITY["pad"] for g in kept.columns.groups.tolist()) == 8 * 24
+
+
 def test_ten_concepts_drop_their_template_padding_and_say_so(host):
     """On SD1.5 (768 directions) ten concepts with 8 padding positions per template would overflow;
     one concept keeps its padding."""
