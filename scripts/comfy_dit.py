@@ -538,6 +538,57 @@ def ensure_flux_workflow_files(models_dir, seed: int = 0, t5_layers: int = 4) ->
     return paths
 
 
+CHROMA_WORKFLOW_FILES = {"diffusion_models": "erasepro_tiny_chroma.safetensors",
+                         "t5xxl": "erasepro_tiny_chroma_t5xxl.safetensors",
+                         "vae": FLUX_WORKFLOW_FILES["vae"]}
+CHROMA_WORKFLOW_T5 = {"d_model": 4096, "d_kv": 64, "num_heads": 1, "d_ff": 256}
+"""The Chroma workflow files' T5: CLIPLoader recognises a T5-XXL only by block 23 of a 4096-wide
+encoder (comfy/sd.py ``detect_te_model``), so 24 blocks at T5-XXL's width, with one head and a
+narrow feed-forward (~0.18 B parameters, most of them the token embedding)."""
+
+
+def chroma_loader_unet_config() -> dict:
+    """The Chroma dit_config ComfyUI's detection gives a file with one double and one single block:
+    hidden 3072, 24 heads, the modulation approximator 64 -> 5120 (x 5) -> 3072, T5-XXL's 4096
+    (model_detection.py:219-258 force all but the depths and the T5 width)."""
+    return {**chroma_unet_config(CHROMA_WORKFLOW_T5["d_model"]), "hidden_size": 3072, "num_heads": 24,
+            "axes_dim": [16, 56, 56], "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5}
+
+
+def ensure_chroma_workflow_files(models_dir, seed: int = 0) -> dict:
+    """The files the Chroma example workflow names, written once into ComfyUI's ``models_dir``:
+    ``diffusion_models/`` a Chroma that "Load Diffusion Model" detects (:func:`chroma_loader_unet_config`),
+    ``text_encoders/`` the T5 of :data:`CHROMA_WORKFLOW_T5` (24 blocks; its config in the metadata
+    under :data:`TEST_MODEL_OPTIONS_KEY`), ``vae/`` the Flux workflow's 16-channel VAE (Chroma
+    uses Flux's); float16, random weights. Returns {"diffusion_models", "t5xxl", "vae": Path}."""
+    import torch
+    from scripts.comfy_host import vae_state_dict
+    models_dir = Path(models_dir)
+    sub = {"diffusion_models": "diffusion_models", "t5xxl": "text_encoders", "vae": "vae"}
+    paths = {k: models_dir / sub[k] / name for k, name in CHROMA_WORKFLOW_FILES.items()}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    c = import_comfy()
+    spu = c.utils.state_dict_prefix_replace
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    if not paths["vae"].is_file():
+        tmp = paths["vae"].with_name(paths["vae"].name + ".tmp")
+        c.utils.save_torch_file(vae_state_dict(seed, dtype=torch.float16, latent_channels=16), str(tmp))
+        tmp.replace(paths["vae"])
+    clip = build_chroma_clip(seed, t5_layers=24, t5=CHROMA_WORKFLOW_T5)
+    part = {k: v for k, v in clip.get_sd().items() if k.startswith("t5xxl.")}
+    options = json.dumps(load_clip_model_options(None, t5_config_of(clip)))
+    c.utils.save_torch_file(_cast(spu(spu(part, {"t5xxl.": ""}), {"transformer.": ""}), torch.float16),
+                            str(paths["t5xxl"]), metadata={TEST_MODEL_OPTIONS_KEY: options})
+    del clip, part
+    model = _random_model("Chroma", chroma_loader_unet_config(), seed, None, 0.02)
+    tmp = paths["diffusion_models"].with_name(paths["diffusion_models"].name + ".tmp")
+    c.utils.save_torch_file(_cast(model.model.diffusion_model.state_dict(), torch.float16), str(tmp))
+    tmp.replace(paths["diffusion_models"])  # last: its presence means all are written
+    return paths
+
+
 # ---------------------------------------------------------------------------------------
 # Z-Image: Qwen3 (a causal decoder LLM) -> cap_embedder (RMSNorm, then the linear gateway)
 # ---------------------------------------------------------------------------------------

@@ -74,6 +74,17 @@ def flux_workflow_files(comfy_path) -> dict:
     return comfy_dit.ensure_flux_workflow_files(comfy_path / "models")
 
 
+@pytest.fixture(scope="session")
+def chroma_workflow_files(comfy_path) -> dict:
+    """The Chroma example workflow's files in <comfyui>/models/{diffusion_models,text_encoders,vae},
+    written once (seed 0): a Chroma that ComfyUI's detection loads (3072 wide, one block of each
+    kind), a T5 at T5-XXL's width and depth but narrow inside, whose config the live server's test
+    extension passes to the loader, the Flux workflow's VAE; fp16
+    (scripts/comfy_dit.py ``ensure_chroma_workflow_files``)."""
+    from scripts import comfy_dit
+    return comfy_dit.ensure_chroma_workflow_files(comfy_path / "models")
+
+
 SERVER_NODES = REPO / "tests" / "server_nodes"
 
 

@@ -8,9 +8,10 @@ residual <= 1e-4 (method erasepro). Also checks the pack's node definitions in /
 against the node contract (docs/DESIGN.md, *Nodes*).
 
 CPU only: 64x64 latents, 2 steps. The tiny checkpoint's CLIP is full-size CLIP-L, so each solve
-takes some seconds. The Flux workflow's T5 is a small one: the stock DualCLIPLoader builds T5-XXL
-at full size whatever the file holds, so the server's test-only extension (tests/server_nodes)
-passes the file's own config to ComfyUI's loader; every node of the workflow is the stock one.
+takes some seconds. The Flux and Chroma workflows' T5s are small ones: the stock DualCLIPLoader /
+CLIPLoader build T5-XXL at full size whatever the file holds, so the server's test-only extension
+(tests/server_nodes) passes the file's own config to ComfyUI's loader; every node of the workflow
+is the stock one.
 """
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ TEST_MODELS = {"erasepro_tiny_sd15.safetensors": "tiny_checkpoint", "erasepro_ti
                "erasepro_tiny_flux.safetensors": "flux_workflow_files",
                "erasepro_tiny_flux_clip_l.safetensors": "flux_workflow_files",
                "erasepro_tiny_flux_t5xxl.safetensors": "flux_workflow_files",
-               "erasepro_tiny_flux_ae.safetensors": "flux_workflow_files"}
+               "erasepro_tiny_flux_ae.safetensors": "flux_workflow_files",
+               "erasepro_tiny_chroma.safetensors": "chroma_workflow_files",
+               "erasepro_tiny_chroma_t5xxl.safetensors": "chroma_workflow_files"}
 # loader node -> its file inputs
 MODEL_LOADERS = {"CheckpointLoaderSimple": ("ckpt_name",), "UNETLoader": ("unet_name",),
-                 "DualCLIPLoader": ("clip_name1", "clip_name2"), "VAELoader": ("vae_name",)}
+                 "CLIPLoader": ("clip_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"), "VAELoader": ("vae_name",)}
 
 
 def _load(path: Path) -> dict:

@@ -2,7 +2,8 @@
 
 ComfyUI's stock DualCLIPLoader / CLIPLoader build a T5 at T5-XXL's size (4.7B parameters)
 whatever the file holds, which no test machine here can run. A reduced text encoder written by
-the tests (scripts/comfy_dit.py ``ensure_flux_workflow_files``) carries the ``model_options``
+the tests (scripts/comfy_dit.py ``ensure_flux_workflow_files``,
+``ensure_chroma_workflow_files``) carries the ``model_options``
 that rebuild it in its safetensors metadata; this passes them to ComfyUI's own
 ``comfy.sd.load_clip``, exactly as the in-process tests do. Files without that key (every real
 model) load unchanged, and the loader nodes, the CLIP object and everything after them are
