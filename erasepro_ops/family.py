@@ -86,13 +86,15 @@ SDXL = ModelFamily("sdxl", "SDXL", (clip_encoder("clip_l", "l"), clip_encoder("c
 # constrains only T5's first padding position: on the reduced Flux (one concept, fp16 files) that
 # against eight took the held-out residual at the concept and end tokens from 0.42 to 0.32 at S = 0
 # and from 1.82 to 0.29 at S = 3, unlisted drift from 0.12 to 0.071 and from 0.41 to 0.043, the
-# template's velocity as close to the anchor's or closer.
+# template's velocity as close to the anchor's or closer. Its gateway is refitted as SD3's (below):
+# ten concepts at S = 0 on a Flux whose T5 is 1024 wide took an exact update 36× the weight.
 FLUX = ModelFamily("flux", "Flux.1", (dataclasses.replace(clip_encoder("clip_l", "l"), per_token=False),
                                       dataclasses.replace(t5_encoder(), max_padding=1)),
-                   ("txt_in",), pooled_site="diffusion_model.vector_in.in_layer.weight", pooled_encoders=("clip_l",))
+                   ("txt_in",), pooled_site="diffusion_model.vector_in.in_layer.weight", pooled_encoders=("clip_l",),
+                   fallback_rtol=1e-3)
 # Chroma: Flux's transformer without vector_in; T5-XXL's tokens unpadded (the prompt and its end
-# token only) through txt_in.
-CHROMA = ModelFamily("chroma", "Chroma", (t5_encoder(padded=False),), ("txt_in",))
+# token only) through txt_in; its gateway refitted as Flux's.
+CHROMA = ModelFamily("chroma", "Chroma", (t5_encoder(padded=False),), ("txt_in",), fallback_rtol=1e-3)
 # SD3 / SD3.5: CLIP-L and CLIP-G side by side (2048 wide, zero-padded to 4096), then T5-XXL's 77
 # tokens after them, through one linear gateway, context_embedder; the CLIPs' pooled outputs side by
 # side through y_embedder's first linear layer. A CLIP without the T5 gives the CLIP tokens alone.
