@@ -257,6 +257,14 @@ def _cast(sd: dict, dtype) -> dict:
     return out
 
 
+def encoder_state_dict(clip_sd: dict, name: str) -> dict:
+    """One text encoder's weights out of a CLIP's state dict, keyed as its own file holds them
+    (``t5xxl.transformer.encoder.…`` -> ``encoder.…``), the way ComfyUI's CLIPSave splits a CLIP."""
+    spu = import_comfy().utils.state_dict_prefix_replace
+    part = {k: v for k, v in clip_sd.items() if k.startswith(name + ".")}
+    return spu(spu(part, {name + ".": ""}), {"transformer.": ""})
+
+
 def save_flux_files(model, clip, folder, dtype=None) -> dict:
     """Write ``folder``/flux_diffusion_model.safetensors (BFL keys ``img_in.weight``,
     ``double_blocks.0...``, as flux1-dev.safetensors and "Load Diffusion Model" read them),
@@ -274,11 +282,8 @@ def save_flux_files(model, clip, folder, dtype=None) -> dict:
     paths = {k: folder / v for k, v in FILE_NAMES.items()}
     c.utils.save_torch_file(_cast(model.model.diffusion_model.state_dict(), dtype), str(paths["diffusion_model"]))
     clip_sd = clip.get_sd()
-    spu = c.utils.state_dict_prefix_replace
     for name in ("clip_l", "t5xxl"):
-        part = {k: v for k, v in clip_sd.items() if k.startswith(name + ".")}
-        part = spu(spu(part, {name + ".": ""}), {"transformer.": ""})
-        c.utils.save_torch_file(_cast(part, dtype), str(paths[name]))
+        c.utils.save_torch_file(_cast(encoder_state_dict(clip_sd, name), dtype), str(paths[name]))
     te = load_clip_model_options(int(clip.cond_stage_model.clip_l.num_layers), t5_config_of(clip))
     paths["te_config"] = folder / TE_CONFIG_NAME
     paths["te_config"].write_text(json.dumps(te, indent=1))
@@ -398,10 +403,7 @@ def t5_as_users_load(clip, folder, dtype=None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILE_NAMES["t5xxl"]
-    spu = c.utils.state_dict_prefix_replace
-    part = {k: v for k, v in clip.get_sd().items() if k.startswith("t5xxl.")}
-    part = spu(spu(part, {"t5xxl.": ""}), {"transformer.": ""})
-    c.utils.save_torch_file(_cast(part, dtype or torch.float16), str(path))
+    c.utils.save_torch_file(_cast(encoder_state_dict(clip.get_sd(), "t5xxl"), dtype or torch.float16), str(path))
     sd = c.utils.load_torch_file(str(path), safe_load=True)
     target = supported_models_base.ClipTarget(pixart_t5.PixArtTokenizer,
                                               pixart_t5.pixart_te(**sd3_clip.t5_xxl_detect(sd)))
@@ -544,7 +546,7 @@ CHROMA_WORKFLOW_FILES = {"diffusion_models": "erasepro_tiny_chroma.safetensors",
 CHROMA_WORKFLOW_T5 = {"d_model": 4096, "d_kv": 64, "num_heads": 1, "d_ff": 256}
 """The Chroma workflow files' T5: CLIPLoader recognises a T5-XXL only by block 23 of a 4096-wide
 encoder (comfy/sd.py ``detect_te_model``), so 24 blocks at T5-XXL's width, with one head and a
-narrow feed-forward (~0.18 B parameters, most of them the token embedding)."""
+narrow feed-forward (~0.23 B parameters, 465 MB in fp16, most of them the token embedding)."""
 
 
 def chroma_loader_unet_config() -> dict:
@@ -569,7 +571,6 @@ def ensure_chroma_workflow_files(models_dir, seed: int = 0) -> dict:
     if all(p.is_file() for p in paths.values()):
         return paths
     c = import_comfy()
-    spu = c.utils.state_dict_prefix_replace
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     if not paths["vae"].is_file():
@@ -577,11 +578,10 @@ def ensure_chroma_workflow_files(models_dir, seed: int = 0) -> dict:
         c.utils.save_torch_file(vae_state_dict(seed, dtype=torch.float16, latent_channels=16), str(tmp))
         tmp.replace(paths["vae"])
     clip = build_chroma_clip(seed, t5_layers=24, t5=CHROMA_WORKFLOW_T5)
-    part = {k: v for k, v in clip.get_sd().items() if k.startswith("t5xxl.")}
     options = json.dumps(load_clip_model_options(None, t5_config_of(clip)))
-    c.utils.save_torch_file(_cast(spu(spu(part, {"t5xxl.": ""}), {"transformer.": ""}), torch.float16),
+    c.utils.save_torch_file(_cast(encoder_state_dict(clip.get_sd(), "t5xxl"), torch.float16),
                             str(paths["t5xxl"]), metadata={TEST_MODEL_OPTIONS_KEY: options})
-    del clip, part
+    del clip
     model = _random_model("Chroma", chroma_loader_unet_config(), seed, None, 0.02)
     tmp = paths["diffusion_models"].with_name(paths["diffusion_models"].name + ".tmp")
     c.utils.save_torch_file(_cast(model.model.diffusion_model.state_dict(), torch.float16), str(tmp))
