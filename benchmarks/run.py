@@ -95,13 +95,19 @@ SWEEP = [  # --sweep: the settings behind the trade-off chart (keys the node has
     ("S=3 ctx 20 no suffix", dict(S3, context_sentences=20, context_suffix=False)),
     ("S=3 ctx 10", dict(S3, context_sentences=10)),
     ("S=3 tpad 8", dict(S3, template_padding=8)),
+    ("S=3 tpad 0", dict(S3, template_padding=0)),
     ("S=3 ctx 20 tpad 8", dict(S3, context_sentences=20, template_padding=8)),
     ("S=3 ctx 20 tpad 0", dict(S3, context_sentences=20, template_padding=0)),
 ]
 
 
-def concept_set(n: int):
-    """n concepts, half styles and half objects (one style for n = 1)."""
+def concept_set(n: int, targets=None):
+    """n concepts, half styles and half objects (one style for n = 1); ``targets`` (``(target,
+    type)`` pairs) first when given, the rest from the lists."""
+    if targets:
+        chosen = list(targets)[:n]
+        rest = [c for c in concept_set(n + len(chosen)) if c not in chosen]
+        return chosen + rest[: n - len(chosen)]
     styles = STYLES[: (n + 1) // 2]
     objects = OBJECTS[: n // 2]
     return [(t, "style") for t in styles] + [(t, "object") for t in objects]
@@ -316,12 +322,12 @@ class Bench:
 
 
 def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: str = "full", configs=None,
-            dtype: str = "fp16", sweep: bool = False):
+            dtype: str = "fp16", sweep: bool = False, targets=None):
     import torch
     bench = Bench.load(kind, size, dtype, eps_size)
     rows = []
     for n in counts:
-        concepts = concept_set(n)
+        concepts = concept_set(n, targets)
         uce_time = None
         setup = concept_setup(bench, concepts)
         for label, cfg in [c for c in (SWEEP if sweep else CONFIGS) if configs is None or c[0] in configs]:
@@ -333,7 +339,7 @@ def measure(kind: str, counts, runs: int, eps_size: int, out_dir: Path, size: st
             print_row(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"device": device_name(bench.host.solve_device()), "torch": torch.__version__, "rows": rows}
-    name = f"{kind}_{dtype}{'_sweep' if sweep else ''}"
+    name = f"{kind}_{dtype}{'_sweep' if sweep else ''}{'_' + '_'.join(t.replace(' ', '-') for t, _ in targets) if targets else ''}"
     (out_dir / f"{name}.json").write_text(json.dumps(info, indent=1))
     if sweep:
         draw_trade_off(rows, out_dir / f"{name}_trade_off.png")
@@ -535,7 +541,12 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help=f"run the trade-off settings instead ({', '.join(c[0] for c in SWEEP)}) and chart "
                              "held-out residual against unlisted-prompt drift")
+    parser.add_argument("--targets", help="comma list of target:type (style / object) to erase first, e.g. "
+                                          "'parachute:object' (the anchor is the type's: 'a painting', 'an object')")
     args = parser.parse_args(argv)
+    targets = None if not args.targets else [tuple(t.strip().rsplit(":", 1)) for t in args.targets.split(",")]
+    if targets and any(len(t) != 2 or t[1] not in ANCHORS for t in targets):
+        parser.error(f"--targets: each entry is target:type with type one of {sorted(ANCHORS)}")
     counts = [int(c) for c in args.concepts.split(",")]
     configs = None if args.configs is None else [c.strip() for c in args.configs.split(",")]
     labels = [label for label, _ in (SWEEP if args.sweep else CONFIGS)]
@@ -546,7 +557,7 @@ def main(argv=None):
     for kind in args.models.split(","):
         for dtype in args.dtypes.split(","):
             measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size, configs, dtype.strip(),
-                    args.sweep)
+                    args.sweep, targets)
     print(f"JSON and charts in {args.out}")
     return 0
 

@@ -66,6 +66,25 @@ def _special_tokens(clip, encoder_attr: str) -> SpecialTokens:
     return SpecialTokens(start=tok.start_token, end=end, pad=pad)
 
 
+def _read_blocks(clip, module, depth: int, pooled: bool) -> tuple[int, ...]:
+    """The blocks whose outputs ComfyUI's encode hands on: the per-token layer (the module's own
+    ``layer``/``layer_idx``, or the CLIP's ``clip_layer``, as ``SDClipModel.set_clip_options``
+    resolves them) and, when the model reads the pooled embedding, the last block."""
+    layer, index = getattr(module, "options_default", (getattr(module, "layer", "last"), getattr(module, "layer_idx", None)))[:2]
+    if getattr(clip, "layer_idx", None) is not None and not (isinstance(layer, list) or layer == "all"):
+        index = clip.layer_idx
+        layer = "last" if abs(index) > depth else "hidden"
+    if isinstance(layer, list) or layer == "all":
+        blocks = {depth - 1} if layer == "all" else {(i + depth if i < 0 else i) for i in layer}
+    elif layer == "hidden" and index is not None:
+        blocks = {index + depth if index < 0 else index}
+    else:
+        blocks = {depth - 1}
+    if pooled:
+        blocks.add(depth - 1)
+    return tuple(sorted(b for b in blocks if 0 <= b < depth))
+
+
 def _text_encoders(clip, family: ModelFamily) -> tuple[TextEncoder, ...]:
     stage = clip.cond_stage_model
     present = [a for a in TEXT_ENCODERS if getattr(stage, a, None) is not None]
@@ -85,8 +104,9 @@ def _text_encoders(clip, family: ModelFamily) -> tuple[TextEncoder, ...]:
         if stack is None:
             raise EraseProError(f"not supported yet: the text encoder {spec.name} of this CLIP is neither a CLIP, a T5 "
                                 "nor a Llama-style decoder (Qwen3)")
-        encoders.append(TextEncoder(spec, _special_tokens(clip, spec.name), len(stack.layers),
-                                    stack.final_norm.weight.shape[0]))
+        depth = len(stack.layers)
+        encoders.append(TextEncoder(spec, _special_tokens(clip, spec.name), depth, stack.final_norm.weight.shape[0],
+                                    _read_blocks(clip, module, depth, spec.name in family.pooled_encoders)))
     return tuple(encoders)
 
 

@@ -62,6 +62,12 @@ class PromptAlignment:
     partner: tuple[int, ...]
     role: tuple[str, ...]
 
+    @property
+    def shifted(self) -> bool:
+        """Whether some moved position's partner sits elsewhere: target and anchor tokenize to
+        different lengths (or the anchor is empty)."""
+        return self.move != self.partner
+
     def __post_init__(self) -> None:
         if not len(self.move) == len(self.partner) == len(self.role):
             raise ValueError("move, partner and role must have the same length")

@@ -92,6 +92,13 @@ class Columns:
     groups: torch.Tensor  # priority per column (ROLE_PRIORITY), keep columns included
     n_preserve: int = 0
 
+    @property
+    def shifted(self) -> bool:
+        """Whether some moved column's partner sits at another position (target and anchor
+        tokenize to different lengths): a causal encoder's later blocks then reopen the gap that
+        the chain closed. Otherwise every column up to the last moved one enters them aligned."""
+        return not torch.equal(self.target[self.n_keep:], self.anchor)
+
     @classmethod
     def from_alignments(
         cls, alignments: Sequence[PromptAlignment], context_length: int, *, last_token_only: bool = False,
@@ -261,19 +268,23 @@ class KeptBatch:
     mask: object = None
 
 
-def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch]) -> list[torch.Tensor]:
+def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch],
+                  sites: Sequence[int] | None = None) -> list[torch.Tensor | None]:
     """Per block, the ``fc2`` inputs (D_in × M) of every batch at its positions, through the
-    original blocks (a weighting keeps the unedited model's features still)."""
+    original blocks (a weighting keeps the unedited model's features still); None for a block not
+    in ``sites`` (default: every block)."""
+    wanted = set(range(len(blocks)) if sites is None else sites)
     features: list[list[torch.Tensor]] = [[] for _ in blocks]
     with torch.no_grad():
         for batch in batches:
             h = batch.hidden
             for l, block in enumerate(blocks):
                 mid, x = block.mlp_input(h, batch.mask)
-                features[l].append(gather(x, batch.index))
+                if l in wanted:
+                    features[l].append(gather(x, batch.index))
                 if l + 1 < len(blocks):
                     h = block_output(mid, x, block.weight, block.bias)
-    return [torch.cat(f, dim=1) for f in features]
+    return [torch.cat(f, dim=1) if f else None for f in features]
 
 
 def progressive_shallow(
@@ -287,6 +298,9 @@ def progressive_shallow(
     preserve: Sequence[torch.Tensor | PreserveWeighting | None] | None = None,
     on_site: Callable[[str], None] | None = None,
     masks: tuple[object, object] = (None, None),
+    schedule: int | None = None,
+    bridges: Sequence[int] = (),
+    gap_floor: float = 0.0,
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
@@ -294,10 +308,16 @@ def progressive_shallow(
     their attention masks (None: the blocks' own);
     ``preserve`` (optional) per block the ``fc2`` inputs the ``C`` weighting keeps still (preserve
     prompts, the retain bank: :func:`kept_features`) or the weighting built from them.
+
+    The first ``schedule`` blocks (default: all) are the chain. Past it the blocks run unedited,
+    except the *bridges* (``bridges``: the blocks whose outputs the model reads): when target
+    and anchor tokenize to different lengths, the later blocks' attention sees one token more or
+    less and reopens the gap; a bridge block closes all of it, ``V* = W_o X + (out_a − out_t)``,
+    unless no column's relative gap ``‖out_a − out_t‖ / ‖out_a‖`` exceeds ``gap_floor``.
     """
     if rule not in SHALLOW_RULES:
         raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")
-    depth = len(blocks)
+    depth = len(blocks) if schedule is None else schedule
     results: list[SiteResult] = []
     h_t, h_a = h_target, h_anchor
     for l, block in enumerate(blocks):
@@ -305,10 +325,23 @@ def progressive_shallow(
             mid_a, x_a = block.mlp_input(h_a, masks[1])
             out_a = block_output(mid_a, x_a, block.weight, block.bias)
             mid_t, x_t = block.mlp_input(h_t, masks[0])
+            if l >= depth:
+                out_t = block_output(mid_t, x_t, block.weight, block.bias)
+                h_t, h_a = out_t, out_a
+                if l not in bridges:
+                    continue
+                gap = _open_gap(out_a, out_t, columns, gap_floor)
+                if gap is None:
+                    if on_site is not None:
+                        on_site(block.name)
+                    continue
 
             x, y = inputs_with_partners(x_t, x_a, columns)
             w = block.weight.to(torch.float64)
-            if rule == "anchor_features":
+            if l >= depth:
+                target = w.to(x.device) @ x.to(torch.float64)
+                target[:, columns.n_keep:] += gap
+            elif rule == "anchor_features":
                 target = w.to(x.device) @ y.to(torch.float64)
             else:
                 out_t = block_output(mid_t, x_t, block.weight, block.bias)
@@ -326,6 +359,16 @@ def progressive_shallow(
         if on_site is not None:
             on_site(block.name)
     return results
+
+
+def _open_gap(out_a: torch.Tensor, out_t: torch.Tensor, columns: Columns, floor: float) -> torch.Tensor | None:
+    """``out_a − out_t`` at the moved columns (float64), or None when every column's relative gap
+    is at most ``floor`` (see :func:`settled_columns`)."""
+    y = gather(out_a, columns.anchor)
+    x = gather(out_t, columns.target[columns.n_keep:])
+    if bool(settled_columns(x, y, floor).all()):
+        return None
+    return y.to(torch.float64) - x.to(torch.float64)
 
 
 def settled_columns(x: torch.Tensor, y: torch.Tensor, floor: float) -> torch.Tensor:

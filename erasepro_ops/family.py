@@ -33,6 +33,7 @@ class TextEncoderSpec:
     segment: int = 0  # encoders of one segment sit side by side per position; segments follow along the sequence
     optional: bool = False  # the family's models run without it (SD3's T5)
     max_padding: int | None = None  # the most padding positions per prompt the solve constrains (SD3's T5: 1)
+    bridged: bool = False  # the blocks the model reads after the first S close what those blocks reopen (CLIP)
 
     def shallow_key(self, index: int) -> str:
         return self.shallow_site.format(index=index)
@@ -55,7 +56,8 @@ class ModelFamily:
 
 def clip_encoder(name: str, token_key: str) -> TextEncoderSpec:
     """A CLIP text transformer as ComfyUI's ``cond_stage_model.<name>`` holds it."""
-    return TextEncoderSpec(name, token_key, f"{name}.transformer.text_model.encoder.layers.{{index}}.mlp.fc2.weight")
+    return TextEncoderSpec(name, token_key, f"{name}.transformer.text_model.encoder.layers.{{index}}.mlp.fc2.weight",
+                           bridged=True)
 
 
 def t5_encoder(name: str = "t5xxl", token_key: str = "t5xxl", context: int = 256, padded: bool = True) -> TextEncoderSpec:
@@ -128,6 +130,7 @@ class TextEncoder:
     special: SpecialTokens
     depth: int  # blocks
     width: int  # output features per token
+    read_blocks: tuple[int, ...] = ()  # blocks whose outputs the model reads (its hidden layer, the pooled one's)
 
     @property
     def name(self) -> str:
@@ -146,6 +149,14 @@ class TextEncoder:
         if progressive_layers <= 0 or not self.spec.per_token:
             return 0
         return min(n - 1, round(progressive_layers * n / REFERENCE_DEPTH))
+
+    def bridge_blocks(self, progressive_layers: int) -> tuple[int, ...]:
+        """The read blocks past the first ``S`` where a bridged encoder closes what is left of the
+        gap (:func:`erasepro_ops.chain.progressive_shallow`)."""
+        s = self.shallow_depth(progressive_layers)
+        if s == 0 or not self.spec.bridged:
+            return ()
+        return tuple(sorted(b for b in set(self.read_blocks) if b >= s))
 
 
 @dataclass(frozen=True)
@@ -207,10 +218,16 @@ class Architecture:
         return all(e.spec.padded for e in self.encoders if e.spec.per_token)
 
     @property
+    def bridged(self) -> bool:
+        """Whether every per-token encoder is bridged (:attr:`TextEncoderSpec.bridged`: the CLIP families)."""
+        return all(e.spec.bridged for e in self.encoders if e.spec.per_token)
+
+    @property
     def pooled_site(self) -> str | None:
         return self.family.pooled_site if self.pooled_width else None
 
     def site_count(self, progressive_layers: int) -> int:
         """How many sites a solve with ``progressive_layers`` edits (for progress bars)."""
-        shallow = sum(e.shallow_depth(progressive_layers) for e in self.encoders)
+        shallow = sum(e.shallow_depth(progressive_layers) + len(e.bridge_blocks(progressive_layers))
+                      for e in self.encoders)
         return shallow + len(self.deep_keys) + (1 if self.pooled_width else 0)

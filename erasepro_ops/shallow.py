@@ -130,19 +130,20 @@ def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in
     return SoftWeighting(prepare, strength, key)
 
 
-def _weightings(host: Host, enc, blocks, soft: SoftWeighting | None, i: int, settings: SolverSettings):
-    """Each shallow site's weighting for encoder ``i``: the retain bank's from the cache, else built
-    from the kept prompts' features."""
+def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: int, settings: SolverSettings):
+    """The weighting of each of ``sites`` (block indices) for encoder ``i`` (None for the other
+    blocks): the retain bank's from the cache, else built from the kept prompts' features."""
     if soft is None:
         return None
 
     def build():  # one site at a time: the cache keeps each in float32 as it comes
-        features = kept_features(blocks, soft.batches[i])
-        while features:
-            yield settings.weighting(features.pop(0))
+        features = kept_features(blocks, soft.batches[i], sites)
+        for l in range(len(features)):
+            f, features[l] = features[l], None
+            yield None if f is None else settings.weighting(f)
     if soft.key is None:
         return list(build())
-    key = (soft.key, host.text_digest(enc, len(blocks)), settings.lam, settings.alpha)
+    key = (soft.key, host.text_digest(enc, len(blocks)), tuple(sites), settings.lam, settings.alpha)
     return RETAIN_WEIGHTINGS.get(key, build)
 
 
@@ -159,6 +160,9 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
                   anchor_in, target_in, soft: SoftWeighting | None, on_site) -> ShallowResult:
     """The shallow sites (the first S blocks' MLP output projections), per text encoder, shallow to deep;
     ``columns_of(segment)``: the columns an encoder of that segment sees (``Batches.columns_of``).
+    On a CLIP, when target and anchor tokenize to different lengths, the blocks it reads past the
+    first S are bridges too (:func:`~erasepro_ops.chain.progressive_shallow`): the deep sites then
+    have nothing left to fit.
 
     An encoder whose weights are stored in fewer than :data:`MIN_SHALLOW_BITS` bits (a T5 loaded
     in fp8) gets none: ComfyUI rounds a patched weight to its storage dtype, and fp8's ~6% steps
@@ -172,29 +176,39 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
     if soft is not None:
         shallow_settings = dataclasses.replace(shallow_settings, preserve_strength=soft.strength)
     for i, enc in enumerate(arch.encoders):
-        depth = enc.shallow_depth(request.progressive_layers)
-        if depth == 0:
+        schedule = enc.shallow_depth(request.progressive_layers)
+        if schedule == 0:
             continue
-        keys = [enc.shallow_key(l) for l in range(depth)]
+        columns = columns_of(arch.segment_of(i))
+        bridges = enc.bridge_blocks(request.progressive_layers)
+        if bridges and not columns.shifted:  # same token counts: nothing reopens past the chain
+            for l in bridges if on_site is not None else ():
+                on_site(enc.shallow_key(l))
+            bridges = ()
+        sites = list(range(schedule)) + list(bridges)
+        keys = [enc.shallow_key(l) for l in sites]
         bits = host.text_storage_bits(keys)
         if bits < MIN_SHALLOW_BITS:
             out.notes.append(f"progressive_layers {request.progressive_layers} not used on {enc.name}: its weights are stored "
                              f"in {bits}-bit floats, which would round its edits away; the erasure is solved at the deep "
                              f"sites alone. Load {enc.name} in fp16 or bf16 for the progressive edit")
             continue
-        weights = host.text_weights(keys)
-        out.weights.update(weights)
-        bias_keys = [k.replace(".weight", ".bias") for k in keys]
+        run = [enc.shallow_key(l) for l in range(max(sites) + 1)]  # every block up to the last site
+        weights = host.text_weights(run)
+        bias_keys = [k.replace(".weight", ".bias") for k in run]
         bias = host.text_weights(bias_keys) if enc.spec.shallow_bias else dict.fromkeys(bias_keys)
-        blocks = host.shallow_blocks(enc, keys, [weights[k] for k in keys], [bias[k] for k in bias_keys],
+        blocks = host.shallow_blocks(enc, run, [weights[k] for k in run], [bias[k] for k in bias_keys],
                                      target_in[i])
-        results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns_of(arch.segment_of(i)),
-                                      shallow_settings,
-                                      rule=request.rule, preserve=_weightings(host, enc, blocks, soft, i, shallow_settings),
-                                      on_site=on_site, masks=(target_in[i][1], anchor_in[i][1]))
+        results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns,
+                                      shallow_settings, rule=request.rule,
+                                      preserve=_weightings(host, enc, blocks, sites, soft, i, shallow_settings),
+                                      on_site=on_site, masks=(target_in[i][1], anchor_in[i][1]),
+                                      schedule=schedule, bridges=bridges, gap_floor=settings.gap_floor)
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")
-        for key, bias_key, r in zip(keys, bias_keys, results):
-            edited = weights[key].to(torch.float64) + r.solution.update.dense().to(weights[key].device)
-            out.edited[key] = (edited.to(torch.float32), bias[bias_key])
+        for r in results:
+            bias_key = r.name.replace(".weight", ".bias")
+            out.weights[r.name] = weights[r.name]
+            edited = weights[r.name].to(torch.float64) + r.solution.update.dense().to(weights[r.name].device)
+            out.edited[r.name] = (edited.to(torch.float32), bias[bias_key])
     return out

@@ -83,14 +83,18 @@ def kv_sites(seed=1):
     return {f"attn{i}.to_{kv}": torch.randn(out, D, generator=g) / D**0.5 for i, out in enumerate((32, 40, 56)) for kv in "kv"}
 
 
-def erase(encoder, pairs, S, rule="anchor_features", method="erasepro"):
+def erase(encoder, pairs, S, rule="anchor_features", method="erasepro", bridge=False):
     encoder.deltas = {}
     alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
     columns = Columns.from_alignments(alignments, T)
     h_t = torch.stack([encoder.embed(t) for t, _ in pairs])
     h_a = torch.stack([encoder.embed(a) for _, a in pairs])
     settings = SolverSettings(method=method)
-    shallow = progressive_shallow(encoder.blocks[:S], h_t, h_a, columns, settings, rule=rule)
+    if bridge:  # every block runs; the last one, which the K/V sites read, is the bridge
+        shallow = progressive_shallow(encoder.blocks, h_t, h_a, columns, settings, rule=rule, schedule=S,
+                                      bridges=(LAYERS - 1,), gap_floor=settings.gap_floor)
+    else:
+        shallow = progressive_shallow(encoder.blocks[:S], h_t, h_a, columns, settings, rule=rule)
     for r in shallow:
         encoder.deltas[r.name] = r.solution.update.dense().float()
     out_t = encoder.run(h_t)
@@ -131,6 +135,25 @@ def test_progressive_chain_aligns_exactly_and_lightens_the_deep_sites(rule, anch
         if len(anchor) == 2:
             assert sequence == sorted(sequence, reverse=True)
         assert burden3 <= 0.5 * burden0
+
+
+@pytest.mark.parametrize("anchor", [(50, 51), (50,)], ids=["same-length", "shorter-anchor"])
+def test_a_bridge_at_the_read_block_closes_what_the_later_blocks_reopen(anchor):
+    """Past the first S blocks, attention over one token more or less reopens the gap; the bridge
+    (the block the K/V sites read) closes it, so the deep sites are left alone. A same-length pair
+    needs no bridge edit."""
+    encoder = Encoder()
+    pairs = prompts(anchor=anchor)
+    _, _, _, burden_plain = erase(encoder, pairs, 3, "residual_schedule")
+    shallow, deep, residual, burden = erase(encoder, pairs, 3, "residual_schedule", bridge=True)
+    names = [r.name for r in shallow]
+    print(f"anchor {len(anchor)} token(s): sites {names}, deep burden without bridge {burden_plain:.2e}, "
+          f"with {burden:.2e}, end-to-end residual {residual:.2e}")
+    assert names == ["block0", "block1", "block2"] + (["block5"] if len(anchor) == 1 else [])
+    assert residual <= 1e-5
+    assert burden == 0.0
+    if len(anchor) == 1:
+        assert burden_plain > 1e-3
 
 
 def test_uce_on_the_same_features_leaves_a_residual():

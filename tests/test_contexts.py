@@ -62,8 +62,8 @@ def test_three_concepts_spread_their_template_padding(host):
 
     model, clip = host.build("sd15", "tiny", seed=0)
     h = ComfyHost(model, clip)
-    concepts = (ConceptPair("van gogh", "a painting", "style"), ConceptPair("bicycle", "an object", "object"),
-                ConceptPair("teapot", "an object", "object"))
+    concepts = (ConceptPair("van gogh", "a painting", "style"), ConceptPair("golden retriever", "an object", "object"),
+                ConceptPair("french horn", "an object", "object"))  # two tokens each, as their anchors
     b = build_batches(h, h.architecture(), Request(concepts, template_padding=8))
     assert b.n_target == 24
     assert sum(g == ROLE_PRIORITY["pad"] for g in b.columns.groups.tolist()) == 2 * 24
@@ -93,3 +93,25 @@ def test_ten_concepts_drop_their_template_padding_and_say_so(host):
     one = build_batches(h, arch, Request(concepts[:1], template_padding=8))
     assert sum(g == ROLE_PRIORITY["pad"] for g in one.columns.groups.tolist()) == 8 * one.n_target
     assert not one.warnings()
+
+
+def test_a_pair_of_different_token_counts_aligns_no_padding(host):
+    """"parachute" (one token) → "an object" (two): its padding columns would be the anchor's one
+    position along; they are dropped unless every padding position is asked for."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.batches import build_batches
+    from erasepro_ops.request import Request
+
+    model, clip = host.build("sd15", "tiny", seed=0)
+    h = ComfyHost(model, clip)
+    arch = h.architecture()
+    pads = lambda b: sum(g == ROLE_PRIORITY["pad"] for g in b.columns.groups.tolist())  # noqa: E731
+    same = (ConceptPair("golden retriever", "an object", "object"),)
+    shifted = (ConceptPair("parachute", "an object", "object"),)
+    both = build_batches(h, arch, Request(same + shifted, template_padding=8))
+    assert [al.shifted for al in both.alignments] == [False] * 8 + [True] * 8
+    assert pads(build_batches(h, arch, Request(same, template_padding=8))) == 8 * 8
+    assert pads(build_batches(h, arch, Request(shifted, template_padding=8))) == 0
+    assert pads(both) == 4 * 8  # two concepts share one concept's padding; the shifted one's is dropped
+    every = build_batches(h, arch, Request(shifted, template_padding=77))
+    assert pads(every) > 8 * 60  # every position, as asked

@@ -23,7 +23,7 @@ from log_capture import Warnings
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["sd15", "sdxl"]
-TARGET, ANCHOR = "van gogh", "an impressionist painter"  # lengths differ: the UNet's K/V change too
+TARGET, ANCHOR = "van gogh", "an impressionist painter"  # lengths differ: a bridge block is edited too
 FP16_TOL = 1e-3  # sampler output: relative difference allowed between the LoRA path and Apply
 
 
@@ -63,12 +63,15 @@ _SOLVED = {}
 
 
 def solved(pack, kind):
-    """(model, clip, edit) for a one-concept erasure with a shallow CLIP site (cached)."""
+    """(model, clip, edit) for a one-concept erasure with shallow CLIP sites and UNet sites (cached).
+    UCE at S = 3 edits both; ErasePro's S = 3 leaves one concept's UNet untouched."""
     if kind not in _SOLVED:
         m = pack.NODE_CLASS_MAPPINGS
         model, clip = H.build(kind)
         (concepts,) = m["ErasePro_ConceptPair"]().build(TARGET, ANCHOR, "custom", "a painting by {}")
-        out = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "erasepro", preserve="a photo of a dog")
+        out = m["ErasePro_ProgressiveSolver"]().solve(model, clip, concepts, 3, "uce", preserve="a photo of a dog")
+        edit = out["result"][0]
+        assert all(s.rank for s in edit.sites) and edit.part("model") and edit.part("clip")
         _SOLVED[kind] = (model, clip, out["result"][0])
     return _SOLVED[kind]
 

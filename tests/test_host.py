@@ -68,6 +68,21 @@ def test_tiny_models_are_real_comfy_objects(built, host):
         assert mkeys["diffusion_model.label_emb.0.0.weight"].shape[1] == 2816
 
 
+def test_read_blocks_follow_comfyuis_layer_and_clip_skip(built):
+    """The blocks whose outputs ComfyUI's encode hands on: SD1.x the last, SD2.x and SDXL the
+    penultimate, SDXL's CLIP-G the last as well (its pooled embedding); CLIP Set Last Layer moves them."""
+    from erasepro_comfy.host import detect
+    kind, model, clip = built
+    n = comfy_host.TINY_CLIP_LAYERS
+    expected = {"sd15": {"clip_l": (n - 1,)}, "sd2": {"clip_h": (n - 2,)},
+                "sdxl": {"clip_l": (n - 2,), "clip_g": (n - 2, n - 1)}}[kind]
+    assert {e.name: e.read_blocks for e in detect(model, clip).encoders} == expected
+    skipped = clip.clone()
+    skipped.clip_layer(-3)
+    expected = {name: tuple(sorted({n - 3} | ({n - 1} if name == "clip_g" else set()))) for name in expected}
+    assert {e.name: e.read_blocks for e in detect(model, skipped).encoders} == expected
+
+
 def test_tiny_models_encode_and_run(built, host):
     kind, model, clip = built
     width, pooled_w, _, _ = EXPECT[kind]
