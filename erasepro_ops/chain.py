@@ -320,40 +320,46 @@ def progressive_shallow(
     depth = len(blocks) if schedule is None else schedule
     results: list[SiteResult] = []
     h_t, h_a = h_target, h_anchor
+    partners = None
     for l, block in enumerate(blocks):
         with torch.no_grad():
-            mid_a, x_a = block.mlp_input(h_a, masks[1])
-            out_a = block_output(mid_a, x_a, block.weight, block.bias)
-            mid_t, x_t = block.mlp_input(h_t, masks[0])
-            if l >= depth:
-                out_t = block_output(mid_t, x_t, block.weight, block.bias)
-                h_t, h_a = out_t, out_a
+            if l < depth:
+                mid_a, x_a = block.mlp_input(h_a, masks[1])
+                out_a = block_output(mid_a, x_a, block.weight, block.bias)
+                mid_t, x_t = block.mlp_input(h_t, masks[0])
+                x, y = inputs_with_partners(x_t, x_a, columns)
+                w = block.weight.to(torch.float64).to(x.device)
+                if rule == "anchor_features":
+                    target = w @ y.to(torch.float64)
+                else:
+                    out_t = block_output(mid_t, x_t, block.weight, block.bias)
+                    gap = gather(out_a, columns.anchor) - gather(out_t, columns.target[columns.n_keep:])
+                    target = w @ x.to(torch.float64)
+                    target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
+                h_a = out_a
+            else:  # past the chain: only the anchor rows a shifted column reads run on
+                if partners is None:
+                    partners = _ShiftedPartners.of(columns, h_a.shape[0], h_a.shape[1])
+                    h_a, mask_a = partners.rows_of(h_a), partners.rows_of(masks[1], h_a.shape[0])
+                mid_t, x_t = block.mlp_input(h_t, masks[0])
+                h_t = block_output(mid_t, x_t, block.weight, block.bias)
+                if h_a.shape[0]:
+                    mid_a, x_a = block.mlp_input(h_a, mask_a)
+                    h_a = block_output(mid_a, x_a, block.weight, block.bias)
                 if l not in bridges:
                     continue
-                gap = _open_gap(out_a, out_t, columns, gap_floor)
+                gap = partners.open_gap(h_a, h_t, columns, gap_floor)
                 if gap is None:
                     if on_site is not None:
                         on_site(block.name)
                     continue
-
-            x, y = inputs_with_partners(x_t, x_a, columns)
-            w = block.weight.to(torch.float64)
-            if l >= depth:
-                target = w.to(x.device) @ x.to(torch.float64)
+                x = gather(x_t, columns.target)
+                target = block.weight.to(torch.float64).to(x.device) @ x.to(torch.float64)
                 target[:, columns.n_keep:] += gap
-            elif rule == "anchor_features":
-                target = w.to(x.device) @ y.to(torch.float64)
-            else:
-                out_t = block_output(mid_t, x_t, block.weight, block.bias)
-                gap = gather(out_a, columns.anchor) - gather(out_t, columns.target[columns.n_keep:])
-                target = w.to(x.device) @ x.to(torch.float64)
-                target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
-
             solution = settings.system(x, columns.groups, None if preserve is None else preserve[l]).solve(
                 block.weight, target)
             edited = block.weight.to(torch.float64) + solution.update.dense().to(block.weight.device)
             h_t = block_output(mid_t, x_t, edited.to(x_t.dtype), block.bias)
-            h_a = out_a
         results.append(SiteResult(block.name, "shallow", solution, float(block.weight.to(torch.float64).norm()),
                                   len(columns), solution.update.rank))
         if on_site is not None:
@@ -361,14 +367,42 @@ def progressive_shallow(
     return results
 
 
-def _open_gap(out_a: torch.Tensor, out_t: torch.Tensor, columns: Columns, floor: float) -> torch.Tensor | None:
-    """``out_a − out_t`` at the moved columns (float64), or None when every column's relative gap
-    is at most ``floor`` (see :func:`settled_columns`)."""
-    y = gather(out_a, columns.anchor)
-    x = gather(out_t, columns.target[columns.n_keep:])
-    if bool(settled_columns(x, y, floor).all()):
-        return None
-    return y.to(torch.float64) - x.to(torch.float64)
+@dataclass(frozen=True)
+class _ShiftedPartners:
+    """Past the chain, a moved column whose partner sits at its own position (same token counts)
+    enters every later block aligned, so its anchor feature is the target's; only the anchor rows
+    holding a shifted column's partner (``rows``) still run, ``index`` their columns' flat indices
+    among those rows (-1: not shifted)."""
+
+    rows: torch.Tensor
+    index: torch.Tensor
+
+    @classmethod
+    def of(cls, columns: Columns, batch: int, length: int) -> "_ShiftedPartners":
+        shifted = columns.target[columns.n_keep:] != columns.anchor
+        rows = torch.unique(columns.anchor[shifted] // length)
+        position = torch.full((batch,), -1, dtype=torch.long)
+        position[rows] = torch.arange(len(rows))
+        index = torch.where(shifted, position[columns.anchor // length] * length + columns.anchor % length, -1)
+        return cls(rows, index)
+
+    def rows_of(self, t, batch: int | None = None):
+        """``t`` (a batch, or a per-row attention mask of ``batch`` rows) at :attr:`rows`."""
+        if t is None or (batch is not None and (t.dim() < 3 or t.shape[0] != batch)):
+            return t
+        return t[self.rows.to(t.device)]
+
+    def open_gap(self, out_a: torch.Tensor, out_t: torch.Tensor, columns: Columns, floor: float) -> torch.Tensor | None:
+        """``out_a − out_t`` at the moved columns (float64; 0 where not shifted), or None when every
+        column is settled (:func:`settled_columns`)."""
+        x = gather(out_t, columns.target[columns.n_keep:])
+        y = x.clone()
+        shifted = self.index >= 0
+        if bool(shifted.any()):
+            y[:, shifted.to(y.device)] = gather(out_a, self.index[shifted])
+        if bool(settled_columns(x, y, floor).all()):
+            return None
+        return y.to(torch.float64) - x.to(torch.float64)
 
 
 def settled_columns(x: torch.Tensor, y: torch.Tensor, floor: float) -> torch.Tensor:

@@ -137,13 +137,14 @@ def test_progressive_chain_aligns_exactly_and_lightens_the_deep_sites(rule, anch
         assert burden3 <= 0.5 * burden0
 
 
-@pytest.mark.parametrize("anchor", [(50, 51), (50,)], ids=["same-length", "shorter-anchor"])
+@pytest.mark.parametrize("anchor", [(50, 51), (50,), None], ids=["same-length", "shorter-anchor", "both"])
 def test_a_bridge_at_the_read_block_closes_what_the_later_blocks_reopen(anchor):
     """Past the first S blocks, attention over one token more or less reopens the gap; the bridge
     (the block the K/V sites read) closes it, so the deep sites are left alone. A same-length pair
-    needs no bridge edit."""
+    needs no bridge edit; beside a shifted one, its anchor rows no longer run past the chain."""
     encoder = Encoder()
-    pairs = prompts(anchor=anchor)
+    pairs = prompts(anchor=anchor) if anchor else prompts() + prompts(target=(42, 43), anchor=(52,))
+    anchor = anchor or (52,)
     _, _, _, burden_plain = erase(encoder, pairs, 3, "residual_schedule")
     shallow, deep, residual, burden = erase(encoder, pairs, 3, "residual_schedule", bridge=True)
     names = [r.name for r in shallow]
