@@ -182,8 +182,9 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
         columns = columns_of(arch.segment_of(i))
         bridges = enc.bridge_blocks(request.progressive_layers)
         if bridges and not columns.shifted:  # same token counts: nothing reopens past the chain
-            for l in bridges if on_site is not None else ():
-                on_site(enc.shallow_key(l))
+            if on_site is not None:
+                for l in bridges:
+                    on_site(enc.shallow_key(l))
             bridges = ()
         sites = list(range(schedule)) + list(bridges)
         keys = [enc.shallow_key(l) for l in sites]
