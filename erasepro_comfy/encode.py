@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +117,15 @@ class LayerInputCapture:
 
 class _Captured(Exception):
     """Stops an encode once the first layer's input is captured."""
+
+
+def read_as_sampling(clip) -> None:
+    """Set the text encoders to hand on the layer sampling reads, as ``CLIP.encode_from_tokens``
+    does before every encode: their defaults, then the CLIP's own ``layer_idx`` (CLIP Set Last
+    Layer). Without it a module keeps whatever layer the last encode of any CLIP sharing it set."""
+    clip.cond_stage_model.reset_clip_options()
+    if getattr(clip, "layer_idx", None) is not None:
+        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
 
 
 def first_layer_inputs(clip, encoders, chunks_per_encoder) -> list:
@@ -247,6 +256,38 @@ class LinearOverride:
             h.remove()
 
 
+@contextmanager
+def resumed_blocks(module, hidden: dict):
+    """ComfyUI's encode of a CLIP text-encoder ``module`` with its blocks' outputs given instead of
+    run: the block stack runs no block and hands on ``hidden[b]`` (B × T × D, the batch's hidden
+    state after block ``b``) for each block ``b`` it returns (the last one; the one ``layer_idx``
+    or CLIP Set Last Layer picks). ComfyUI's own final norm, hidden-layer choice and pooled
+    projection then apply as in any encode. The chain computes those hidden states with the
+    shallow edits applied (``erasepro_ops.chain.progressive_shallow``)."""
+    encoder = module.transformer.text_model.encoder
+    layers, depth = encoder.layers, len(encoder.layers)
+
+    def hand_on(_, args, kwargs, output):
+        x = args[0]
+        wanted = kwargs.get("intermediate_output", args[2] if len(args) > 2 else None)
+        if wanted is not None and not isinstance(wanted, int):
+            raise EraseProError(f"cannot hand on the blocks {wanted!r} of {type(module).__name__}")
+        index = None if wanted is None else (wanted + depth if wanted < 0 else wanted)
+        if index is not None and index not in hidden:
+            raise EraseProError(f"block {index} of {type(module).__name__} was not computed")
+        last = hidden.get(depth - 1)
+        last = torch.zeros_like(x) if last is None else last.to(x.device, x.dtype)  # only its pooled row, unread
+        return last, None if index is None else hidden[index].to(x.device, x.dtype)
+
+    handle = encoder.register_forward_hook(hand_on, with_kwargs=True)
+    encoder.layers = torch.nn.ModuleList()
+    try:
+        yield
+    finally:
+        encoder.layers = layers
+        handle.remove()
+
+
 def _chunk_text(clip, enc: Encoder, ids) -> str:
     """The prompt a token-id chunk holds, decoded by the encoder's own tokenizer (for messages)."""
     ids = [int(t) for t in ids]
@@ -305,7 +346,7 @@ def _real_length(enc, chunks) -> int | None:
 
 
 def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, overrides: dict | None = None,
-                 text_width: int | None = None, pooled_names: tuple[str, ...] = ()):
+                 text_width: int | None = None, pooled_names: tuple[str, ...] = (), resume: dict | None = None):
     """Encode a batch of single chunks through ComfyUI's own text-encoder modules.
 
     ``chunks_per_encoder[i]`` is a list of token-id chunks for ``encoders[i]``. Returns
@@ -317,18 +358,22 @@ def encode_batch(clip, encoders, chunks_per_encoder, capture: bool = False, over
     ``capture``. ``overrides``: linear layers computed in float32 with other weights
     (:class:`LinearOverride`). Without ``capture``, an unpadded encoder (Chroma's T5, Qwen3) runs
     only up to the batch's longest prompt: the rest is masked padding, which no real position
-    sees; its features there are returned as zeros.
+    sees; its features there are returned as zeros. ``resume[i]``: encoder ``i``'s blocks'
+    outputs already computed (:func:`resumed_blocks`): none of its blocks runs.
     """
     clip.load_model()
+    read_as_sampling(clip)
     probe_encoders(clip, encoders, chunks_per_encoder)
     segments, pooled, captured = {}, [], []
     with torch.no_grad():
-        for enc, chunks in zip(encoders, chunks_per_encoder):
+        for index, (enc, chunks) in enumerate(zip(encoders, chunks_per_encoder)):
+            resumed = (resume or {}).get(index)
             hook = LayerInputCapture(encoder_layers(clip, enc)[0]) if capture else None
-            override = LinearOverride(clip.cond_stage_model, overrides) if overrides else None
-            length = None if capture else _real_length(enc, chunks)
+            override = LinearOverride(clip.cond_stage_model, overrides) if overrides and resumed is None else None
+            length = None if capture or resumed is not None else _real_length(enc, chunks)
+            resuming = nullcontext() if resumed is None else resumed_blocks(encoder_module(clip, enc), resumed)
             try:
-                with masked_padding(clip, enc):
+                with masked_padding(clip, enc), resuming:
                     z, p = encoder_module(clip, enc).encode([list(c)[:length] for c in chunks])[:2]
             finally:
                 if hook is not None:

@@ -161,9 +161,10 @@ class ComfyHost:
     def tokenize(self, text: str, encoder: TextEncoder) -> list[list[int]]:
         return token_chunks(self.clip.tokenize(text), encoder.token_key)
 
-    def encode(self, chunks, capture: bool = False, overrides=None) -> Encoded:
+    def encode(self, chunks, capture: bool = False, overrides=None, resume=None) -> Encoded:
         arch = self.architecture()
         cond, pooled, captured = encode_batch(self.clip, arch.encoders, chunks, capture=capture, overrides=overrides,
+                                              resume=resume,
                                               text_width=arch.family.text_width,
                                               pooled_names=arch.family.pooled_encoders if arch.pooled_width else ())
         if arch.family.gateway_norm is not None:

@@ -51,6 +51,7 @@ import torch
 from .alignment import ROLE_PRIORITY, PromptAlignment, limit_padding
 from .linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL,
                      PreserveWeighting, check_finite)
+from .rows import RowBatch
 from .solve import ConstraintSystem, LowRankUpdate, SharedUpdate, SiteSolution, UCESystem
 
 SHALLOW_RULES = ("anchor_features", "residual_schedule")
@@ -154,8 +155,10 @@ class Columns:
         return len(self) - self.n_preserve
 
 
-def gather(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather(h: torch.Tensor | RowBatch, index: torch.Tensor) -> torch.Tensor:
     """Columns ``index`` (flat over batch × positions) of ``h`` (B × T × D) as a D × n matrix."""
+    if isinstance(h, RowBatch):
+        return h.gather(index)
     return h.reshape(-1, h.shape[-1])[index.to(h.device)].T
 
 
@@ -275,16 +278,36 @@ def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch],
     in ``sites`` (default: every block)."""
     wanted = set(range(len(blocks)) if sites is None else sites)
     features: list[list[torch.Tensor]] = [[] for _ in blocks]
+    last = max(wanted, default=-1)
     with torch.no_grad():
         for batch in batches:
             h = batch.hidden
-            for l, block in enumerate(blocks):
+            for l, block in enumerate(blocks[: last + 1]):
                 mid, x = block.mlp_input(h, batch.mask)
                 if l in wanted:
                     features[l].append(gather(x, batch.index))
-                if l + 1 < len(blocks):
+                if l < last:
                     h = block_output(mid, x, block.weight, block.bias)
     return [torch.cat(f, dim=1) if f else None for f in features]
+
+
+def _mlp_input(block: MLPBlock, h: RowBatch, mask) -> tuple[RowBatch, RowBatch]:
+    mids, xs = [], []
+    for k, part in enumerate(h.parts):
+        mid, x = block.mlp_input(part, h.mask_of(mask, k))
+        mids.append(mid)
+        xs.append(x)
+    return h.like(mids), h.like(xs)
+
+
+def _block_output(mid: RowBatch, x: RowBatch, weight: torch.Tensor, bias: torch.Tensor | None) -> RowBatch:
+    return mid.like(block_output(m, p, weight, bias) for m, p in zip(mid.parts, x.parts))
+
+
+def _run_rows(h: torch.Tensor, index: torch.Tensor, causal: bool, at_least: torch.Tensor | None = None) -> RowBatch:
+    """The batch as the chain runs it: a causal encoder's rows cut after the last position
+    ``index`` (or ``at_least``) reaches (:class:`~erasepro_ops.rows.RowBatch`), else whole."""
+    return RowBatch.reaching(h, index, at_least) if causal else RowBatch.whole(h)
 
 
 def progressive_shallow(
@@ -301,6 +324,10 @@ def progressive_shallow(
     schedule: int | None = None,
     bridges: Sequence[int] = (),
     gap_floor: float = 0.0,
+    causal: bool = False,
+    reads: Sequence[int] = (),
+    target_lengths: torch.Tensor | None = None,
+    outputs: dict | None = None,
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
@@ -314,44 +341,53 @@ def progressive_shallow(
     and anchor tokenize to different lengths, the later blocks' attention sees one token more or
     less and reopens the gap; a bridge block closes all of it, ``V* = W_o X + (out_a − out_t)``,
     unless no column's relative gap ``‖out_a − out_t‖ / ‖out_a‖`` exceeds ``gap_floor``.
+
+    ``causal``: the blocks' attention is causal, so each row runs only up to the last position a
+    column (or ``target_lengths``, positions per target row) reaches. ``outputs``, when given,
+    receives the target batch's hidden state after each block in ``reads`` (edits applied) as a
+    :class:`~erasepro_ops.rows.RowBatch`; the blocks run on to the last of them.
     """
     if rule not in SHALLOW_RULES:
         raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")
     depth = len(blocks) if schedule is None else schedule
+    reads = tuple(reads) if outputs is not None else ()
+    last = max((depth - 1, *bridges, *reads))
+    if last >= len(blocks):
+        raise ValueError(f"block {last} is past the {len(blocks)} blocks given")
     results: list[SiteResult] = []
-    h_t, h_a = h_target, h_anchor
-    partners = None
-    for l, block in enumerate(blocks):
+    h_t = _run_rows(h_target, columns.target, causal, target_lengths)
+    h_a = _run_rows(h_anchor, columns.anchor, causal)
+    shifted = columns.target[columns.n_keep:] != columns.anchor
+    for l, block in enumerate(blocks[: last + 1]):
         with torch.no_grad():
+            if l == depth:  # past the chain: only the anchor rows a shifted column reads run on
+                h_a = h_a.keep_rows(torch.unique(columns.anchor[shifted] // h_a.context))
             if l < depth:
-                mid_a, x_a = block.mlp_input(h_a, masks[1])
-                out_a = block_output(mid_a, x_a, block.weight, block.bias)
-                mid_t, x_t = block.mlp_input(h_t, masks[0])
+                mid_a, x_a = _mlp_input(block, h_a, masks[1])
+                out_a = _block_output(mid_a, x_a, block.weight, block.bias)
+                mid_t, x_t = _mlp_input(block, h_t, masks[0])
                 x, y = inputs_with_partners(x_t, x_a, columns)
                 w = block.weight.to(torch.float64).to(x.device)
                 if rule == "anchor_features":
                     target = w @ y.to(torch.float64)
                 else:
-                    out_t = block_output(mid_t, x_t, block.weight, block.bias)
+                    out_t = _block_output(mid_t, x_t, block.weight, block.bias)
                     gap = gather(out_a, columns.anchor) - gather(out_t, columns.target[columns.n_keep:])
                     target = w @ x.to(torch.float64)
                     target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
                 h_a = out_a
-            else:  # past the chain: only the anchor rows a shifted column reads run on
-                if partners is None:
-                    partners = _ShiftedPartners.of(columns, h_a.shape[0], h_a.shape[1])
-                    h_a, mask_a = partners.rows_of(h_a), partners.rows_of(masks[1], h_a.shape[0])
-                mid_t, x_t = block.mlp_input(h_t, masks[0])
-                h_t = block_output(mid_t, x_t, block.weight, block.bias)
-                if h_a.shape[0]:
-                    mid_a, x_a = block.mlp_input(h_a, mask_a)
-                    h_a = block_output(mid_a, x_a, block.weight, block.bias)
-                if l not in bridges:
-                    continue
-                gap = partners.open_gap(h_a, h_t, columns, gap_floor)
+            else:
+                mid_t, x_t = _mlp_input(block, h_t, masks[0])
+                h_t = _block_output(mid_t, x_t, block.weight, block.bias)
+                if len(h_a):
+                    mid_a, x_a = _mlp_input(block, h_a, masks[1])
+                    h_a = _block_output(mid_a, x_a, block.weight, block.bias)
+                gap = _open_gap(h_a, h_t, columns, shifted, gap_floor) if l in bridges else None
                 if gap is None:
-                    if on_site is not None:
+                    if l in bridges and on_site is not None:
                         on_site(block.name)
+                    if l in reads:
+                        outputs[l] = h_t
                     continue
                 x = gather(x_t, columns.target)
                 target = block.weight.to(torch.float64).to(x.device) @ x.to(torch.float64)
@@ -359,7 +395,9 @@ def progressive_shallow(
             solution = settings.system(x, columns.groups, None if preserve is None else preserve[l]).solve(
                 block.weight, target)
             edited = block.weight.to(torch.float64) + solution.update.dense().to(block.weight.device)
-            h_t = block_output(mid_t, x_t, edited.to(x_t.dtype), block.bias)
+            h_t = _block_output(mid_t, x_t, edited.to(x_t.parts[0].dtype), block.bias)
+            if l in reads:
+                outputs[l] = h_t
         results.append(SiteResult(block.name, "shallow", solution, float(block.weight.to(torch.float64).norm()),
                                   len(columns), solution.update.rank))
         if on_site is not None:
@@ -367,42 +405,18 @@ def progressive_shallow(
     return results
 
 
-@dataclass(frozen=True)
-class _ShiftedPartners:
-    """Past the chain, a moved column whose partner sits at its own position (same token counts)
-    enters every later block aligned, so its anchor feature is the target's; only the anchor rows
-    holding a shifted column's partner (``rows``) still run, ``index`` their columns' flat indices
-    among those rows (-1: not shifted)."""
-
-    rows: torch.Tensor
-    index: torch.Tensor
-
-    @classmethod
-    def of(cls, columns: Columns, batch: int, length: int) -> "_ShiftedPartners":
-        shifted = columns.target[columns.n_keep:] != columns.anchor
-        rows = torch.unique(columns.anchor[shifted] // length)
-        position = torch.full((batch,), -1, dtype=torch.long)
-        position[rows] = torch.arange(len(rows))
-        index = torch.where(shifted, position[columns.anchor // length] * length + columns.anchor % length, -1)
-        return cls(rows, index)
-
-    def rows_of(self, t, batch: int | None = None):
-        """``t`` (a batch, or a per-row attention mask of ``batch`` rows) at :attr:`rows`."""
-        if t is None or (batch is not None and (t.dim() < 3 or t.shape[0] != batch)):
-            return t
-        return t[self.rows.to(t.device)]
-
-    def open_gap(self, out_a: torch.Tensor, out_t: torch.Tensor, columns: Columns, floor: float) -> torch.Tensor | None:
-        """``out_a − out_t`` at the moved columns (float64; 0 where not shifted), or None when every
-        column is settled (:func:`settled_columns`)."""
-        x = gather(out_t, columns.target[columns.n_keep:])
-        y = x.clone()
-        shifted = self.index >= 0
-        if bool(shifted.any()):
-            y[:, shifted.to(y.device)] = gather(out_a, self.index[shifted])
-        if bool(settled_columns(x, y, floor).all()):
-            return None
-        return y.to(torch.float64) - x.to(torch.float64)
+def _open_gap(out_a: RowBatch, out_t: RowBatch, columns: Columns, shifted: torch.Tensor,
+              floor: float) -> torch.Tensor | None:
+    """``out_a − out_t`` at the moved columns (float64; 0 where not ``shifted``: a same-length
+    pair's partner enters every block past the chain aligned, its anchor feature is the target's),
+    or None when every column is settled (:func:`settled_columns`)."""
+    x = gather(out_t, columns.target[columns.n_keep:])
+    y = x.clone()
+    if bool(shifted.any()):
+        y[:, shifted.to(y.device)] = gather(out_a, columns.anchor[shifted])
+    if bool(settled_columns(x, y, floor).all()):
+        return None
+    return y.to(torch.float64) - x.to(torch.float64)
 
 
 def settled_columns(x: torch.Tensor, y: torch.Tensor, floor: float) -> torch.Tensor:

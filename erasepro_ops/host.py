@@ -33,9 +33,13 @@ class Host(Protocol):
         ...
 
     def encode(self, chunks: Sequence[Chunks], capture: bool = False,
-               overrides: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> Encoded:
+               overrides: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+               resume: Mapping[int, Mapping[int, torch.Tensor]] | None = None) -> Encoded:
         """Encode one batch per encoder. ``capture``: record each encoder's first-block input.
-        ``overrides``: shallow-site weight key → ``(weight, bias)`` used instead, in float32."""
+        ``overrides``: shallow-site weight key → ``(weight, bias)`` used instead, in float32.
+        ``resume[i]``: encoder ``i``'s hidden states after the blocks it reads
+        (``TextEncoder.read_blocks``; B × T × D), computed already: its blocks are not run again,
+        only what the host does after them (final norm, pooled projection)."""
         ...
 
     def first_block_inputs(self, chunks: Sequence[Chunks]) -> list:

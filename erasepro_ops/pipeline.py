@@ -17,7 +17,7 @@ from .figures import summarise
 from .fingerprint import fingerprint
 from .host import Encoded, Host
 from .request import Request
-from .shallow import site_edits, soft_weighting, solve_shallow
+from .shallow import ShallowResult, site_edits, soft_weighting, solve_shallow
 
 FALLBACK_CHANGE = 3.0
 """A deep update larger than this many times its weight (‖ΔW‖/‖W‖) is solved again with the
@@ -71,12 +71,13 @@ class _Originals:
                 [cat_inputs(t, p) for t, p in zip(self.target_in, self.preserve_in)])
 
 
-def _deep_inputs(host: Host, b: Batches, o: _Originals, edited_layers):
+def _deep_inputs(host: Host, b: Batches, o: _Originals, shallow: ShallowResult):
     """The text features the deep sites read with the shallow edits applied (float32 whatever dtype
-    the text encoder is in): ``(targets and kept prompts, their pooled embeddings)``."""
-    if edited_layers:
+    the text encoder is in): ``(targets and kept prompts, their pooled embeddings)``. An encoder
+    whose read blocks the chain ran already (``shallow.hidden``) runs none of its blocks again."""
+    if shallow.edited:
         batch = b.target_ids if b.preserve_tokens is None else [t + p for t, p in zip(b.target_ids, b.preserve_tokens)]
-        x_all, pooled_all, _ = host.encode(batch, overrides=edited_layers)
+        x_all, pooled_all, _ = host.encode(batch, overrides=shallow.edited, resume=shallow.hidden or None)
         return x_all, pooled_all
     # the text encoder is unchanged: its original outputs are the deep sites' inputs
     x_all = o.x0 if o.k is None else torch.cat([o.x0, o.k])
@@ -98,9 +99,10 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
     y_cond, x0_cond, anchor_in, target_in = o.constrained(b)
 
     soft = soft_weighting(host, arch, request, o.preserve_in if b.soft_preserve else None, b.kept_lengths)
-    shallow = solve_shallow(host, arch, request, settings, b.columns_of, anchor_in, target_in, soft, on_site)
+    shallow = solve_shallow(host, arch, request, settings, b.columns_of, anchor_in, target_in, soft, on_site,
+                            reach=b.chain_reach)
 
-    x_all, pooled_all = _deep_inputs(host, b, o, shallow.edited)
+    x_all, pooled_all = _deep_inputs(host, b, o, shallow)
     x_cond = x_all if b.exact_preserve else x_all[:n_target]
     k_edited = x_all[n_target:] if b.preserve_tokens is not None else None
     deep_weights = host.model_weights(arch.deep_keys)

@@ -143,7 +143,7 @@ def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: i
             yield None if f is None else settings.weighting(f)
     if soft.key is None:
         return list(build())
-    key = (soft.key, host.text_digest(enc, len(blocks)), tuple(sites), settings.lam, settings.alpha)
+    key = (soft.key, host.text_digest(enc, max(sites) + 1), tuple(sites), settings.lam, settings.alpha)
     return RETAIN_WEIGHTINGS.get(key, build)
 
 
@@ -154,12 +154,17 @@ class ShallowResult:
     weights: dict[str, torch.Tensor]  # the original weights they were solved on
     edited: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # key → (W_o + ΔW, bias), float32
     notes: list[str] = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
+    hidden: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)  # encoder → read block → B × T × D
 
 
 def solve_shallow(host: Host, arch: Architecture, request: Request, settings: SolverSettings, columns_of,
-                  anchor_in, target_in, soft: SoftWeighting | None, on_site) -> ShallowResult:
+                  anchor_in, target_in, soft: SoftWeighting | None, on_site, reach=None) -> ShallowResult:
     """The shallow sites (the first S blocks' MLP output projections), per text encoder, shallow to deep;
     ``columns_of(segment)``: the columns an encoder of that segment sees (``Batches.columns_of``).
+    ``reach(i, special)`` (``Batches.chain_reach``): the positions per row the deep sites read of
+    encoder ``i``; when given, a CLIP's chain runs its targets on through the blocks the model
+    reads and keeps their hidden states (:attr:`ShallowResult.hidden`), so the deep sites' inputs
+    need no second pass through those blocks.
     On a CLIP, when target and anchor tokenize to different lengths, the blocks it reads past the
     first S are bridges too (:func:`~erasepro_ops.chain.progressive_shallow`): the deep sites then
     have nothing left to fit.
@@ -187,6 +192,8 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
                     on_site(enc.shallow_key(l))
             bridges = ()
         sites = list(range(schedule)) + list(bridges)
+        rows = None if reach is None or not enc.spec.bridged else reach(i, enc.special)
+        reads = enc.read_blocks if rows is not None else ()
         keys = [enc.shallow_key(l) for l in sites]
         bits = host.text_storage_bits(keys)
         if bits < MIN_SHALLOW_BITS:
@@ -194,17 +201,21 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
                              f"in {bits}-bit floats, which would round its edits away; the erasure is solved at the deep "
                              f"sites alone. Load {enc.name} in fp16 or bf16 for the progressive edit")
             continue
-        run = [enc.shallow_key(l) for l in range(max(sites) + 1)]  # every block up to the last site
+        run = [enc.shallow_key(l) for l in range(max(sites + list(reads)) + 1)]  # up to the last site or read block
         weights = host.text_weights(run)
         bias_keys = [k.replace(".weight", ".bias") for k in run]
         bias = host.text_weights(bias_keys) if enc.spec.shallow_bias else dict.fromkeys(bias_keys)
         blocks = host.shallow_blocks(enc, run, [weights[k] for k in run], [bias[k] for k in bias_keys],
                                      target_in[i])
+        outputs = {} if reads else None
         results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns,
                                       shallow_settings, rule=request.rule,
                                       preserve=_weightings(host, enc, blocks, sites, soft, i, shallow_settings),
                                       on_site=on_site, masks=(target_in[i][1], anchor_in[i][1]),
-                                      schedule=schedule, bridges=bridges, gap_floor=settings.gap_floor)
+                                      schedule=schedule, bridges=bridges, gap_floor=settings.gap_floor,
+                                      causal=enc.spec.causal, reads=reads, target_lengths=rows, outputs=outputs)
+        if reads and set(outputs) == set(reads):
+            out.hidden[i] = {l: h.dense() for l, h in outputs.items()}
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")
         for r in results:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from erasepro_ops.alignment import ROLE_PRIORITY, preserve_alignment
-from erasepro_ops.chain import (Columns, SolverSettings, inputs_with_partners, progressive_shallow, settled_columns,
+from erasepro_ops.chain import (Columns, SolverSettings, gather, inputs_with_partners, progressive_shallow, settled_columns,
                                 solve_deep)
 from erasepro_ops.metrics import alignment_residual, deep_burden, end_to_end_residual
 from erasepro_ops.tokens import SpecialTokens
@@ -309,3 +309,59 @@ def test_weighting_cache_builds_once_keeps_the_latest_and_stays_within_its_bytes
     cache.get("a", build("a"))
     assert built == ["a", "b", "c", "a"] and list(cache.entries) == ["c", "a"]
     assert list(WeightingCache(max_bytes=1).get("big", build("big"))) and built[-1] == "big"  # the latest stays
+
+
+def test_a_row_batch_is_indexed_as_the_whole_batch():
+    from erasepro_ops.rows import RowBatch
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 8, 3, generator=g)
+    rows = RowBatch.cut(h, torch.tensor([2, 8, 0, 3]), bucket=2)
+    assert [tuple(p.shape[:2]) for p in rows.parts] == [(1, 2), (1, 4), (1, 8)] and len(rows) == 3
+    index = torch.tensor([1 * 8 + 7, 0 * 8 + 1, 3 * 8 + 2, 3 * 8 + 0])
+    assert torch.equal(rows.gather(index), h.reshape(-1, 3)[index].T)
+    dense = rows.dense()
+    assert torch.equal(dense[1], h[1]) and torch.equal(dense[0, :2], h[0, :2]) and not dense[2].any()
+    with pytest.raises(ValueError, match="past the position"):
+        rows.gather(torch.tensor([0 * 8 + 5]))
+    with pytest.raises(ValueError, match="did not run"):
+        rows.gather(torch.tensor([2 * 8]))
+    kept = rows.keep_rows(torch.tensor([3]))
+    assert len(kept) == 1 and torch.equal(kept.gather(index[2:]), h.reshape(-1, 3)[index[2:]].T)
+    mask = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 1, 8, 8)  # one per row
+    assert [float(rows.mask_of(mask, k)[0, 0, 0, 0]) for k in range(3)] == [0.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("anchor", [(50, 51), (50,)], ids=["same-length", "shorter-anchor"])
+def test_a_causal_encoders_rows_run_only_as_far_as_they_are_read(anchor, monkeypatch):
+    """Cut after the last position a column reaches, the rows give the updates the whole batch
+    gives, and the hidden states kept after the read block are the whole batch's there; kept
+    prompts (every position read) run whole."""
+    from erasepro_ops import rows
+    monkeypatch.setattr(rows, "BUCKET", 2)
+    encoder = Encoder()
+    pairs = prompts(anchor=anchor)
+    keep = [chunk([20, 21, 22])]
+    alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
+    columns = Columns.from_alignments(alignments, T, preserve=[preserve_alignment("kept", keep[0], SPECIAL)],
+                                      padding=[1] * len(pairs))
+    h_t = torch.stack([encoder.embed(t) for t, _ in pairs] + [encoder.embed(k) for k in keep])
+    h_a = torch.stack([encoder.embed(a) for _, a in pairs] + [encoder.embed(k) for k in keep])
+    settings = SolverSettings(budget=D + T)
+    run = dict(rule="residual_schedule", schedule=3, bridges=(LAYERS - 1,), gap_floor=settings.gap_floor,
+               reads=(LAYERS - 2, LAYERS - 1))
+    whole_out, cut_out = {}, {}
+    whole = progressive_shallow(encoder.blocks, h_t, h_a, columns, settings, outputs=whole_out, **run)
+    reach = torch.tensor([len(t) - t[::-1].index(SPECIAL.start) for t, _ in pairs] + [T])  # at least the start
+    cut = progressive_shallow(encoder.blocks, h_t, h_a, columns, settings, outputs=cut_out, causal=True,
+                              target_lengths=reach, **run)
+    assert [r.name for r in cut] == [r.name for r in whole] and len(cut) == (4 if anchor == (50,) else 3)
+    for a, b in zip(whole, cut):  # float32 features rounded differently: ~1e-7, ~1e-6 in the updates
+        da, db = a.solution.update.dense(), b.solution.update.dense()
+        assert float((da - db).norm()) <= 1e-4 * float(da.norm())
+    assert sorted(cut_out) == [LAYERS - 2, LAYERS - 1]
+    run_positions = sum(p.shape[0] * p.shape[1] for p in cut_out[LAYERS - 1].parts)
+    assert run_positions < 0.8 * h_t.shape[0] * T  # the templates' rows were cut
+    assert cut_out[LAYERS - 1].parts[-1].shape[1] == T  # the kept prompt's row was not
+    for l in cut_out:
+        a, b = gather(whole_out[l], columns.target), gather(cut_out[l], columns.target)
+        assert float((a - b).norm()) <= 1e-5 * float(a.norm())

@@ -339,3 +339,61 @@ def test_effective_weights_on_the_old_comfyui_api(host, monkeypatch):
         with torch.no_grad():
             weight.copy_(original)
     assert torch.equal(again[k0], new[k0])
+
+
+@pytest.mark.parametrize("skip", [None, -3], ids=["default-layer", "clip-skip"])
+def test_the_chain_hands_comfyui_the_blocks_it_read(built, skip):
+    """The deep sites' inputs from the chain's own hidden states (no block run again) are what
+    ComfyUI's encode gives with the shallow edits patched in, at every column the deep sites read
+    and every position of the kept prompts; with a shorter anchor (a bridge) and CLIP Set Last Layer."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops import pipeline
+    from erasepro_ops.batches import build_batches
+    from erasepro_ops.chain import SolverSettings, gather
+    from erasepro_ops.request import Request
+    from erasepro_ops.shallow import solve_shallow
+    from erasepro_ops.templates import ConceptPair
+    kind, model, clip = built
+    if skip is not None:
+        clip = clip.clone()
+        clip.clip_layer(skip)
+    host = ComfyHost(model, clip)
+    arch = host.architecture()
+    request = Request((ConceptPair("parachute", "an object", "object"),), preserve=("a red bicycle",))
+    b = build_batches(host, arch, request)
+    o = pipeline._Originals(host, b)
+    _, _, anchor_in, target_in = o.constrained(b)
+    shallow = solve_shallow(host, arch, request, SolverSettings(gap_floor=request.gap_floor), b.columns_of, anchor_in,
+                            target_in, None, None, reach=b.chain_reach)
+    assert sorted(shallow.hidden) == [i for i, e in enumerate(arch.encoders) if e.spec.per_token]
+    assert {i: tuple(sorted(h)) for i, h in shallow.hidden.items()} == {
+        i: arch.encoders[i].read_blocks for i in shallow.hidden}
+    x_chain, pooled_chain = pipeline._deep_inputs(host, b, o, shallow)
+    shallow.hidden = {}
+    x_comfy, pooled_comfy = pipeline._deep_inputs(host, b, o, shallow)
+    n = b.n_target
+    for a, c in ((gather(x_chain, b.columns.target), gather(x_comfy, b.columns.target)),
+                 (x_chain[n:], x_comfy[n:]), (pooled_chain, pooled_comfy)):
+        if c is None:  # no pooled embedding read (SD1.x, SD2.x)
+            assert a is None
+            continue
+        assert float((a - c).norm()) <= 1e-5 * float(c.norm())
+    assert float((x_comfy[n:] - o.k).norm()) < 1e-3 * float(o.k.norm())  # the kept prompts barely move
+    assert float((gather(x_comfy, b.columns.target) - gather(torch.cat([o.x0, o.k]), b.columns.target)).norm()) > 0
+
+
+def test_the_solve_reads_the_layer_sampling_reads(host):
+    """CLIP Set Last Layer on a clone: the solve's encode gives what ComfyUI's CLIPTextEncode gives
+    with it, whatever layer another CLIP sharing the modules encoded last."""
+    from erasepro_comfy.host import ComfyHost
+    model, clip = host.build("sd15", "tiny", seed=0)
+    skipped = clip.clone()
+    skipped.clip_layer(-2)
+    cond_skipped, _ = host.encode(skipped, "a photo of a cat")
+    cond_default, _ = host.encode(clip, "a photo of a cat")  # leaves the shared modules on the last layer
+    assert float((cond_default - cond_skipped).norm()) > 1e-3 * float(cond_default.norm())
+    ours = ComfyHost(model, skipped)
+    enc = ours.architecture().encoders[0]
+    chunks = [ours.tokenize("a photo of a cat", enc)[0]]
+    cond, _, _ = ours.encode([chunks])
+    assert torch.allclose(cond, cond_skipped.float(), atol=1e-5)
