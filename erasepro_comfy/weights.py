@@ -47,7 +47,7 @@ def _effective(patcher, key_patches: dict, key: str) -> torch.Tensor:
     w = _base_weight(patcher, key, first)
     if rest:
         w = _calculate_weight(patcher, rest, w, key)
-    if not torch.isfinite(w).all():
+    if not torch.isfinite(w.sum(dtype=torch.float64)):  # a float32 sum in float64 cannot overflow: NaN/Inf only
         raise EraseProError(f"the weight {key} contains NaN/Inf: the model is corrupt (or a LoRA on it is)")
     return w
 
