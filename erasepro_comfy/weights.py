@@ -40,14 +40,20 @@ def _calculate_weight(patcher, patches, weight: torch.Tensor, key: str) -> torch
     return patcher.calculate_weight(patches, weight, key)
 
 
-def _effective(patcher, key_patches: dict, key: str) -> torch.Tensor:
+def _effective(patcher, key_patches: dict, key: str, as_stored: bool = False) -> torch.Tensor:
+    """The effective weight, float32; with ``as_stored``, an unpatched weight of the newer API as
+    it is stored (no float32 copy: for hashing)."""
     if key not in key_patches:
         raise EraseProError(f"the model has no weight {key}")
     first, *rest = key_patches[key]
-    w = _base_weight(patcher, key, first)
-    if rest:
-        w = _calculate_weight(patcher, rest, w, key)
-    if not torch.isfinite(w.sum(dtype=torch.float64)):  # a float32 sum in float64 cannot overflow: NaN/Inf only
+    if as_stored and not rest and isinstance(first, (tuple, list)):
+        weight, convert = first
+        w = convert(weight.detach(), inplace=False)
+    else:
+        w = _base_weight(patcher, key, first)
+        if rest:
+            w = _calculate_weight(patcher, rest, w, key)
+    if not torch.isfinite(w.sum(dtype=torch.float64)):  # a sum in float64 cannot overflow: NaN/Inf only
         raise EraseProError(f"the weight {key} contains NaN/Inf: the model is corrupt (or a LoRA on it is)")
     return w
 
@@ -78,5 +84,5 @@ def fingerprint_of(parts) -> str:
         patcher = parts[i][0]
         if i not in key_patches:
             key_patches[i] = patcher.get_key_patches()
-        hash_weight(h, key, _effective(patcher, key_patches[i], key))
+        hash_weight(h, key, _effective(patcher, key_patches[i], key, as_stored=True))
     return h.hexdigest()

@@ -11,7 +11,7 @@ def hash_weight(h, key: str, weight: torch.Tensor) -> None:
     w = weight.detach().to("cpu", torch.float16).contiguous()
     h.update(key.encode())
     h.update(str(tuple(w.shape)).encode())
-    h.update(w.numpy().tobytes())
+    h.update(w.numpy())
 
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:

@@ -55,11 +55,12 @@ class WeightingCache:
 
     They depend on the model's text encoder and the bank, not on the concepts, so a second solve on
     the same model skips them. Keyed by the host's digest of the encoder's embeddings and first
-    ``S`` blocks (a LoRA changes it). Stored in float32 on the CPU (SD1.5: 113 MiB; SDXL's CLIP-G at
-    S = 3: 840 MiB), the oldest dropped beyond ``max_bytes`` (the latest is always kept). The solve
+    ``S`` blocks (a LoRA changes it). Stored in float32 on the CPU (SD1.5 at S = 3: 108 MiB, 144 with
+    its bridge; SDXL: 908 MiB, 1144 with its bridges), the oldest dropped beyond ``max_bytes`` (the
+    latest is always kept; below one SDXL solve's entries they would evict each other). The solve
     always uses the stored copy, so a first and a second solve give the same edit."""
 
-    def __init__(self, max_bytes: int = 1 << 30):
+    def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes, self.entries = max_bytes, {}
 
     @staticmethod

@@ -309,6 +309,9 @@ def test_weighting_cache_builds_once_keeps_the_latest_and_stays_within_its_bytes
     cache.get("a", build("a"))
     assert built == ["a", "b", "c", "a"] and list(cache.entries) == ["c", "a"]
     assert list(WeightingCache(max_bytes=1).get("big", build("big"))) and built[-1] == "big"  # the latest stays
+    # the default holds one SDXL solve at S = 3 with its bridges (float32): CLIP-L's 4 sites, 3072
+    # wide, and CLIP-G's 10, 5120 wide; below that the two encoders' entries evicted each other
+    assert WeightingCache().max_bytes >= (4 * 3072**2 + 10 * 5120**2) * 4
 
 
 def test_a_row_batch_is_indexed_as_the_whole_batch():
