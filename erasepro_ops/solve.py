@@ -432,7 +432,8 @@ class SharedUpdate:
         x64 = x.to(torch.float64)
         d = (y.to(device=x.device, dtype=torch.float64) - x64)[:, :report_columns]
         empty = x64.new_zeros(x64.shape[0], 0)
-        return cls.from_parts(empty, empty.T, d, d)
+        gram = d @ d.T
+        return cls(empty, empty.T, gram, gram, empty.T @ empty)  # one Gram matrix: before is after
 
     def solve(self, weight: torch.Tensor) -> SiteSolution:
         w = weight.to(device=self.z.device, dtype=torch.float64)
@@ -440,7 +441,7 @@ class SharedUpdate:
         if w.shape[1] != self.z.shape[0]:
             raise ValueError(f"site weight has input width {w.shape[1]}, features have {self.z.shape[0]}")
         before = float(((w @ self.gram_before) * w).sum())
-        after = float(((w @ self.gram_after) * w).sum().clamp_min(0))
+        after = before if self.gram_after is self.gram_before else float(((w @ self.gram_after) * w).sum().clamp_min(0))
         residual = (after / before) ** 0.5 if before > 0 else 0.0
         return SiteSolution(LowRankUpdate(w @ self.z, self.down, self.down_gram), residual, after, before)
 
