@@ -90,12 +90,9 @@ class RowBatch:
         for k, r in enumerate(self.rows):
             part_of[r], slot[r] = k, torch.arange(r.numel())
         which = part_of[row]
-        if bool((which < 0).any()):
+        if bool((which < 0).any()) or not self.parts:
             raise ValueError("a column lies in a row this batch did not run")
-        first = self.parts[0] if self.parts else None
-        if first is None:
-            raise ValueError("the batch holds no rows")
-        out = first.new_empty(first.shape[-1], index.numel())
+        out = self.parts[0].new_empty(self.parts[0].shape[-1], index.numel())
         for k, part in enumerate(self.parts):
             sel = torch.nonzero(which == k).flatten()
             if not sel.numel():
