@@ -341,30 +341,23 @@ def test_effective_weights_on_the_old_comfyui_api(host, monkeypatch):
     assert torch.equal(again[k0], new[k0])
 
 
-@pytest.mark.parametrize("skip", [None, -3], ids=["default-layer", "clip-skip"])
-def test_the_chain_hands_comfyui_the_blocks_it_read(built, skip):
-    """The deep sites' inputs from the chain's own hidden states (no block run again) are what
-    ComfyUI's encode gives with the shallow edits patched in, at every column the deep sites read
-    and every position of the kept prompts; with a shorter anchor (a bridge) and CLIP Set Last Layer."""
+def _check_hand_off(model, clip, request):
+    """The deep sites' inputs from the chain's own hidden states (no block run again) against
+    ComfyUI's encode with the shallow edits patched in, at every column the deep sites read and
+    every position of the kept prompts (the empty prompt among them when kept)."""
     from erasepro_comfy.host import ComfyHost
     from erasepro_ops import pipeline
     from erasepro_ops.batches import build_batches
     from erasepro_ops.chain import SolverSettings, gather
-    from erasepro_ops.request import Request
-    from erasepro_ops.shallow import solve_shallow
-    from erasepro_ops.templates import ConceptPair
-    kind, model, clip = built
-    if skip is not None:
-        clip = clip.clone()
-        clip.clip_layer(skip)
+    from erasepro_ops.shallow import soft_weighting, solve_shallow
     host = ComfyHost(model, clip)
     arch = host.architecture()
-    request = Request((ConceptPair("parachute", "an object", "object"),), preserve=("a red bicycle",))
     b = build_batches(host, arch, request)
     o = pipeline._Originals(host, b)
     _, _, anchor_in, target_in = o.constrained(b)
+    soft = soft_weighting(host, arch, request, None, b.kept_lengths)
     shallow = solve_shallow(host, arch, request, SolverSettings(gap_floor=request.gap_floor), b.columns_of, anchor_in,
-                            target_in, None, None, reach=b.chain_reach)
+                            target_in, soft, None, reach=b.chain_reach)
     assert sorted(shallow.hidden) == [i for i, e in enumerate(arch.encoders) if e.spec.per_token]
     assert {i: tuple(sorted(h)) for i, h in shallow.hidden.items()} == {
         i: arch.encoders[i].read_blocks for i in shallow.hidden}
@@ -380,6 +373,30 @@ def test_the_chain_hands_comfyui_the_blocks_it_read(built, skip):
         assert float((a - c).norm()) <= 1e-5 * float(c.norm())
     assert float((x_comfy[n:] - o.k).norm()) < 1e-3 * float(o.k.norm())  # the kept prompts barely move
     assert float((gather(x_comfy, b.columns.target) - gather(torch.cat([o.x0, o.k]), b.columns.target)).norm()) > 0
+
+
+@pytest.mark.parametrize("skip", [None, -3], ids=["default-layer", "clip-skip"])
+def test_the_chain_hands_comfyui_the_blocks_it_read(built, skip):
+    """With a shorter anchor (a bridge) and CLIP Set Last Layer, on SD1.x, SD2.x and SDXL."""
+    from erasepro_ops.request import Request
+    from erasepro_ops.templates import ConceptPair
+    _, model, clip = built
+    if skip is not None:
+        clip = clip.clone()
+        clip.clip_layer(skip)
+    _check_hand_off(model, clip, Request((ConceptPair("parachute", "an object", "object"),),
+                                         preserve=("a red bicycle",), retain_strength=0.0))
+
+
+def test_the_chain_hands_comfyui_the_blocks_it_read_as_users_load_it(host):
+    """An fp16 checkpoint file through ComfyUI's loader (the full 12-layer CLIP-L in float16), the
+    defaults (retain bank, the empty prompt kept), a style and two objects, one with a shorter anchor."""
+    from erasepro_ops.request import Request
+    from erasepro_ops.templates import ConceptPair
+    model, clip = host.as_users_load("sd15", "tiny")
+    concepts = (ConceptPair("van gogh", "a painting", "style"), ConceptPair("parachute", "an object", "object"),
+                ConceptPair("church", "a building", "object"))
+    _check_hand_off(model, clip, Request(concepts, preserve=("a red bicycle", "a bowl of soup")))
 
 
 def test_the_solve_reads_the_layer_sampling_reads(host):
