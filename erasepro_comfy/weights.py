@@ -10,6 +10,7 @@ import comfy.lora
 
 from erasepro_ops.errors import EraseProError
 from erasepro_ops.fingerprint import hash_weight
+from erasepro_ops.linalg import all_finite
 
 
 # ----------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def _effective(patcher, key_patches: dict, key: str, as_stored: bool = False) ->
         w = _base_weight(patcher, key, first)
         if rest:
             w = _calculate_weight(patcher, rest, w, key)
-    if not torch.isfinite(w.sum(dtype=torch.float64)):  # a sum in float64 cannot overflow: NaN/Inf only
+    if not all_finite(w):
         raise EraseProError(f"the weight {key} contains NaN/Inf: the model is corrupt (or a LoRA on it is)")
     return w
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -199,7 +199,9 @@ class SolverSettings:
         None when that is 0."""
         alpha = self.alpha
         if self.preserve_strength > 0:
-            mean_sq = float((preserve.to(torch.float64) ** 2).mean())
+            # in float64, a slice at a time: a float64 copy of a bank's K would double the solve's peak
+            mean_sq = sum(float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+                          for part in preserve.split(1024, dim=1)) / max(preserve.numel(), 1)
             alpha = self.preserve_strength / max(mean_sq, 1e-12)
         if not alpha > 0:
             return None
@@ -272,23 +274,33 @@ class KeptBatch:
 
 
 def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch],
-                  sites: Sequence[int] | None = None) -> list[torch.Tensor | None]:
-    """Per block, the ``fc2`` inputs (D_in × M) of every batch at its positions, through the
+                  sites: Sequence[int] | None = None) -> Iterator[torch.Tensor | None]:
+    """Block by block, the ``fc2`` inputs (D_in × M) of every batch at its positions, through the
     original blocks (a weighting keeps the unedited model's features still); None for a block not
-    in ``sites`` (default: every block)."""
+    in ``sites`` (default: every block), nothing past the last of them.
+
+    The batches advance one block at a time, so only one block's features (and every batch's
+    hidden state, ``D`` wide where the features are ``D_in``) are held at once."""
     wanted = set(range(len(blocks)) if sites is None else sites)
-    features: list[list[torch.Tensor]] = [[] for _ in blocks]
     last = max(wanted, default=-1)
-    with torch.no_grad():
-        for batch in batches:
-            h = batch.hidden
-            for l, block in enumerate(blocks[: last + 1]):
-                mid, x = block.mlp_input(h, batch.mask)
+    hidden = [batch.hidden for batch in batches]
+    for l, block in enumerate(blocks[: last + 1]):
+        features = []
+        with torch.no_grad():
+            for j, batch in enumerate(batches):
+                mid, x = block.mlp_input(hidden[j], batch.mask)
                 if l in wanted:
-                    features[l].append(gather(x, batch.index))
-                if l < last:
-                    h = block_output(mid, x, block.weight, block.bias)
-    return [torch.cat(f, dim=1) if f else None for f in features]
+                    features.append(gather(x, batch.index))
+                hidden[j] = block_output(mid, x, block.weight, block.bias) if l < last else None
+        yield _joined(features)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The columns of ``parts`` side by side (None for none), the list emptied so that only the
+    result holds them."""
+    out = torch.cat(parts, dim=1) if parts else None
+    parts.clear()
+    return out
 
 
 def _mlp_input(block: MLPBlock, h: RowBatch, mask) -> tuple[RowBatch, RowBatch]:

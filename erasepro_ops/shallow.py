@@ -138,10 +138,10 @@ def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: i
         return None
 
     def build():  # one site at a time: the cache keeps each in float32 as it comes
-        features = kept_features(blocks, soft.batches[i], sites)
-        for l in range(len(features)):
-            f, features[l] = features[l], None
-            yield None if f is None else settings.weighting(f)
+        for f in kept_features(blocks, soft.batches[i], sites):
+            weighting = None if f is None else settings.weighting(f)
+            del f  # the features go before the cache takes its copy
+            yield weighting
     if soft.key is None:
         return list(build())
     key = (soft.key, host.text_digest(enc, max(sites) + 1), tuple(sites), settings.lam, settings.alpha)

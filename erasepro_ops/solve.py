@@ -249,11 +249,12 @@ def _group_ids(groups: Sequence[int] | torch.Tensor | None, n: int) -> torch.Ten
 def _weighting(preserve: torch.Tensor | PreserveWeighting | None, width: int, lam: float, alpha: float,
                device: torch.device) -> PreserveWeighting | None:
     """``C^{-1/2}`` for ``C = λI + α K Kᵀ / M``, or None for ``C = I`` (no preserve features or α = 0);
-    ``preserve`` may be that operator already."""
+    ``preserve`` may be that operator already (kept in its stored precision: it is applied in the
+    solve's float64 all the same, see :func:`~erasepro_ops.linalg.solve_lower`)."""
     if isinstance(preserve, PreserveWeighting):
         if preserve.chol.shape[0] != width:
             raise ValueError(f"the weighting has width {preserve.chol.shape[0]}, the site has {width}")
-        return preserve.to(device, torch.float64)
+        return preserve.to(device)
     if preserve is None or not alpha > 0:
         return None
     if preserve.shape[0] != width:

@@ -212,6 +212,24 @@ def test_non_finite_input_is_refused_with_its_name(what):
         uce_update(w, x, v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16,
+                                   torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", None])
+def test_all_finite_finds_one_bad_entry_in_every_weight_dtype(dtype, bad):
+    """The weights' NaN/Inf check (a min and max in the weight's own dtype) sees one bad entry
+    anywhere, in every dtype ComfyUI stores weights in (float8_e4m3fn has no Inf: it saturates)."""
+    from erasepro_ops.linalg import all_finite
+
+    w = torch.randn(300, 70, generator=torch.Generator().manual_seed(0))
+    if bad is not None:
+        w[299, 69] = float(bad)
+    w = w.to(dtype)
+    expected = bad is None or (dtype == torch.float8_e4m3fn and bad != "nan")
+    assert bool(torch.isfinite(w.to(torch.float32)).all()) is expected
+    assert all_finite(w) is expected
+    assert all_finite(w[:0]) is True
+
+
 def test_uce_matches_its_published_formula():
     w, x, v, k = problem(48, 20, 10, seed=11, m=30)
     w, x, v, k = w.double(), x.double(), v.double(), k.double()
@@ -303,6 +321,25 @@ def test_preserve_weighting_operator_whitens_c(m):
     a = torch.randn(7, 120, generator=g, dtype=torch.float64)
     assert rel(op.right(a) @ x, a @ xt) <= 1e-12
     assert op.c_max == pytest.approx(float(torch.linalg.eigvalsh(c)[-1]), rel=1e-4)  # power iteration: for thresholds
+
+
+@pytest.mark.parametrize("n", [1000, 1024, 1100])
+def test_a_float32_factor_is_applied_in_float64_by_blocks_as_one_float64_solve(n):
+    """The cached weighting's float32 factor is widened a block at a time, not copied whole: its
+    float64 solves from both sides equal a float64 solve with the same factor (block edges inside,
+    on and past a multiple of the block)."""
+    from erasepro_ops.linalg import SOLVE_BLOCK, PreserveWeighting
+
+    assert n > SOLVE_BLOCK
+    g = torch.Generator().manual_seed(19)
+    k = torch.randn(n, 2 * n, generator=g)
+    stored = PreserveWeighting.build(k, 1.0, 30.0).to(dtype=torch.float32)
+    exact = stored.to(dtype=torch.float64)
+    b = torch.randn(n, 40, generator=g, dtype=torch.float64)
+    assert rel(stored.left(b), exact.left(b)) <= 1e-12
+    assert rel(stored.right(b.T), exact.right(b.T)) <= 1e-12
+    assert rel(exact.chol @ stored.left(b), b) <= 1e-12  # it solves with that factor, no other
+    assert stored.left(b).dtype == torch.float64 and stored.chol.dtype == torch.float32
 
 
 def test_weighted_update_is_the_closed_form_whatever_the_square_root():
