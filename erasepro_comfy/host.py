@@ -22,7 +22,7 @@ from erasepro_ops.host import Encoded
 
 from .encode import (PROBE_BATCH, ClipLayerBlock, encode_batch, encoder_layers, encoder_module, encoder_stack,  # noqa: F401
                      encoder_tokenizer, first_layer_inputs)
-from .weights import effective_weights, fingerprint_of  # noqa: F401
+from .weights import effective_weights, fingerprint_of, running_fingerprints  # noqa: F401
 
 TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl", "qwen3_4b")  # the cond_stage_model attributes looked for
 
@@ -185,11 +185,12 @@ class ComfyHost:
     def text_weights(self, keys) -> dict[str, torch.Tensor]:
         return effective_weights(self.clip.patcher, keys)
 
-    def text_digest(self, encoder, depth: int) -> str:
+    def text_digests(self, encoder, depths) -> dict[int, str]:
         stack = encoder_stack(encoder_module(self.clip, encoder))
-        prefixes = tuple(f"{encoder.name}.{p}" for p in (stack.embeddings,) + stack.block_prefixes(depth))
-        keys = [k for k in self.clip.patcher.get_key_patches() if k.startswith(prefixes)]
-        return fingerprint_of([(self.clip.patcher, keys)])
+        prefixes = [f"{encoder.name}.{p}" for p in (stack.embeddings,) + stack.block_prefixes(max(depths))]
+        keys = list(self.clip.patcher.get_key_patches())
+        running = running_fingerprints(self.clip.patcher, [[k for k in keys if k.startswith(p)] for p in prefixes])
+        return {depth: running[depth] for depth in depths}
 
     def text_storage_bits(self, keys) -> int:
         return min(comfy.utils.get_attr(self.clip.patcher.model, key).dtype.itemsize * 8 for key in keys)

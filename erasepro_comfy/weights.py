@@ -87,3 +87,16 @@ def fingerprint_of(parts) -> str:
             key_patches[i] = patcher.get_key_patches()
         hash_weight(h, key, _effective(patcher, key_patches[i], key, as_stored=True))
     return h.hexdigest()
+
+
+def running_fingerprints(patcher, groups) -> list[str]:
+    """SHA-256 over the effective weights of ``groups`` of keys in order (each group's sorted), read
+    after each group: entry ``i`` names the weights of groups ``0..i`` (an encoder's embeddings,
+    then one block after another), one pass for every depth."""
+    key_patches = patcher.get_key_patches()
+    h, out = hashlib.sha256(), []
+    for keys in groups:
+        for key in sorted(keys):
+            hash_weight(h, key, _effective(patcher, key_patches, key, as_stored=True))
+        out.append(h.copy().hexdigest())
+    return out

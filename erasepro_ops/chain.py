@@ -52,7 +52,7 @@ from .alignment import ROLE_PRIORITY, PromptAlignment, limit_padding
 from .linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL,
                      PreserveWeighting, check_finite)
 from .rows import RowBatch
-from .solve import ConstraintSystem, LowRankUpdate, SharedUpdate, SiteSolution, UCESystem
+from .solve import ConstraintSystem, LowRankUpdate, MergedColumns, SharedUpdate, SiteSolution, UCESystem
 
 SHALLOW_RULES = ("anchor_features", "residual_schedule")
 PRESERVE_GROUPS = (ROLE_PRIORITY["preserve"], ROLE_PRIORITY["preserve_pad"])  # outside the erasure's rank budget
@@ -404,8 +404,9 @@ def progressive_shallow(
                 x = gather(x_t, columns.target)
                 target = block.weight.to(torch.float64).to(x.device) @ x.to(torch.float64)
                 target[:, columns.n_keep:] += gap
-            solution = settings.system(x, columns.groups, None if preserve is None else preserve[l]).solve(
-                block.weight, target)
+            merged = MergedColumns.of(x, target, columns.groups)
+            solution = settings.system(merged.x, merged.groups, None if preserve is None else preserve[l]).solve(
+                block.weight, merged.target)
             edited = block.weight.to(torch.float64) + solution.update.dense().to(block.weight.device)
             h_t = _block_output(mid_t, x_t, edited.to(x_t.parts[0].dtype), block.bias)
             if l in reads:
@@ -456,8 +457,12 @@ def solve_deep(
     site); each site then costs one ``out × in × rank`` product. Residuals and the
     unaligned energy are reported on the first ``report_columns`` columns (the erasure's).
     ErasePro leaves settled columns (:func:`settled_columns`) where they are; when all are, no
-    site changes and nothing is factorised.
+    site changes and nothing is factorised. Columns that repeat exactly are solved once
+    (:class:`~erasepro_ops.solve.MergedColumns`); the sites report the columns given.
     """
+    n_columns = int(x.shape[1])
+    merged = MergedColumns.of(x, y, groups, report_columns)
+    x, y, groups, report_columns = merged.x, merged.target, merged.groups, merged.report_columns
     settled = None
     if settings.method == "erasepro" and settings.gap_floor > 0:
         settled = settled_columns(x, y, settings.gap_floor)
@@ -473,7 +478,7 @@ def solve_deep(
     for name, w in weights.items():
         solution = shared.solve(w)
         weight_norm = float(w.to(torch.float64).norm())
-        results.append(SiteResult(name, "deep", solution, weight_norm, int(x.shape[1]), solution.update.rank,
+        results.append(SiteResult(name, "deep", solution, weight_norm, n_columns, solution.update.rank,
                                   unaligned, damped, exact_groups))
         if store:
             results[-1] = results[-1].stored(downs)

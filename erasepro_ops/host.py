@@ -51,9 +51,10 @@ class Host(Protocol):
         """The text encoders' effective weights (patches such as a LoRA included), float32."""
         ...
 
-    def text_digest(self, encoder: TextEncoder, depth: int) -> str:
-        """A hash of what the encoder's first ``depth`` blocks compute: its embeddings' and those
-        blocks' effective weights (patches included), so a LoRA on them changes it."""
+    def text_digests(self, encoder: TextEncoder, depths: Sequence[int]) -> dict[int, str]:
+        """Per depth ``d`` in ``depths``, a hash of what the encoder's first ``d`` blocks compute: its
+        embeddings' and those blocks' effective weights (patches included), so a LoRA on them
+        changes it (and the digests of every greater depth)."""
         ...
 
     def text_storage_bits(self, keys: Sequence[str]) -> int:

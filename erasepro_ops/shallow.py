@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -51,29 +51,40 @@ class SoftWeighting:
 
 
 class WeightingCache:
-    """The retain bank's weightings ``C^{-1/2}``, per text encoder, of the last models solved on.
+    """The retain bank's weightings ``C^{-1/2}``, per text-encoder site, of the last models solved on.
 
-    They depend on the model's text encoder and the bank, not on the concepts, so a second solve on
-    the same model skips them. Keyed by the host's digest of the encoder's embeddings and first
-    ``S`` blocks (a LoRA changes it). Stored in float32 on the CPU (SD1.5 at S = 3: 108 MiB, 144 with
-    its bridge; SDXL: 908 MiB, 1144 with its bridges), the oldest dropped beyond ``max_bytes`` (the
-    latest is always kept; below one SDXL solve's entries they would evict each other). The solve
-    always uses the stored copy, so a first and a second solve give the same edit."""
+    They depend on the model's text encoder and the bank, not on the concepts, so a later solve on
+    the same model skips them, and one that adds a site (a bridge, a deeper ``S``) builds only that
+    one. Each is keyed by the host's digest of the encoder's embeddings and the blocks up to its
+    own (a LoRA on them changes it). Stored in float32 on the CPU (36 MiB per 3072-wide site, 100
+    per 5120-wide: SD1.5 at S = 3 with its bridge 144 MiB, SDXL 1144 MiB), the least recently used
+    dropped beyond ``max_bytes`` (never one the current solve uses: below one SDXL solve's sites
+    they would evict each other). The solve always uses the stored copy, so a first and a second
+    solve give the same edit."""
 
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes, self.entries = max_bytes, {}
 
     @staticmethod
-    def _bytes(weightings) -> int:
-        return sum(w.chol.numel() * w.chol.element_size() for w in weightings if w is not None)
+    def _bytes(weighting) -> int:
+        return 0 if weighting is None else weighting.chol.numel() * weighting.chol.element_size()
 
-    def get(self, key, build) -> list:
-        if key not in self.entries:
-            self.entries[key] = [None if w is None else w.to("cpu", torch.float32) for w in build()]
-        self.entries[key] = self.entries.pop(key)  # most recent last
-        while len(self.entries) > 1 and sum(self._bytes(v) for v in self.entries.values()) > self.max_bytes:
-            self.entries.pop(next(iter(self.entries)))
-        return self.entries[key]
+    def get(self, keys: Sequence, build: Callable[[list[int]], Iterable]) -> list:
+        """The weightings at ``keys``; ``build(missing)`` gives those of the indices not held, in order
+        (one call for all of them)."""
+        missing = [j for j, key in enumerate(keys) if key not in self.entries]
+        if missing:
+            for j, weighting in zip(missing, build(missing), strict=True):
+                self.entries[keys[j]] = None if weighting is None else weighting.to("cpu", torch.float32)
+        for key in keys:  # most recent last
+            self.entries[key] = self.entries.pop(key)
+        wanted = set(keys)
+        for key in list(self.entries):
+            if sum(map(self._bytes, self.entries.values())) <= self.max_bytes:
+                break
+            if key not in wanted and self._bytes(self.entries[key]):
+                del self.entries[key]
+        return [self.entries[key] for key in keys]
 
 
 RETAIN_WEIGHTINGS = WeightingCache()
@@ -132,20 +143,25 @@ def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in
 
 
 def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: int, settings: SolverSettings):
-    """The weighting of each of ``sites`` (block indices) for encoder ``i`` (None for the other
-    blocks): the retain bank's from the cache, else built from the kept prompts' features."""
+    """The weighting of each of ``sites`` (block indices) for encoder ``i``, as a list by block (None
+    for the other blocks): the retain bank's from the cache, else built from the kept prompts' features."""
     if soft is None:
         return None
 
-    def build():  # one site at a time: the cache keeps each in float32 as it comes
-        for f in kept_features(blocks, soft.batches[i], sites):
-            weighting = None if f is None else settings.weighting(f)
-            del f  # the features go before the cache takes its copy
-            yield weighting
+    def build(wanted):  # one site at a time: the cache keeps each in float32 as it comes
+        for l, f in enumerate(kept_features(blocks, soft.batches[i], wanted)):
+            if l in wanted:
+                weighting = None if f is None else settings.weighting(f)
+                del f  # the features go before the cache takes its copy
+                yield weighting
     if soft.key is None:
-        return list(build())
-    key = (soft.key, host.text_digest(enc, max(sites) + 1), tuple(sites), settings.lam, settings.alpha)
-    return RETAIN_WEIGHTINGS.get(key, build)
+        built = dict(zip(sites, build(sites)))
+    else:
+        digests = host.text_digests(enc, [l + 1 for l in sites])
+        keys = [(soft.key, digests[l + 1], l, settings.lam, settings.alpha) for l in sites]
+        held = RETAIN_WEIGHTINGS.get(keys, lambda missing: build([sites[j] for j in missing]))
+        built = dict(zip(sites, held))
+    return [built.get(l) for l in range(max(sites) + 1)]
 
 
 @dataclass

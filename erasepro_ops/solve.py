@@ -138,10 +138,12 @@ def _step_columns(group_ids: torch.Tensor, ids: list[int], budgeted: list[int], 
 
 
 def _rank(y: torch.Tensor, gram: torch.Tensor | None, threshold: float) -> int:
-    """Number of singular values of ``y`` above ``threshold``; from ``eigvalsh`` of its Gram
-    matrix when given (no eigenvectors: cheaper than the step's own ``eigh``)."""
+    """Number of singular values of ``y`` above ``threshold``, from ``eigvalsh`` of its smaller Gram
+    matrix (``gram`` when given; no eigenvectors: cheaper than the step's own ``eigh``)."""
+    if y.numel() == 0:
+        return 0
     if gram is None:
-        return range_basis(y, threshold).rank
+        gram = y @ y.T if y.shape[0] <= y.shape[1] else y.T @ y
     return int((torch.linalg.eigvalsh(gram) > threshold**2).sum())
 
 
@@ -291,6 +293,65 @@ def _fit_groups(fit: _Fit, group_ids: torch.Tensor, unbudgeted: set[int], overfl
             pending = [ids + more] + [h for h in pending if h not in waiting]
             continue
         fit.add(ids, cols, xg, y, cw, gram, bool(budgeted))
+
+
+@dataclass(frozen=True)
+class MergedColumns:
+    """Constraints with every column that repeats exactly (same group, same ``x``, same target)
+    taken once, scaled by ``√k`` for its ``k`` copies.
+
+    ``k`` equal columns and one column ``√k x`` have the same ``X Xᵀ`` and ask the same
+    (``ΔW √k x = √k r``), so every Gram matrix, singular value, threshold, exact fit, least-squares
+    weight and residual (a sum of squares over columns) of a solve is the same, at the cost of the
+    distinct columns. Every template of a concept type starts with the same tokens, so the keep
+    columns (start token and template prefix) repeat once per concept: a hundred concepts' 3450 keep
+    columns are 40 distinct ones.
+    """
+
+    x: torch.Tensor  # in × n, float64
+    target: torch.Tensor  # out × n, float64 (V*, or the anchor features Y)
+    groups: torch.Tensor  # n priorities, CPU
+    report_columns: int | None  # how many of the first report_columns columns remain
+
+    @classmethod
+    def of(cls, x: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None,
+           report_columns: int | None = None) -> "MergedColumns":
+        n = x.shape[1]
+        group_ids = _group_ids(groups, n)
+        reported = torch.arange(n) < (n if report_columns is None else report_columns)
+        x64 = x.to(torch.float64)
+        t64 = target.to(device=x64.device, dtype=torch.float64)
+        first, counts = _repeats(x64, t64, group_ids * 2 + reported.long())
+        scale = counts.to(device=x64.device, dtype=torch.float64).sqrt()
+        on = first.to(x64.device)
+        return cls(x64[:, on] * scale, t64[:, on] * scale, group_ids[first],
+                   None if report_columns is None else int(reported[first].sum()))
+
+
+def _repeats(x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, counts)``: the first column of each run of exactly equal columns of ``[x; t]`` with
+    one ``label``, in order of first appearance, and how many there are. Columns are matched by two
+    fixed random projections, then compared entry by entry (a projection that rounds equal columns
+    apart only leaves them unmerged)."""
+    if x.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    px = torch.randn(2, x.shape[0], generator=g, dtype=x.dtype).to(x.device)
+    pt = torch.randn(2, t.shape[0], generator=g, dtype=t.dtype).to(t.device)
+    sketch = torch.cat([(px @ x + pt @ t).cpu(), label[None].to(torch.float64)])
+    _, inverse = torch.unique(sketch, dim=1, return_inverse=True)
+    columns = torch.arange(x.shape[1])
+    first_of = torch.full((int(inverse.max()) + 1 if len(inverse) else 0,), x.shape[1], dtype=torch.long)
+    candidate = first_of.scatter_reduce(0, inverse, columns, "amin")[inverse]
+    owner = columns.clone()
+    later = columns[candidate != columns]
+    for part in later.split(512):  # a slice at a time: the compared copies stay small
+        first = candidate[part]
+        p, f = part.to(x.device), first.to(x.device)
+        same = ((x[:, p] == x[:, f]).all(0) & (t[:, p] == t[:, f]).all(0)).cpu()
+        owner[part[same]] = first[same]
+    first, counts = torch.unique(owner, return_counts=True)  # sorted: the order of first appearance
+    return first, counts
 
 
 @dataclass(frozen=True)

@@ -286,29 +286,31 @@ def test_padding_limit_keeps_concept_suffix_end_and_the_first_padding_positions(
     assert limited.n_keep == full.n_keep
 
 
-def test_weighting_cache_builds_once_keeps_the_latest_and_stays_within_its_bytes():
+def test_weighting_cache_builds_each_site_once_keeps_the_current_ones_and_stays_within_its_bytes():
     from erasepro_ops.linalg import PreserveWeighting
     from erasepro_ops.shallow import WeightingCache
 
     built = []
 
-    def build(name):
-        def make():
-            built.append(name)
-            yield PreserveWeighting(torch.eye(10, dtype=torch.float64), 1.0)  # 400 bytes in float32
-            yield None
+    def build(keys):
+        def make(missing):
+            for j in missing:
+                built.append(keys[j])
+                yield None if keys[j] == "none" else PreserveWeighting(torch.eye(10, dtype=torch.float64), 1.0)  # 400 bytes in float32
         return make
 
     cache = WeightingCache(max_bytes=900)
-    first = cache.get("a", build("a"))
+    first = cache.get(["a", "none"], build(["a", "none"]))
     assert first[0].chol.dtype == torch.float32 and first[0].chol.device.type == "cpu" and first[1] is None
-    assert cache.get("a", build("a")) is first and built == ["a"]
-    cache.get("b", build("b"))
-    cache.get("c", build("c"))  # three entries are 1200 bytes: the oldest goes
-    assert list(cache.entries) == ["b", "c"]
-    cache.get("a", build("a"))
-    assert built == ["a", "b", "c", "a"] and list(cache.entries) == ["c", "a"]
-    assert list(WeightingCache(max_bytes=1).get("big", build("big"))) and built[-1] == "big"  # the latest stays
+    assert cache.get(["a", "none"], build(["a", "none"]))[0] is first[0] and built == ["a", "none"]
+    cache.get(["a", "b"], build(["a", "b"]))  # a solve that adds a site builds only that one
+    assert built == ["a", "none", "b"]
+    cache.get(["c"], build(["c"]))  # three weightings are 1200 bytes: the least recently used goes
+    assert list(cache.entries) == ["none", "b", "c"]
+    cache.get(["a", "b", "c"], build(["a", "b", "c"]))  # all three in use: none is dropped
+    assert built[-1] == "a" and list(cache.entries) == ["none", "a", "b", "c"]
+    cache.get(["b"], build(["b"]))  # a site without weighting frees nothing: it stays
+    assert list(cache.entries) == ["none", "c", "b"]
     # the default holds one SDXL solve at S = 3 with its bridges (float32): CLIP-L's 4 sites, 3072
     # wide, and CLIP-G's 10, 5120 wide; below that the two encoders' entries evicted each other
     assert WeightingCache().max_bytes >= (4 * 3072**2 + 10 * 5120**2) * 4

@@ -458,3 +458,45 @@ def test_a_coarser_erasure_tolerance_drops_its_near_duplicates_and_keeps_the_pre
     assert fine_burden > 1e3 * split_burden and fine_preserve < 1e-9
     assert coarse_preserve > 1e-3  # dropped with the erasure's tolerance
     assert split_preserve < 1e-9 and split_burden == pytest.approx(coarse_burden, rel=0.5)
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_columns_repeated_exactly_are_solved_once_with_the_same_update_and_residuals(overflow):
+    """Every template of a concept type starts with the same tokens, so its keep columns repeat once
+    per concept. Merged into one column scaled by √k, they give the same update, the same
+    residuals and the same unaligned energy, exact or past an overflow, weighted or not, and UCE's
+    too; an equal ``x`` with another target, or in another group, stays its own column."""
+    from erasepro_ops.solve import MergedColumns
+
+    g = torch.Generator().manual_seed(23)
+    inn, out = 64, 24
+    w = torch.randn(out, inn, generator=g, dtype=torch.float64) / inn**0.5
+    base = torch.randn(inn, 30 if overflow else 12, generator=g, dtype=torch.float64)
+    picks = torch.tensor([0, 0, 1, 0, 2, 2, 3, 4, 5, 4, 6, 7, 7, 8, 9, 10, 11, 11] + ([] if not overflow else list(range(12, 30))))
+    x = base[:, picks]
+    v = w @ x + 0.3 * torch.randn(out, 12 if not overflow else 30, generator=g, dtype=torch.float64)[:, picks]
+    groups = torch.where(picks < 4, 0, torch.where((picks >= 8) & (picks < 12), 3, 1))
+    v[:, 9] += 1.0  # column 9 repeats column 7's x with another target: both stay
+    groups[12] = 0  # column 12 is column 11's x in another group: both stay
+    k = torch.randn(inn, 40, generator=g, dtype=torch.float64)
+    report = int((groups != 3).sum()) if not overflow else None
+    order = torch.argsort(groups, stable=True)
+    x, v, groups = x[:, order], v[:, order], groups[order]
+    merged = MergedColumns.of(x, v, groups, report)
+    assert merged.x.shape[1] == x.shape[1] - 4  # columns 1 and 3 (column 0's), 5 (4's) and 17 (16's)
+    assert merged.groups.tolist() == sorted(merged.groups.tolist())
+    assert merged.report_columns == (None if report is None else int((merged.groups != 3).sum()))
+    kw = dict(budget=20, unbudgeted=(3,)) if overflow else {}
+    for preserve in (None, k):
+        one = ConstraintSystem.build(x, groups, preserve=preserve, alpha=5.0, report_columns=report, **kw)
+        once = ConstraintSystem.build(merged.x, merged.groups, preserve=preserve, alpha=5.0,
+                                      report_columns=merged.report_columns, **kw)
+        assert (one.damped_from is not None) == overflow == (once.damped_from is not None)
+        a, b = one.solve(w, v), once.solve(w, merged.target)
+        assert rel(b.update.dense(), a.update.dense()) <= 1e-9
+        assert b.residual == pytest.approx(a.residual, rel=1e-9, abs=1e-12)
+        assert b.residual_sq == pytest.approx(a.residual_sq, rel=1e-9, abs=1e-12)
+        assert once.unaligned_energy == pytest.approx(one.unaligned_energy, rel=1e-9, abs=1e-12)
+    uce, uce_once = UCESystem.build(x, k).solve(w, v), UCESystem.build(merged.x, k).solve(w, merged.target)
+    assert rel(uce_once.update.dense(), uce.update.dense()) <= 1e-9
+    assert uce_once.residual == pytest.approx(uce.residual, rel=1e-9)
