@@ -368,7 +368,7 @@ def progressive_shallow(
         raise ValueError(f"block {last} is past the {len(blocks)} blocks given")
     results: list[SiteResult] = []
     h_t = _run_rows(h_target, columns.target, causal, target_lengths)
-    h_a = _run_rows(h_anchor, columns.anchor, causal)
+    h_a = RowBatch.distinct(h_anchor, columns.anchor, causal, masks[1])  # a concept type's anchors repeat
     shifted = columns.target[columns.n_keep:] != columns.anchor
     for l, block in enumerate(blocks[: last + 1]):
         with torch.no_grad():

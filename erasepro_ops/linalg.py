@@ -187,3 +187,11 @@ def solve_lower(chol: torch.Tensor, b: torch.Tensor, left: bool = True) -> torch
                 out[:, i:j] -= out[:, j:] @ chol[j:, i:j].to(b.dtype)
             out[:, i:j] = torch.linalg.solve_triangular(diag, out[:, i:j], upper=False, left=False)
     return out
+
+
+def coarse(sketch: torch.Tensor) -> torch.Tensor:
+    """Each column of ``sketch`` (k × n) with its entries rounded to 16 significant bits, as
+    ``(mantissa, exponent)`` rows (2k × n, CPU): equal vectors projected through different kernel
+    paths (a product's last columns) differ in their last bits and still match."""
+    mantissa, exponent = torch.frexp(sketch.to(torch.float64).cpu())
+    return torch.cat([torch.round(mantissa * 2**16), exponent.to(torch.float64)])

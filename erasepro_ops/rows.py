@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import coarse
+
 BUCKET = 16
 """Row lengths are rounded up to a multiple of this: fewer parts, each one pass through a block."""
 
@@ -24,10 +26,27 @@ class RowBatch:
     rows: tuple[torch.Tensor, ...]  # each part's rows of the whole batch (CPU, ascending)
     context: int  # T: the whole batch's positions per row
     batch: int  # P: the whole batch's rows
+    source: torch.Tensor | None = None  # per row, the row that runs for it (a repeat's first copy); None: itself
 
     @classmethod
     def whole(cls, h: torch.Tensor) -> RowBatch:
         return cls((h,), (torch.arange(h.shape[0]),), int(h.shape[1]), int(h.shape[0]))
+
+    @classmethod
+    def distinct(cls, h: torch.Tensor, index: torch.Tensor, causal: bool, mask=None) -> RowBatch:
+        """``h`` with each row that repeats another exactly (input and attention mask) run once, by
+        its first copy, for all of them: every concept of a type has the same anchor prompts. A
+        ``causal`` encoder's rows are cut after the last position ``index`` reaches in any copy."""
+        source = repeated_rows(h, mask)
+        if causal:
+            out = cls.reaching(h, source[index.cpu() // h.shape[1]] * h.shape[1] + index.cpu() % h.shape[1])
+        else:
+            first = torch.unique(source)
+            out = cls((h[first.to(h.device)],), (first,), int(h.shape[1]), int(h.shape[0]))
+        return dataclasses.replace(out, source=source)
+
+    def _run_row(self, row: torch.Tensor) -> torch.Tensor:
+        return row if self.source is None else self.source[row]
 
     @classmethod
     def cut(cls, h: torch.Tensor, lengths: torch.Tensor, bucket: int | None = None) -> RowBatch:
@@ -62,7 +81,7 @@ class RowBatch:
     def keep_rows(self, rows: torch.Tensor) -> RowBatch:
         """Only the rows ``rows`` (indices of the whole batch), still indexed as the whole batch."""
         wanted = torch.zeros(self.batch, dtype=torch.bool)
-        wanted[rows.cpu()] = True
+        wanted[self._run_row(rows.cpu())] = True
         parts, kept = [], []
         for part, r in zip(self.parts, self.rows):
             keep = torch.nonzero(wanted[r]).flatten()
@@ -84,7 +103,7 @@ class RowBatch:
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Columns ``index`` (flat over the whole batch's rows × positions) as a D × n matrix."""
         index = index.cpu()
-        row, pos = index // self.context, index % self.context
+        row, pos = self._run_row(index // self.context), index % self.context
         part_of = torch.full((self.batch,), -1, dtype=torch.long)
         slot = torch.zeros(self.batch, dtype=torch.long)
         for k, r in enumerate(self.rows):
@@ -109,4 +128,27 @@ class RowBatch:
         out = first.new_zeros(self.batch, self.context, first.shape[-1])
         for part, r in zip(self.parts, self.rows):
             out[r.to(out.device), : part.shape[1]] = part
-        return out
+        return out if self.source is None else out[self.source.to(out.device)]
+
+
+def repeated_rows(h: torch.Tensor, mask=None) -> torch.Tensor:
+    """Per row of ``h`` (P × T × D), the first row equal to it (itself when none is before it),
+    comparing the attention mask's rows too when it has one per row. Rows are matched by a fixed
+    random projection, then compared entry by entry."""
+    p = int(h.shape[0])
+    flat = h.reshape(p, -1)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    sketch = flat @ torch.randn(flat.shape[1], 1, generator=g, dtype=flat.dtype).to(flat.device)
+    per_row = mask is not None and mask.dim() >= 3 and mask.shape[0] == p and p > 1
+    source = torch.arange(p)
+    first_of: dict[tuple, list[int]] = {}
+    for r, key in enumerate(coarse(sketch.T).T.tolist()):
+        key = tuple(key)
+        for f in first_of.setdefault(key, []):
+            if torch.equal(flat[f], flat[r]) and (not per_row or torch.equal(mask[f], mask[r])):
+                source[r] = f
+                break
+        else:
+            first_of[key].append(r)
+    return source
+

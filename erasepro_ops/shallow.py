@@ -147,6 +147,7 @@ def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: i
     for the other blocks): the retain bank's from the cache, else built from the kept prompts' features."""
     if soft is None:
         return None
+    sites = sorted(sites)  # the bank's features come block by block, shallow to deep
 
     def build(wanted):  # one site at a time: the cache keeps each in float32 as it comes
         for l, f in enumerate(kept_features(blocks, soft.batches[i], wanted)):

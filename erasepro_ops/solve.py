@@ -62,7 +62,7 @@ from typing import Collection, Sequence
 import torch
 
 from .linalg import (DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL, PreserveWeighting,
-                     check_finite, range_basis, spectral_norm_estimate)
+                     check_finite, coarse, range_basis, spectral_norm_estimate)
 
 
 @dataclass(frozen=True)
@@ -331,14 +331,13 @@ class MergedColumns:
 def _repeats(x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(first, counts)``: the first column of each run of exactly equal columns of ``[x; t]`` with
     one ``label``, in order of first appearance, and how many there are. Columns are matched by two
-    fixed random projections, then compared entry by entry (a projection that rounds equal columns
-    apart only leaves them unmerged)."""
+    fixed random projections (:func:`~erasepro_ops.linalg.coarse`), then compared entry by entry."""
     if x.shape[1] == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     g = torch.Generator(device="cpu").manual_seed(0)
     px = torch.randn(2, x.shape[0], generator=g, dtype=x.dtype).to(x.device)
     pt = torch.randn(2, t.shape[0], generator=g, dtype=t.dtype).to(t.device)
-    sketch = torch.cat([(px @ x + pt @ t).cpu(), label[None].to(torch.float64)])
+    sketch = torch.cat([coarse(px @ x + pt @ t), label[None].to(torch.float64)])
     _, inverse = torch.unique(sketch, dim=1, return_inverse=True)
     columns = torch.arange(x.shape[1])
     first_of = torch.full((int(inverse.max()) + 1 if len(inverse) else 0,), x.shape[1], dtype=torch.long)

@@ -336,6 +336,33 @@ def test_a_row_batch_is_indexed_as_the_whole_batch():
     assert [float(rows.mask_of(mask, k)[0, 0, 0, 0]) for k in range(3)] == [0.0, 3.0, 1.0]
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_row_that_repeats_another_runs_once_for_both(causal, monkeypatch):
+    """Every concept of a type has the same anchor prompts: a row equal to an earlier one (input and
+    its attention mask) runs once, cut after the last position any copy is read, and is read as
+    itself; a row with the same input and another mask runs on its own."""
+    from erasepro_ops import rows as rows_module
+    from erasepro_ops.rows import RowBatch
+    monkeypatch.setattr(rows_module, "BUCKET", 2)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 8, 3, generator=g)
+    h = base[[0, 1, 0, 2, 1, 0]]
+    mask = torch.zeros(6, 1, 8, 8)
+    mask[5, 0, 0, 1] = -1.0  # row 5 is row 0's input with another mask
+    index = torch.tensor([2 * 8 + 6, 0 * 8 + 1, 4 * 8 + 3, 3 * 8 + 0, 5 * 8 + 2, 1 * 8 + 0])
+    rows = RowBatch.distinct(h, index, causal, mask)
+    assert rows.source.tolist() == [0, 1, 0, 3, 1, 5] and len(rows) == 4
+    lengths = {int(r): p.shape[1] for p, rr in zip(rows.parts, rows.rows) for r in rr}
+    # row 0 runs as far as its copy row 2 is read (position 6), row 1 as far as row 4 (position 3)
+    assert lengths == ({0: 8, 1: 4, 3: 2, 5: 4} if causal else {0: 8, 1: 8, 3: 8, 5: 8})
+    assert torch.equal(rows.gather(index), h.reshape(-1, 3)[index].T)
+    assert torch.equal(rows.dense()[[2, 4], :4], h[[2, 4], :4])
+    kept = rows.keep_rows(torch.tensor([4]))  # row 4 is run by row 1
+    assert len(kept) == 1 and torch.equal(kept.gather(index[2:3]), h.reshape(-1, 3)[index[2:3]].T)
+    for k, run in enumerate(rows.rows):
+        assert torch.equal(rows.mask_of(mask, k), mask[run])
+
+
 @pytest.mark.parametrize("anchor", [(50, 51), (50,)], ids=["same-length", "shorter-anchor"])
 def test_a_causal_encoders_rows_run_only_as_far_as_they_are_read(anchor, monkeypatch):
     """Cut after the last position a column reaches, the rows give the updates the whole batch
