@@ -182,8 +182,8 @@ class ComfyHost:
     def first_block_inputs(self, chunks) -> list:
         return first_layer_inputs(self.clip, self.architecture().encoders, chunks)
 
-    def text_weights(self, keys) -> dict[str, torch.Tensor]:
-        return effective_weights(self.clip.patcher, keys)
+    def text_weights(self, keys, as_stored: bool = False) -> dict[str, torch.Tensor]:
+        return effective_weights(self.clip.patcher, keys, as_stored)
 
     def text_digests(self, encoder, depths) -> dict[int, str]:
         stack = encoder_stack(encoder_module(self.clip, encoder))

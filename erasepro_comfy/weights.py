@@ -59,14 +59,15 @@ def _effective(patcher, key_patches: dict, key: str, as_stored: bool = False) ->
     return w
 
 
-def effective_weights(patcher, keys) -> dict[str, torch.Tensor]:
-    """Base weight plus the patches already on the ModelPatcher (a LoRA counts), float32.
+def effective_weights(patcher, keys, as_stored: bool = False) -> dict[str, torch.Tensor]:
+    """Base weight plus the patches already on the ModelPatcher (a LoRA counts), float32; with
+    ``as_stored``, an unpatched weight as the model stores it (no copy).
 
     Uses ComfyUI's own path: ``get_key_patches`` (base weight from the backup if patched) and
     its ``calculate_weight``, as ``ModelPatcher.patch_weight_to_device`` does.
     """
     key_patches = patcher.get_key_patches()
-    return {key: _effective(patcher, key_patches, key) for key in keys}
+    return {key: _effective(patcher, key_patches, key, as_stored) for key in keys}
 
 
 def fingerprint_of(parts) -> str:

@@ -340,6 +340,7 @@ def progressive_shallow(
     reads: Sequence[int] = (),
     target_lengths: torch.Tensor | None = None,
     outputs: dict | None = None,
+    edited: dict | None = None,
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
@@ -357,7 +358,10 @@ def progressive_shallow(
     ``causal``: the blocks' attention is causal, so each row runs only up to the last position a
     column (or ``target_lengths``, positions per target row) reaches. ``outputs``, when given,
     receives the target batch's hidden state after each block in ``reads`` (edits applied) as a
-    :class:`~erasepro_ops.rows.RowBatch`; the blocks run on to the last of them.
+    :class:`~erasepro_ops.rows.RowBatch`; the blocks run on to the last of them. ``edited``, when
+    given, receives each solved site's ``W_o + ΔW`` (float32, as the chain ran it) by name, and the
+    results keep their updates as the edit does (:meth:`SiteResult.stored`), so no earlier site's
+    float64 factors are held while the next one solves.
     """
     if rule not in SHALLOW_RULES:
         raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")
@@ -370,6 +374,7 @@ def progressive_shallow(
     h_t = _run_rows(h_target, columns.target, causal, target_lengths)
     h_a = RowBatch.distinct(h_anchor, columns.anchor, causal, masks[1])  # a concept type's anchors repeat
     shifted = columns.target[columns.n_keep:] != columns.anchor
+    downs = {}
     for l, block in enumerate(blocks[: last + 1]):
         with torch.no_grad():
             if l == depth:  # past the chain: only the anchor rows a shifted column reads run on
@@ -407,12 +412,17 @@ def progressive_shallow(
             merged = MergedColumns.of(x, target, columns.groups)
             solution = settings.system(merged.x, merged.groups, None if preserve is None else preserve[l]).solve(
                 block.weight, merged.target)
-            edited = block.weight.to(torch.float64) + solution.update.dense().to(block.weight.device)
-            h_t = _block_output(mid_t, x_t, edited.to(x_t.parts[0].dtype), block.bias)
+            w_new = block.weight.to(torch.float64) + solution.update.dense().to(block.weight.device)
+            h_t = _block_output(mid_t, x_t, w_new.to(x_t.parts[0].dtype), block.bias)
+            if edited is not None:
+                edited[block.name] = w_new.to(torch.float32)
+            del w_new
             if l in reads:
                 outputs[l] = h_t
         results.append(SiteResult(block.name, "shallow", solution, float(block.weight.to(torch.float64).norm()),
                                   len(columns), solution.update.rank))
+        if edited is not None:
+            results[-1] = results[-1].stored(downs)
         if on_site is not None:
             on_site(block.name)
     return results

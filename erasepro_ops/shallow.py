@@ -220,25 +220,25 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
                              f"sites alone. Load {enc.name} in fp16 or bf16 for the progressive edit")
             continue
         run = [enc.shallow_key(l) for l in range(max(sites + list(reads)) + 1)]  # up to the last site or read block
-        weights = host.text_weights(run)
+        weights = {**host.text_weights([k for k in run if k not in keys], as_stored=True),  # only run
+                   **host.text_weights(keys)}
         bias_keys = [k.replace(".weight", ".bias") for k in run]
         bias = host.text_weights(bias_keys) if enc.spec.shallow_bias else dict.fromkeys(bias_keys)
         blocks = host.shallow_blocks(enc, run, [weights[k] for k in run], [bias[k] for k in bias_keys],
                                      target_in[i])
-        outputs = {} if reads else None
+        outputs, edited = {} if reads else None, {}
         results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns,
                                       shallow_settings, rule=request.rule,
                                       preserve=_weightings(host, enc, blocks, sites, soft, i, shallow_settings),
                                       on_site=on_site, masks=(target_in[i][1], anchor_in[i][1]),
                                       schedule=schedule, bridges=bridges, gap_floor=settings.gap_floor,
-                                      causal=enc.spec.causal, reads=reads, target_lengths=rows, outputs=outputs)
+                                      causal=enc.spec.causal, reads=reads, target_lengths=rows, outputs=outputs,
+                                      edited=edited)
         if reads:
             out.hidden[i] = {l: h.dense() for l, h in outputs.items()}
+        for r in results:
+            out.weights[r.name] = weights[r.name]
+            out.edited[r.name] = (edited[r.name], bias[r.name.replace(".weight", ".bias")])
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")
-        for r in results:
-            bias_key = r.name.replace(".weight", ".bias")
-            out.weights[r.name] = weights[r.name]
-            edited = weights[r.name].to(torch.float64) + r.solution.update.dense().to(weights[r.name].device)
-            out.edited[r.name] = (edited.to(torch.float32), bias[bias_key])
     return out
