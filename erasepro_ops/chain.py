@@ -374,7 +374,6 @@ def progressive_shallow(
     h_t = _run_rows(h_target, columns.target, causal, target_lengths)
     h_a = RowBatch.distinct(h_anchor, columns.anchor, causal, masks[1])  # a concept type's anchors repeat
     shifted = columns.target[columns.n_keep:] != columns.anchor
-    downs = {}
     for l, block in enumerate(blocks[: last + 1]):
         with torch.no_grad():
             if l == depth:  # past the chain: only the anchor rows a shifted column reads run on
@@ -422,7 +421,7 @@ def progressive_shallow(
         results.append(SiteResult(block.name, "shallow", solution, float(block.weight.to(torch.float64).norm()),
                                   len(columns), solution.update.rank))
         if edited is not None:
-            results[-1] = results[-1].stored(downs)
+            results[-1] = results[-1].stored({})  # each site its own down (a freed one's id may come again)
         if on_site is not None:
             on_site(block.name)
     return results

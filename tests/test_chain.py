@@ -397,3 +397,30 @@ def test_a_causal_encoders_rows_run_only_as_far_as_they_are_read(anchor, monkeyp
     for l in cut_out:
         a, b = gather(whole_out[l], columns.target), gather(cut_out[l], columns.target)
         assert float((a - b).norm()) <= 1e-5 * float(a.norm())
+
+
+def test_the_chain_hands_on_each_sites_edited_weight_and_keeps_its_own_float32_factors():
+    """With ``edited``, every solved site (the chain's and a bridge) gets the ``W_o + ΔW`` the chain
+    ran, and its result keeps float32 factors of that same update, its own and no other site's
+    (a site's float64 factors are freed before the next one solves)."""
+    encoder = Encoder()
+    pairs = prompts(anchor=(50,))
+    alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
+    columns = Columns.from_alignments(alignments, T)
+    h_t = torch.stack([encoder.embed(t) for t, _ in pairs])
+    h_a = torch.stack([encoder.embed(a) for _, a in pairs])
+    settings = SolverSettings()
+    run = dict(rule="residual_schedule", schedule=3, bridges=(LAYERS - 1,), gap_floor=settings.gap_floor)
+    plain = progressive_shallow(encoder.blocks, h_t, h_a, columns, settings, **run)
+    edited = {}
+    kept = progressive_shallow(encoder.blocks, h_t, h_a, columns, settings, edited=edited, **run)
+    weights = {b.name: b.weight for b in encoder.blocks}
+    assert sorted(edited) == sorted(r.name for r in plain) and len(plain) == 4
+    downs = set()
+    for a, b in zip(plain, kept):
+        exact, stored = a.solution.update.dense(), b.solution.update
+        assert stored.up.dtype == stored.down.dtype == torch.float32 and id(stored.down) not in downs
+        downs.add(id(stored.down))
+        assert float((stored.dense().double() - exact).norm()) <= 1e-6 * float(exact.norm())
+        assert torch.equal(edited[b.name], (weights[b.name].double() + exact).float())
+        assert b.update_norm == a.update_norm and b.solution.residual == a.solution.residual
