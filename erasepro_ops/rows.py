@@ -151,4 +151,3 @@ def repeated_rows(h: torch.Tensor, mask=None) -> torch.Tensor:
         else:
             first_of[key].append(r)
     return source
-
