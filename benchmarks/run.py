@@ -12,8 +12,8 @@ Z-Image with a tiny transformer and a reduced Qwen3 (``ZIMAGE_SIZES``) read thro
 load_clip from an fp16 file.
 Every configuration runs the solve (``erasepro_ops.pipeline.run_erasure`` on the ComfyUI host) on
 the same concepts and preserve set, in one process, models already loaded. "time s" is a first solve
-on the model (the retain bank's weightings not cached), "again s" the same solve queued again, as a
-user who changes the concepts does; "peak MiB" the memory a solve adds over the loaded models.
+on the model (the retain bank's weightings not kept yet), "again s" the same solve queued again, as a
+user who changes the concepts does (or a later session on that model: the weightings are files); "peak MiB" the memory a solve adds over the loaded models.
 Prints a table, writes output/bench/<model>.json and a PNG chart of the per-site relative ΔW. The
 metrics are defined in erasepro_ops.metrics.
 """
@@ -21,11 +21,14 @@ metrics are defined in erasepro_ops.metrics.
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import dataclasses
 import gc
 import json
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ from typing import Callable
 from erasepro_ops.batches import align_prompts, pair_columns, preserve_ids, prompt_pairs, read_lengths, read_positions
 from erasepro_ops.pipeline import run_erasure
 from erasepro_ops.request import Request
-from erasepro_ops.shallow import RETAIN_WEIGHTINGS
+from erasepro_ops.weighting_cache import RETAIN_WEIGHTINGS
 from erasepro_ops.templates import ConceptPair
 from erasepro_ops.text import prompt_lines
 from scripts import comfy_host as H
@@ -111,6 +114,20 @@ def concept_set(n: int, targets=None):
     styles = STYLES[: (n + 1) // 2]
     objects = OBJECTS[: n // 2]
     return [(t, "style") for t in styles] + [(t, "object") for t in objects]
+
+
+_WEIGHTING_FILES = Path(tempfile.mkdtemp(prefix="erasepro-bench-"))
+atexit.register(shutil.rmtree, _WEIGHTING_FILES, True)
+
+
+def _fresh_weighting_files() -> None:
+    """An empty folder for the retain bank's weightings (not the user's ComfyUI folder): the next
+    solve is a first one on its model."""
+    shutil.rmtree(_WEIGHTING_FILES, ignore_errors=True)
+    RETAIN_WEIGHTINGS.directory = _WEIGHTING_FILES / "weightings"
+
+
+_fresh_weighting_files()
 
 
 def _trim_heap() -> None:
@@ -377,8 +394,9 @@ def measure_config(bench: Bench, setup: dict, label: str, cfg: dict, runs: int) 
     solve = configured_solve(host, cfg)
     solve(setup["warm_chain"])  # warm-up (tokenizer caches, model load): one concept
     times, peak = [], 0
-    for _ in range(runs):  # each a first solve on this model: the retain bank's weightings not cached
+    for _ in range(runs):  # each a first solve on this model: the retain bank's weightings not kept yet
         RETAIN_WEIGHTINGS.entries.clear()
+        _fresh_weighting_files()
         with PeakMemory(torch.device(device)) as mem:
             start = time.perf_counter()
             edit = solve(setup["chain"])

@@ -7,6 +7,9 @@ objects. Everything here reads ComfyUI objects; the pipeline lives in ``erasepro
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 import comfy.model_base
@@ -19,6 +22,7 @@ from erasepro_ops.errors import EraseProError, log  # noqa: F401  (re-exported)
 from erasepro_ops.family import FAMILIES, Architecture, ModelFamily, TextEncoder
 from erasepro_ops.fingerprint import fingerprint  # noqa: F401  (re-exported)
 from erasepro_ops.host import Encoded
+from erasepro_ops.weighting_cache import RETAIN_WEIGHTINGS
 
 from .encode import (PROBE_BATCH, ClipLayerBlock, encode_batch, encoder_layers, encoder_module, encoder_stack,  # noqa: F401
                      encoder_tokenizer, first_layer_inputs)
@@ -28,6 +32,20 @@ TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl", "qwen3_4b")  # the cond_
 
 
 SUPPORTED = "SD1.x, SD2.x, SDXL, SD3 / SD3.5, Flux.1, Chroma and Z-Image"
+
+
+def cache_directory() -> Path:
+    """Where the retain bank's weightings are kept between solves and sessions: ComfyUI's system user
+    folder ``user/__erasepro`` (internal, never served over HTTP; the same path on ComfyUIs before it)."""
+    import folder_paths
+    system = getattr(folder_paths, "get_system_user_directory", None)
+    if system is not None:
+        return Path(system("erasepro")) / "weightings"
+    user = getattr(folder_paths, "get_user_directory", lambda: folder_paths.user_directory)()
+    return Path(os.path.join(user, "__erasepro")) / "weightings"
+
+
+RETAIN_WEIGHTINGS.directory = cache_directory()
 
 
 def model_family(model) -> ModelFamily:

@@ -50,7 +50,7 @@ import torch
 
 from .alignment import ROLE_PRIORITY, PromptAlignment, limit_padding
 from .linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL,
-                     PreserveWeighting, check_finite)
+                     FeatureMoments, PreserveWeighting, check_finite)
 from .rows import RowBatch
 from .solve import ConstraintSystem, LowRankUpdate, MergedColumns, SharedUpdate, SiteSolution, UCESystem
 
@@ -193,21 +193,20 @@ class SolverSettings:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
-    def weighting(self, preserve: torch.Tensor) -> PreserveWeighting | None:
-        """ErasePro's ``C^{-1/2}`` for preserve features ``K`` (in × M): ``C = λI + α K Kᵀ / M`` with
-        ``α = preserve_strength / (mean squared entry of K)`` (scale-free), or the fixed ``alpha``;
-        None when that is 0."""
-        alpha = self.alpha
-        if self.preserve_strength > 0:
-            # in float64, a slice at a time: a float64 copy of a bank's K would double the solve's peak
-            mean_sq = sum(float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
-                          for part in preserve.split(1024, dim=1)) / max(preserve.numel(), 1)
-            alpha = self.preserve_strength / max(mean_sq, 1e-12)
+    def weighting(self, preserve: torch.Tensor | FeatureMoments) -> PreserveWeighting | None:
+        """ErasePro's ``C^{-1/2}`` for preserve features ``K`` (in × M, or their moments, see
+        :func:`kept_moments`): ``C = λI + α K Kᵀ / M`` with ``α = preserve_strength / (mean squared
+        entry of K)`` (scale-free), or the fixed ``alpha``; None when that is 0."""
+        if not (self.preserve_strength > 0 or self.alpha > 0):
+            return None
+        device = None if self.device is None else torch.device(self.device)
+        if isinstance(preserve, torch.Tensor):
+            check_finite("preserve features", preserve)
+            preserve = FeatureMoments.of(preserve if device is None else preserve.to(device))
+        alpha = self.preserve_strength / max(preserve.mean_sq, 1e-12) if self.preserve_strength > 0 else self.alpha
         if not alpha > 0:
             return None
-        check_finite("preserve features", preserve)
-        device = preserve.device if self.device is None else torch.device(self.device)
-        return PreserveWeighting.build(preserve.to(device), self.lam, alpha)
+        return PreserveWeighting.from_moments(preserve, self.lam, alpha, device)
 
     def system(self, x: torch.Tensor, groups: torch.Tensor, preserve: torch.Tensor | PreserveWeighting | None,
                report_columns: int | None = None):
@@ -273,6 +272,26 @@ class KeptBatch:
     mask: object = None
 
 
+def _kept_parts(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch],
+                sites: Sequence[int] | None) -> Iterator[tuple[int, torch.Tensor | None]]:
+    """``(l, features)`` for each batch at each block ``l`` in ``sites``, then ``(l, None)`` when
+    block ``l`` is done (every block up to the last of ``sites``)."""
+    wanted = set(range(len(blocks)) if sites is None else sites)
+    last = max(wanted, default=-1)
+    hidden = [batch.hidden for batch in batches]
+    for l, block in enumerate(blocks[: last + 1]):
+        for j, batch in enumerate(batches):
+            with torch.no_grad():
+                mid, x = block.mlp_input(hidden[j], batch.mask)
+                part = gather(x, batch.index) if l in wanted else None
+                hidden[j] = block_output(mid, x, block.weight, block.bias) if l < last else None
+                del mid, x
+            if part is not None:
+                yield l, part
+                del part
+        yield l, None
+
+
 def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch],
                   sites: Sequence[int] | None = None) -> Iterator[torch.Tensor | None]:
     """Block by block, the ``fc2`` inputs (D_in × M) of every batch at its positions, through the
@@ -281,18 +300,26 @@ def kept_features(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch],
 
     The batches advance one block at a time, so only one block's features (and every batch's
     hidden state, ``D`` wide where the features are ``D_in``) are held at once."""
-    wanted = set(range(len(blocks)) if sites is None else sites)
-    last = max(wanted, default=-1)
-    hidden = [batch.hidden for batch in batches]
-    for l, block in enumerate(blocks[: last + 1]):
-        features = []
-        with torch.no_grad():
-            for j, batch in enumerate(batches):
-                mid, x = block.mlp_input(hidden[j], batch.mask)
-                if l in wanted:
-                    features.append(gather(x, batch.index))
-                hidden[j] = block_output(mid, x, block.weight, block.bias) if l < last else None
-        yield _joined(features)
+    parts = []
+    for _, part in _kept_parts(blocks, batches, sites):
+        if part is None:
+            yield _joined(parts)
+        else:
+            parts.append(part)
+
+
+def kept_moments(blocks: Sequence[MLPBlock], batches: Sequence[KeptBatch],
+                 sites: Sequence[int] | None = None) -> Iterator[FeatureMoments | None]:
+    """:func:`kept_features`' features as each block's :class:`~erasepro_ops.linalg.FeatureMoments`,
+    summed a batch at a time: one batch's features are held, never a block's."""
+    moments = None
+    for _, part in _kept_parts(blocks, batches, sites):
+        if part is None:
+            yield moments
+            moments = None
+            continue
+        check_finite("preserve features", part)
+        moments = FeatureMoments.of(part) if moments is None else moments.add(part)
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:

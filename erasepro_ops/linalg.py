@@ -119,6 +119,45 @@ def spectral_norm_estimate(y: torch.Tensor, iterations: int = 100, tol: float = 
     return estimate
 
 
+GRAM_BLOCK = 512
+"""Rows of ``K Kᵀ`` :class:`FeatureMoments` forms per product."""
+
+
+@dataclass
+class FeatureMoments:
+    """``K Kᵀ`` (lower triangle, float64), the column count ``M`` and ``Σ K²`` (float64) of
+    features ``K`` (in × M) added part by part (:meth:`add`), so ``K`` is never held whole.
+
+    Each part's products run in its own precision, float32 at least, :data:`GRAM_BLOCK` rows at a
+    time and only the blocks at or left of the diagonal (the Cholesky factorisation reads the
+    lower triangle alone); parts are summed in float64."""
+
+    gram: torch.Tensor  # in × in, float64, lower triangle filled (right of the diagonal blocks: zero)
+    count: int = 0
+    sum_sq: float = 0.0
+
+    @classmethod
+    def of(cls, k: torch.Tensor) -> "FeatureMoments":
+        return cls(k.new_zeros(k.shape[0], k.shape[0], dtype=torch.float64)).add(k)
+
+    def add(self, k: torch.Tensor) -> "FeatureMoments":
+        n = self.gram.shape[0]
+        if k.shape[0] != n:
+            raise ValueError(f"features have width {k.shape[0]}, the moments {n}")
+        kk = k if k.dtype == torch.float64 else k.to(torch.float32)
+        for i in range(0, n, GRAM_BLOCK):
+            j = min(i + GRAM_BLOCK, n)
+            self.gram[i:j, :j] += kk[i:j] @ kk[:j].T
+        self.count += k.shape[1]
+        self.sum_sq += float(torch.linalg.vector_norm(kk, dtype=torch.float64)) ** 2
+        return self
+
+    @property
+    def mean_sq(self) -> float:
+        """The mean squared entry of ``K``."""
+        return self.sum_sq / max(self.gram.shape[0] * self.count, 1)
+
+
 @dataclass(frozen=True)
 class PreserveWeighting:
     """A whitening ``L⁻¹`` for ``C = λI + α K Kᵀ / M = L Lᵀ`` (Cholesky), used as ``C^{-1/2}``.
@@ -126,9 +165,10 @@ class PreserveWeighting:
     Any square root serves: with ``X̃ = L⁻¹ X``, ``X̃ᵀ X̃ = Xᵀ C⁻¹ X``, so ``ΔW = R X̃⁺ L⁻¹`` is the
     same minimiser of ``‖ΔW C^{1/2}‖_F`` as with the symmetric root, and every step of the solve
     (projections, singular values, damping) sees only such products. One ``in × in`` Cholesky
-    costs a tenth of an eigendecomposition. ``K Kᵀ`` is accumulated in ``K``'s own precision, float32
-    at least: float32 rounding (~1e-7 of ``α ‖K‖² / M``) moves ``C`` by far less than ``λ``, so ``C``
-    stays positive definite and the constraints stay exact; only the weighting moves, by that much.
+    costs a tenth of an eigendecomposition. ``K Kᵀ`` is formed in ``K``'s own precision, float32
+    at least (:class:`FeatureMoments`): float32 rounding (~1e-7 of ``α ‖K‖² / M``) moves ``C`` by far
+    less than ``λ``, so ``C`` stays positive definite and the constraints stay exact; only the
+    weighting moves, by that much.
     """
 
     chol: torch.Tensor  # in × in, lower triangular, float64
@@ -136,10 +176,16 @@ class PreserveWeighting:
 
     @classmethod
     def build(cls, k: torch.Tensor, lam: float, alpha: float) -> "PreserveWeighting":
+        return cls.from_moments(FeatureMoments.of(k), lam, alpha)
+
+    @classmethod
+    def from_moments(cls, moments: FeatureMoments, lam: float, alpha: float,
+                     device: torch.device | None = None) -> "PreserveWeighting":
+        """From ``K``'s moments, whose Gram matrix becomes the factor (in place: it is used up)."""
         if not lam > 0:
             raise ValueError("the preservation weighting C must be positive definite (λ > 0)")
-        kk = k if k.dtype == torch.float64 else k.to(torch.float32)
-        c = (kk @ kk.T).to(torch.float64).mul_(alpha / max(k.shape[1], 1))
+        c, moments.gram = moments.gram if device is None else moments.gram.to(device), None
+        c.mul_(alpha / max(moments.count, 1))
         c.diagonal().add_(lam)
         chol = torch.linalg.cholesky(c, out=c)
         return cls(chol, spectral_norm_estimate(chol) ** 2)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import torch
 
-from .chain import KeptBatch, SolverSettings, kept_features, progressive_shallow
+from .chain import KeptBatch, SolverSettings, kept_moments, progressive_shallow
 from .edit import SiteEdit
 from .family import Architecture
 from .host import Host
 from .request import Request
 from .retain import retain_prompts
 from .batches import preserve_alignments, preserve_ids, select_inputs, split
+from .weighting_cache import RETAIN_WEIGHTINGS, Loaded
 
 
 def site_edits(results, part: str, stage: str) -> list[SiteEdit]:
@@ -38,7 +39,7 @@ MIN_SHALLOW_BITS = 16  # text-encoder weights stored in fewer bits (fp8) get no 
 class SoftWeighting:
     """What the shallow sites' weighting ``C`` keeps still: per encoder, batches of prompts (the
     preserve prompts when weighted, the retain bank) with the positions used, and the strength.
-    ``key`` (the retain bank alone) names them for :class:`WeightingCache`; the batches are only
+    ``key`` (the retain bank alone) names them for :class:`~erasepro_ops.weighting_cache.WeightingCache`; the batches are only
     prepared when the cache does not hold their weightings."""
 
     prepare: Callable[[], list[list[KeptBatch]]]
@@ -50,44 +51,6 @@ class SoftWeighting:
         return self.prepare()
 
 
-class WeightingCache:
-    """The retain bank's weightings ``C^{-1/2}``, per text-encoder site, of the last models solved on.
-
-    They depend on the model's text encoder and the bank, not on the concepts, so a later solve on
-    the same model skips them, and one that adds a site (a bridge, a deeper ``S``) builds only that
-    one. Each is keyed by the host's digest of the encoder's embeddings and the blocks up to its
-    own (a LoRA on them changes it). Stored in float32 on the CPU (36 MiB per 3072-wide site, 100
-    per 5120-wide: SD1.5 at S = 3 with its bridge 144 MiB, SDXL 1144 MiB), the least recently used
-    dropped beyond ``max_bytes`` (never one the current solve uses: below one SDXL solve's sites
-    they would evict each other). The solve always uses the stored copy, so a first and a second
-    solve give the same edit."""
-
-    def __init__(self, max_bytes: int = 2 << 30):
-        self.max_bytes, self.entries = max_bytes, {}
-
-    @staticmethod
-    def _bytes(weighting) -> int:
-        return 0 if weighting is None else weighting.chol.numel() * weighting.chol.element_size()
-
-    def get(self, keys: Sequence, build: Callable[[list[int]], Iterable]) -> list:
-        """The weightings at ``keys``; ``build(missing)`` gives those of the indices not held, in order
-        (one call for all of them)."""
-        missing = [j for j, key in enumerate(keys) if key not in self.entries]
-        if missing:
-            for j, weighting in zip(missing, build(missing), strict=True):
-                self.entries[keys[j]] = None if weighting is None else weighting.to("cpu", torch.float32)
-        for key in keys:  # most recent last
-            self.entries[key] = self.entries.pop(key)
-        wanted = set(keys)
-        for key in list(self.entries):
-            if sum(map(self._bytes, self.entries.values())) <= self.max_bytes:
-                break
-            if key not in wanted and self._bytes(self.entries[key]):
-                del self.entries[key]
-        return [self.entries[key] for key in keys]
-
-
-RETAIN_WEIGHTINGS = WeightingCache()
 
 
 def _retain_batches(arch: Architecture, first_inputs, spans, padding: int) -> list[list[KeptBatch]]:
@@ -144,25 +107,26 @@ def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in
 
 def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: int, settings: SolverSettings):
     """The weighting of each of ``sites`` (block indices) for encoder ``i``, as a list by block (None
-    for the other blocks): the retain bank's from the cache, else built from the kept prompts' features."""
+    for the other blocks): the retain bank's from the cache, else built from the kept prompts' features.
+    The cache's key holds what the weighting depends on: the bank and its settings, the digest of the
+    encoder up to the site, and the bits its weights are stored in (the digest rounds to float16)."""
     if soft is None:
         return None
     sites = sorted(sites)  # the bank's features come block by block, shallow to deep
 
     def build(wanted):  # one site at a time: the cache keeps each in float32 as it comes
-        for l, f in enumerate(kept_features(blocks, soft.batches[i], wanted)):
+        for l, moments in enumerate(kept_moments(blocks, soft.batches[i], wanted)):
             if l in wanted:
-                weighting = None if f is None else settings.weighting(f)
-                del f  # the features go before the cache takes its copy
-                yield weighting
+                yield None if moments is None else settings.weighting(moments)
     if soft.key is None:
         built = dict(zip(sites, build(sites)))
     else:
         digests = host.text_digests(enc, [l + 1 for l in sites])
-        keys = [(soft.key, digests[l + 1], l, settings.lam, settings.alpha) for l in sites]
+        bits = host.text_storage_bits([enc.shallow_key(l) for l in range(max(sites) + 1)])
+        keys = [(soft.key, digests[l + 1], l, settings.lam, settings.alpha, bits) for l in sites]
         held = RETAIN_WEIGHTINGS.get(keys, lambda missing: build([sites[j] for j in missing]))
         built = dict(zip(sites, held))
-    return [built.get(l) for l in range(max(sites) + 1)]
+    return Loaded(built.get(l) for l in range(max(sites) + 1))
 
 
 @dataclass

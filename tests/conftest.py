@@ -29,6 +29,15 @@ comfy_host.import_comfy()
 ARTIFACTS = REPO / "test-artifacts"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weighting_files(tmp_path_factory) -> Path:
+    """The retain weightings' folder for this test session (ComfyUI's is the user folder's)."""
+    import erasepro_comfy.host  # noqa: F401  (sets ComfyUI's folder first)
+    from erasepro_ops.weighting_cache import RETAIN_WEIGHTINGS
+    RETAIN_WEIGHTINGS.directory = tmp_path_factory.mktemp("weightings")
+    return RETAIN_WEIGHTINGS.directory
+
+
 @pytest.fixture(scope="session")
 def comfy_path() -> Path:
     """The ComfyUI folder, first on sys.path."""

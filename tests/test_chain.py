@@ -288,7 +288,7 @@ def test_padding_limit_keeps_concept_suffix_end_and_the_first_padding_positions(
 
 def test_weighting_cache_builds_each_site_once_keeps_the_current_ones_and_stays_within_its_bytes():
     from erasepro_ops.linalg import PreserveWeighting
-    from erasepro_ops.shallow import WeightingCache
+    from erasepro_ops.weighting_cache import WeightingCache
 
     built = []
 
@@ -314,6 +314,70 @@ def test_weighting_cache_builds_each_site_once_keeps_the_current_ones_and_stays_
     # the default holds one SDXL solve at S = 3 with its bridges (float32): CLIP-L's 4 sites, 3072
     # wide, and CLIP-G's 10, 5120 wide; below that the two encoders' entries evicted each other
     assert WeightingCache().max_bytes >= (4 * 3072**2 + 10 * 5120**2) * 4
+
+
+def test_weighting_files_are_built_once_read_back_a_site_at_a_time_and_rebuilt_when_damaged(tmp_path, caplog):
+    """With a folder, each weighting is a safetensors file: a later cache on that folder (another
+    session) reads the same float32 factor without building it; the loaders read a file only when
+    called; a file that is truncated, names another key or holds NaN is built again; the least
+    recently used files beyond ``max_bytes`` go; a folder that cannot be written keeps them in memory."""
+    from erasepro_ops.linalg import PreserveWeighting
+    from erasepro_ops.weighting_cache import Loaded, WeightingCache
+
+    built = []
+    g = torch.Generator().manual_seed(5)
+
+    def build(keys):
+        def make(missing):
+            for j in missing:
+                built.append(keys[j])
+                yield None if keys[j] == "none" else PreserveWeighting(torch.randn(10, 10, generator=g, dtype=torch.float64).tril(), 2.5)
+        return make
+
+    folder = tmp_path / "w"
+    loaders = WeightingCache(directory=folder).get(["a", "none"], build(["a", "none"]))
+    assert built == ["a", "none"] and all(callable(f) for f in loaders)
+    first = loaders[0]()
+    assert first.chol.dtype == torch.float32 and first.c_max == 2.5 and loaders[1]() is None
+    files = sorted(folder.iterdir())
+    assert len(files) == 2 and all(f.suffix == ".safetensors" for f in files)
+    again = WeightingCache(directory=folder).get(["a", "none"], build(["a", "none"]))
+    assert built == ["a", "none"] and torch.equal(again[0]().chol, first.chol) and again[1]() is None
+    assert Loaded([None, again[0]])[1].chol.shape == (10, 10)  # read when indexed
+
+    cache = WeightingCache(directory=folder)
+    path = cache.path("a")
+    path.write_bytes(path.read_bytes()[:-7])  # truncated
+    assert torch.equal(cache.get(["a"], build(["a"]))[0]().chol.isfinite(), torch.ones(10, 10, dtype=torch.bool))
+    assert built[-1] == "a" and len(built) == 3
+    cache.path("none").write_bytes(cache.path("a").read_bytes())  # another key's file under this name
+    assert cache.get(["none"], build(["none"]))[0]() is None and built[-1] == "none"
+
+    from safetensors.torch import load_file, save_file
+    loader = cache.get(["a"], build(["a"]))[0]  # header checked, then the data damaged
+    stored = load_file(str(path))
+    stored["chol"][3, 2] = float("nan")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(stored, str(path), metadata=meta)
+    with caplog.at_level("WARNING", logger="ErasePro"):
+        rebuilt = loader()
+    assert bool(rebuilt.chol.isfinite().all()) and built[-1] == "a" and "building it again" in caplog.text
+    assert bool(cache.get(["a"], build(["a"]))[0]().chol.isfinite().all()) and built[-1] == "a" and len(built) == 5
+
+    size = path.stat().st_size
+    small = WeightingCache(max_bytes=2 * size, directory=folder)
+    small.get(["b", "c"], build(["b", "c"]))  # four files of ~size: the least recently used go
+    names = {p.name for p in folder.glob("*.safetensors")}
+    assert small.path("b").name in names and small.path("c").name in names and len(names) <= 3
+    assert not list(folder.glob("*.partial"))
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="ErasePro"):
+        kept = WeightingCache(directory=blocked / "w").get(["d"], build(["d"]))[0]()
+    assert kept.chol.dtype == torch.float32 and "kept in memory" in caplog.text
 
 
 def test_a_row_batch_is_indexed_as_the_whole_batch():

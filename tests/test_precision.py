@@ -130,7 +130,7 @@ def test_retain_bank_batches_cut_short_give_the_whole_context_features(users_mod
 
     from erasepro_comfy.host import ComfyHost
     from erasepro_ops.batches import preserve_alignments, preserve_ids
-    from erasepro_ops.chain import kept_features
+    from erasepro_ops.chain import kept_features, kept_moments
     from erasepro_ops.retain import retain_prompts
     from erasepro_ops.shallow import _retain_batches
 
@@ -158,22 +158,30 @@ def test_retain_bank_batches_cut_short_give_the_whole_context_features(users_mod
         gap = float((s.float() - w.float()).norm() / w.float().norm())
         print(f"cut short vs whole context: {gap:.1e}")
         assert gap <= 1e-5  # only the summation order differs
+    for s, m in zip(kept_features(blocks, short), kept_moments(blocks, short)):  # a batch at a time
+        s = s.double()
+        assert m.count == s.shape[1] and m.sum_sq == pytest.approx(float(s.square().sum()), rel=1e-9)
+        assert float((m.gram.tril() - (s @ s.T).tril()).norm() / (s @ s.T).norm()) <= 1e-6  # float32 products
 
 
-def test_a_second_solve_reuses_the_retain_weightings_and_gives_the_same_edit(nodes, users_model):
-    """The retain bank's weightings are kept per text encoder: queued again, the solve skips them
-    and gives the identical edit; a patch on one of the first S blocks (a LoRA) is another model."""
+def test_a_second_solve_reuses_the_retain_weightings_and_gives_the_same_edit(nodes, users_model, tmp_path, monkeypatch):
+    """The retain bank's weightings are kept per text encoder as files: queued again (or in a later
+    session), the solve reads them instead of building them and gives the identical edit; a patch
+    on one of the first S blocks (a LoRA) is another model."""
     from erasepro_comfy.host import ComfyHost
-    from erasepro_ops.shallow import RETAIN_WEIGHTINGS
+    from erasepro_ops.weighting_cache import RETAIN_WEIGHTINGS, WeightingCache
 
     model, clip = users_model
-    RETAIN_WEIGHTINGS.entries.clear()
+    monkeypatch.setattr(RETAIN_WEIGHTINGS, "directory", tmp_path)
+    stored = []
+    real_store = WeightingCache._store
+    monkeypatch.setattr(WeightingCache, "_store", lambda self, key, w: (stored.append(key), real_store(self, key, w))[1])
     first = solve(nodes, model, clip, CASES[1])
-    held = dict(RETAIN_WEIGHTINGS.entries)
-    assert len(held) >= 3  # one retain weighting per site: S = 3 shallow sites (and a bridge)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(stored) == len(files) >= 3  # one retain weighting per site: S = 3 shallow sites (and a bridge)
+    assert not RETAIN_WEIGHTINGS.entries  # none held in memory
     again = solve(nodes, model, clip, CASES[1])
-    assert RETAIN_WEIGHTINGS.entries.keys() == held.keys()
-    assert all(RETAIN_WEIGHTINGS.entries[k] is held[k] for k in held)
+    assert len(stored) == len(files) and sorted(p.name for p in tmp_path.glob("*.safetensors")) == files
     assert edit_distance(first, again) == 0.0
 
     host = ComfyHost(model, clip)

@@ -323,6 +323,29 @@ def test_preserve_weighting_operator_whitens_c(m):
     assert op.c_max == pytest.approx(float(torch.linalg.eigvalsh(c)[-1]), rel=1e-4)  # power iteration: for thresholds
 
 
+def test_moments_taken_part_by_part_give_the_weighting_of_the_whole_features():
+    """``K Kᵀ`` summed part by part (lower triangle only, in row blocks) is the whole product's lower
+    triangle, and the weighting built from those moments is the one built from ``K`` at once; the
+    factor takes the moments' Gram matrix in place."""
+    from erasepro_ops.linalg import GRAM_BLOCK, FeatureMoments, PreserveWeighting
+
+    g = torch.Generator().manual_seed(23)
+    n = GRAM_BLOCK + 100  # a block edge inside
+    k = torch.randn(n, 700, generator=g, dtype=torch.float64)
+    moments = FeatureMoments.of(k[:, :250]).add(k[:, 250:251]).add(k[:, 251:])
+    assert moments.count == 700 and moments.sum_sq == pytest.approx(float(k.square().sum()), rel=1e-12)
+    assert rel(moments.gram.tril(), (k @ k.T).tril()) <= 1e-13
+    assert float(moments.gram[:GRAM_BLOCK, GRAM_BLOCK:].abs().max()) == 0.0  # right of the diagonal blocks: never formed
+    gram = moments.gram
+    op = PreserveWeighting.from_moments(moments, 0.7, 25.0)
+    assert op.chol is gram and moments.gram is None
+    whole = PreserveWeighting.build(k, 0.7, 25.0)
+    assert rel(op.chol, whole.chol) <= 1e-13
+    assert rel(op.chol @ op.chol.T, preservation_weighting(k, 0.7, 25.0)) <= 1e-12
+    with pytest.raises(ValueError, match="width"):
+        FeatureMoments.of(k).add(k[:-1])
+
+
 @pytest.mark.parametrize("n", [1000, 1024, 1100])
 def test_a_float32_factor_is_applied_in_float64_by_blocks_as_one_float64_solve(n):
     """The cached weighting's float32 factor is widened a block at a time, not copied whole: its

@@ -1,0 +1,166 @@
+"""Where the retain bank's weightings are kept between solves: in memory, or as files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import log
+from .linalg import PreserveWeighting, all_finite
+
+
+class WeightingCache:
+    """The retain bank's weightings ``C^{-1/2}``, per text-encoder site, of the models solved on.
+
+    They depend on the model's text encoder and the bank, not on the concepts, so a later solve on
+    the same model skips them, and one that adds a site (a bridge, a deeper ``S``) builds only that
+    one. Each is keyed by the host's digest of the encoder's embeddings and the blocks up to its
+    own (a LoRA on them changes it). Kept in float32 (36 MiB per 3072-wide site, 100 per
+    5120-wide: SD1.5 at S = 3 with its bridge 144 MiB, SDXL 1144 MiB), the least recently used
+    dropped beyond ``max_bytes`` (never one the current solve uses). The solve always uses the
+    stored copy, so a first and a second solve give the same edit.
+
+    With a ``directory`` (ComfyUI's: ``erasepro_comfy``) they are kept there as safetensors files,
+    not in memory, and read back a site at a time as the chain reaches it (:meth:`get` returns
+    loaders): between solves they take no memory, later sessions reuse them, and a file that does
+    not read back as the weighting it is named for is built again. Without one, in :attr:`entries`."""
+
+    FORMAT = "1"  # of the files; part of their names
+
+    def __init__(self, max_bytes: int = 2 << 30, directory: Path | None = None):
+        self.max_bytes, self.entries, self.directory = max_bytes, {}, directory
+
+    @staticmethod
+    def _bytes(weighting) -> int:
+        return 0 if weighting is None else weighting.chol.numel() * weighting.chol.element_size()
+
+    def get(self, keys: Sequence, build: Callable[[list[int]], Iterable]) -> list:
+        """The weightings at ``keys``, or with a :attr:`directory`, a loader of each (called with no
+        argument); ``build(missing)`` gives those of the indices not held, in order (one call for
+        all of them)."""
+        if self.directory is not None:
+            return self._on_disk(keys, build)
+        missing = [j for j, key in enumerate(keys) if key not in self.entries]
+        if missing:
+            for j, weighting in zip(missing, build(missing), strict=True):
+                self.entries[keys[j]] = None if weighting is None else weighting.to("cpu", torch.float32)
+        for key in keys:  # most recent last
+            self.entries[key] = self.entries.pop(key)
+        wanted = set(keys)
+        for key in list(self.entries):
+            if sum(map(self._bytes, self.entries.values())) <= self.max_bytes:
+                break
+            if key not in wanted and self._bytes(self.entries[key]):
+                del self.entries[key]
+        return [self.entries[key] for key in keys]
+
+    def path(self, key) -> Path:
+        name = hashlib.sha256(repr((self.FORMAT, key)).encode()).hexdigest()[:40]
+        return Path(self.directory) / f"weighting-{self.FORMAT}-{name}.safetensors"
+
+    def _on_disk(self, keys: Sequence, build) -> list:
+        paths = [self.path(key) for key in keys]
+        missing = [j for j, path in enumerate(paths) if _read_weighting(path, keys[j], header_only=True) is False]
+        unsaved = {}  # the directory refused them: kept in memory for this solve
+        if missing:
+            for j, weighting in zip(missing, build(missing), strict=True):
+                if not self._store(keys[j], weighting):
+                    unsaved[j] = None if weighting is None else weighting.to("cpu", torch.float32)
+        self._evict(set(paths))
+
+        def loader(j):
+            def load():
+                if j in unsaved:
+                    return unsaved[j]
+                held = _read_weighting(paths[j], keys[j])
+                if held is False:  # damaged since it was checked: built again
+                    log.warning("ErasePro: the cached weighting %s does not read back; building it again", paths[j].name)
+                    (held,) = build([j])
+                    held = None if held is None else held.to("cpu", torch.float32)
+                    self._store(keys[j], held)
+                return held
+            return load
+        return [loader(j) for j in range(len(keys))]
+
+    def _store(self, key, weighting) -> bool:
+        """Write one weighting's file, whole or not at all; False (and a warning) when it cannot."""
+        chol = torch.zeros(0) if weighting is None else weighting.chol.to("cpu", torch.float32).contiguous()
+        meta = {"key": repr(key), "c_max": "none" if weighting is None else repr(weighting.c_max)}
+        path = self.path(key)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"chol": chol}, str(partial), metadata=meta)
+            os.replace(partial, path)
+            return True
+        except OSError as e:
+            log.warning("ErasePro: cannot keep the retain weighting in %s (%s); it is kept in memory for this solve",
+                        path.parent, e)
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return False
+
+    def _evict(self, in_use: set) -> None:
+        """The least recently used files beyond ``max_bytes`` go (never those in ``in_use``)."""
+        try:
+            files = [(p.stat().st_mtime, p.stat().st_size, p)
+                     for p in Path(self.directory).glob(f"weighting-{self.FORMAT}-*.safetensors")]
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files):
+                if total <= self.max_bytes:
+                    break
+                if path not in in_use:
+                    path.unlink(missing_ok=True)
+                    total -= size
+        except OSError:  # another process's eviction, a read-only folder: the next solve tries again
+            pass
+
+
+def _read_weighting(path: Path, key, header_only: bool = False):
+    """The weighting stored at ``path`` for ``key`` (None for a site without one), True when only
+    the header was asked for and it matches, False when the file is missing or is not that weighting
+    (another key, a truncated or damaged file, NaN/Inf): never unpickled, safetensors only."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != repr(key) or list(f.keys()) != ["chol"]:
+                return False
+            shape = f.get_slice("chol").get_shape()
+            none = meta.get("c_max") == "none"
+            if (shape != [0] if none else len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0):
+                return False
+            if header_only:
+                try:
+                    os.utime(path)  # recently used
+                except OSError:
+                    pass
+                return True
+            if none:
+                return None
+            chol = f.get_tensor("chol")
+            c_max = float(meta["c_max"])
+    except (OSError, ValueError, KeyError, SafetensorError):
+        return False
+    if chol.dtype != torch.float32 or not all_finite(chol) or not c_max > 0:
+        return False
+    return PreserveWeighting(chol, c_max)
+
+
+RETAIN_WEIGHTINGS = WeightingCache()
+
+
+class Loaded(list):
+    """A list whose callable items are called when read (:meth:`WeightingCache.get`'s loaders): the
+    chain reads each site's weighting as it solves that site, so one is in memory at a time."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return item() if callable(item) else item
