@@ -410,14 +410,17 @@ def progressive_shallow(
                 out_a = _block_output(mid_a, x_a, block.weight, block.bias)
                 mid_t, x_t = _mlp_input(block, h_t, masks[0])
                 x, y = inputs_with_partners(x_t, x_a, columns)
+                del mid_a, x_a
                 w = block.weight.to(torch.float64).to(x.device)
                 if rule == "anchor_features":
                     target = w @ y.to(torch.float64)
                 else:
                     out_t = _block_output(mid_t, x_t, block.weight, block.bias)
                     gap = gather(out_a, columns.anchor) - gather(out_t, columns.target[columns.n_keep:])
+                    del out_t
                     target = w @ x.to(torch.float64)
                     target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
+                del w, y
                 h_a = out_a
             else:
                 mid_t, x_t = _mlp_input(block, h_t, masks[0])
@@ -436,10 +439,13 @@ def progressive_shallow(
                 target = block.weight.to(torch.float64).to(x.device) @ x.to(torch.float64)
                 target[:, columns.n_keep:] += gap
             merged = MergedColumns.of(x, target, columns.groups)
+            del x, target  # the solve's transients are the peak of the chain: only what it reads stays
             solution = settings.system(merged.x, merged.groups, None if preserve is None else preserve[l]).solve(
                 block.weight, merged.target)
-            w_new = block.weight.to(torch.float64) + solution.update.dense().to(block.weight.device)
+            del merged
+            w_new = solution.update.dense().to(block.weight.device).add_(block.weight)  # W_o + ΔW, float64
             h_t = _block_output(mid_t, x_t, w_new.to(x_t.parts[0].dtype), block.bias)
+            del mid_t, x_t
             if edited is not None:
                 edited[block.name] = w_new.to(torch.float32)
             del w_new
@@ -447,6 +453,7 @@ def progressive_shallow(
                 outputs[l] = h_t
         results.append(SiteResult(block.name, "shallow", solution, float(block.weight.to(torch.float64).norm()),
                                   len(columns), solution.update.rank))
+        del solution  # with ``edited``, the float64 factors go before the next site solves
         if edited is not None:
             results[-1] = results[-1].stored({})  # each site its own down (a freed one's id may come again)
         if on_site is not None:

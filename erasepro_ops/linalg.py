@@ -132,13 +132,15 @@ class FeatureMoments:
     time and only the blocks at or left of the diagonal (the Cholesky factorisation reads the
     lower triangle alone); parts are summed in float64."""
 
-    gram: torch.Tensor  # in × in, float64, lower triangle filled (right of the diagonal blocks: zero)
+    gram: torch.Tensor  # in × in, float64, column-major, lower triangle filled (right of the diagonal blocks: zero)
     count: int = 0
     sum_sq: float = 0.0
 
     @classmethod
     def of(cls, k: torch.Tensor) -> "FeatureMoments":
-        return cls(k.new_zeros(k.shape[0], k.shape[0], dtype=torch.float64)).add(k)
+        """From ``K``'s first part. The Gram matrix is laid out column-major, as LAPACK factors it in
+        place: in row-major order ``torch.linalg.cholesky`` would take a copy (72 MiB at 3072 wide)."""
+        return cls(k.new_zeros(k.shape[0], k.shape[0], dtype=torch.float64).mT).add(k)
 
     def add(self, k: torch.Tensor) -> "FeatureMoments":
         n = self.gram.shape[0]
@@ -171,7 +173,7 @@ class PreserveWeighting:
     weighting moves, by that much.
     """
 
-    chol: torch.Tensor  # in × in, lower triangular, float64
+    chol: torch.Tensor  # in × in, lower triangular, float64 (column-major when built from moments)
     c_max: float  # largest eigenvalue of C (power iteration: for thresholds)
 
     @classmethod
@@ -218,8 +220,8 @@ def solve_lower(chol: torch.Tensor, b: torch.Tensor, left: bool = True) -> torch
         right:  Y_J = (B_J − Y_>J L_>J,J) L_JJ⁻¹           for column blocks J, last to first
     """
     if chol.dtype == b.dtype:
-        return torch.linalg.solve_triangular(chol, b, upper=False, left=left)
-    n, out = chol.shape[0], b.clone()
+        return torch.linalg.solve_triangular(chol, b.contiguous(), upper=False, left=left)
+    n, out = chol.shape[0], b.clone(memory_format=torch.contiguous_format)
     starts = range(0, n, SOLVE_BLOCK)
     for i in starts if left else reversed(starts):
         j = min(i + SOLVE_BLOCK, n)

@@ -165,7 +165,7 @@ class _Fit:
     damping: float  # ρ
     preserve_threshold: float | None = None  # the unbudgeted (preserve) groups' own; None: threshold
     steps: list[_Step] = field(default_factory=list)
-    downs_t: list[torch.Tensor] = field(default_factory=list)  # each step's directions, as rows
+    spans: list[tuple[int, int]] = field(default_factory=list)  # each step's directions: columns of ``basis``
     basis: torch.Tensor | None = None  # width × (directions taken)
     spent: int = 0  # directions taken by budgeted groups
     exact: int | None = None  # directions fitted exactly: those accepted before the first overflow
@@ -198,7 +198,7 @@ class _Fit:
         rb = range_basis(y, threshold, gram).top(self.room)  # rounding noise cannot add rank
         overflow = self.overflows(cols.numel(), rb.rank, budgeted=budgeted)
         u = _outside(self.basis, rb.u)
-        cross = tuple(d @ xg for d in self.downs_t)
+        cross = tuple(self.basis[:, a:b].T @ xg for a, b in self.spans)
         self.spent += rb.rank if budgeted else 0
         if self.exact is None and overflow:
             self.exact = int(self.basis.shape[1])
@@ -210,19 +210,19 @@ class _Fit:
         coef = rb.v / rb.s if self.damped_from is None else rb.v * (rb.s / (rb.s**2 + self.mu))
         coef = coef * cw[:, None]  # weighted least squares: R diag(w) (Y diag(w))⁺
         self.steps.append(_Step(cols, coef, cross))
-        self.downs_t.append(u.T)
+        start = int(self.basis.shape[1])
         self.basis = torch.cat([self.basis, u], dim=1)
+        self.spans.append((start, start + int(u.shape[1])))
 
     def system(self, x64: torch.Tensor, cis, report_columns: int | None, rtol: float) -> "ConstraintSystem":
         exact = int(self.basis.shape[1]) if self.exact is None else self.exact
-        width = int(self.xt.shape[0])
-        down_t = torch.cat(self.downs_t, dim=0) if self.downs_t else self.xt.new_zeros(0, width)
+        down_t = self.basis.T  # every step's directions as rows, in order (a view)
         down_x = down_t @ self.xt
         # The rows of down_t are the orthonormal basis, so ‖P X̃‖² is read off down_x's first rows.
         total = float((self.xt[:, :report_columns] ** 2).sum())
         inside = float((down_x[:exact, :report_columns] ** 2).sum())
         unaligned = max(total - inside, 0.0) / total if total > 0 else 0.0
-        down = down_t if cis is None else cis.right(down_t)
+        down = down_t.contiguous() if cis is None else cis.right(down_t)
         return ConstraintSystem(x64, tuple(self.steps), down, down_x, unaligned, rtol, self.damped_from,
                                 tuple(self.exact_groups))
 
@@ -435,13 +435,14 @@ class ConstraintSystem:
         if v.shape != (w.shape[0], self.x.shape[1]):
             raise ValueError(f"V* must be {w.shape[0]} × {self.x.shape[1]}, got {tuple(v.shape)}")
         r = v - w @ self.x
+        del w
         ups: list[torch.Tensor] = []
         for step in self.steps:
             r_g = r[:, step.columns]
             for up_h, cross_h in zip(ups, step.cross):
                 r_g = r_g - up_h @ cross_h
             ups.append(r_g @ step.coef)
-        up = torch.cat(ups, dim=1) if ups else w.new_zeros(w.shape[0], 0)
+        up = torch.cat(ups, dim=1) if ups else r.new_zeros(r.shape[0], 0)
         update = LowRankUpdate(up, self.down)
         return _residual_solution(update, r, up @ self.down_x)
 
@@ -546,6 +547,7 @@ class UCESystem:
         check_finite("site weight", w)
         check_finite("target outputs V*", v)
         r = v - w @ self.x
+        del w
         update = LowRankUpdate(r, self.down)
         return _residual_solution(update, r, r @ self.down_x)
 

@@ -48,8 +48,9 @@ class WeightingCache:
             return self._on_disk(keys, build)
         missing = [j for j, key in enumerate(keys) if key not in self.entries]
         if missing:
-            for j, weighting in zip(missing, build(missing), strict=True):
+            for j, weighting in _one_at_a_time(missing, build(missing)):
                 self.entries[keys[j]] = None if weighting is None else weighting.to("cpu", torch.float32)
+                del weighting  # before the next site's is built
         for key in keys:  # most recent last
             self.entries[key] = self.entries.pop(key)
         wanted = set(keys)
@@ -69,9 +70,10 @@ class WeightingCache:
         missing = [j for j, path in enumerate(paths) if _read_weighting(path, keys[j], header_only=True) is False]
         unsaved = {}  # the directory refused them: kept in memory for this solve
         if missing:
-            for j, weighting in zip(missing, build(missing), strict=True):
+            for j, weighting in _one_at_a_time(missing, build(missing)):
                 if not self._store(keys[j], weighting):
                     unsaved[j] = None if weighting is None else weighting.to("cpu", torch.float32)
+                del weighting  # before the next site's is built
         self._evict(set(paths))
 
         def loader(j):
@@ -90,13 +92,14 @@ class WeightingCache:
 
     def _store(self, key, weighting) -> bool:
         """Write one weighting's file, whole or not at all; False (and a warning) when it cannot."""
-        chol = torch.zeros(0) if weighting is None else weighting.chol.to("cpu", torch.float32).contiguous()
+        # Lᵀ, row-major: the transpose of the column-major factor, stored without another copy
+        upper = torch.zeros(0) if weighting is None else weighting.chol.mT.to("cpu", torch.float32).contiguous()
         meta = {"key": repr(key), "c_max": "none" if weighting is None else repr(weighting.c_max)}
         path = self.path(key)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"chol": chol}, str(partial), metadata=meta)
+            save_file({"upper": upper}, str(partial), metadata=meta)
             os.replace(partial, path)
             return True
         except OSError as e:
@@ -124,6 +127,23 @@ class WeightingCache:
             pass
 
 
+def _one_at_a_time(indices: Sequence[int], built: Iterable):
+    """``zip(indices, built, strict=True)`` without zip's reused result tuple, which would hold the
+    last weighting (72 MiB at 3072 wide) while the next one is built."""
+    built = iter(built)
+    for j in indices:
+        weighting = next(built, _MISSING)
+        if weighting is _MISSING:
+            raise ValueError(f"the build gave fewer weightings than the {len(indices)} asked for")
+        yield j, weighting
+        del weighting
+    if next(built, _MISSING) is not _MISSING:
+        raise ValueError(f"the build gave more weightings than the {len(indices)} asked for")
+
+
+_MISSING = object()
+
+
 def _read_weighting(path: Path, key, header_only: bool = False):
     """The weighting stored at ``path`` for ``key`` (None for a site without one), True when only
     the header was asked for and it matches, False when the file is missing or is not that weighting
@@ -131,9 +151,9 @@ def _read_weighting(path: Path, key, header_only: bool = False):
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("key") != repr(key) or list(f.keys()) != ["chol"]:
+            if meta.get("key") != repr(key) or list(f.keys()) != ["upper"]:
                 return False
-            shape = f.get_slice("chol").get_shape()
+            shape = f.get_slice("upper").get_shape()
             none = meta.get("c_max") == "none"
             if (shape != [0] if none else len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0):
                 return False
@@ -145,7 +165,7 @@ def _read_weighting(path: Path, key, header_only: bool = False):
                 return True
             if none:
                 return None
-            chol = f.get_tensor("chol")
+            chol = f.get_tensor("upper").mT
             c_max = float(meta["c_max"])
     except (OSError, ValueError, KeyError, SafetensorError):
         return False

@@ -331,14 +331,18 @@ def test_weighting_files_are_built_once_read_back_a_site_at_a_time_and_rebuilt_w
         def make(missing):
             for j in missing:
                 built.append(keys[j])
-                yield None if keys[j] == "none" else PreserveWeighting(torch.randn(10, 10, generator=g, dtype=torch.float64).tril(), 2.5)
+                made[keys[j]] = None if keys[j] == "none" else PreserveWeighting(
+                    torch.randn(10, 10, generator=g, dtype=torch.float64).tril(), 2.5)
+                yield made[keys[j]]
         return make
 
+    made = {}
     folder = tmp_path / "w"
     loaders = WeightingCache(directory=folder).get(["a", "none"], build(["a", "none"]))
     assert built == ["a", "none"] and all(callable(f) for f in loaders)
     first = loaders[0]()
     assert first.chol.dtype == torch.float32 and first.c_max == 2.5 and loaders[1]() is None
+    assert torch.equal(first.chol, made["a"].chol.float())  # the factor itself, not its transpose
     files = sorted(folder.iterdir())
     assert len(files) == 2 and all(f.suffix == ".safetensors" for f in files)
     again = WeightingCache(directory=folder).get(["a", "none"], build(["a", "none"]))
@@ -356,7 +360,7 @@ def test_weighting_files_are_built_once_read_back_a_site_at_a_time_and_rebuilt_w
     from safetensors.torch import load_file, save_file
     loader = cache.get(["a"], build(["a"]))[0]  # header checked, then the data damaged
     stored = load_file(str(path))
-    stored["chol"][3, 2] = float("nan")
+    stored["upper"][2, 3] = float("nan")
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
