@@ -239,7 +239,7 @@ class SiteResult:
     unaligned_energy: float = 0.0  # share of the features' energy outside the exactly-fitted span
     damped: bool = False  # the rank budget overflowed: later groups were fitted by damped least squares
     exact_groups: tuple[int, ...] | None = None  # groups fitted exactly (None: all of them, or not tracked)
-    stored_norm: float | None = None  # ‖ΔW‖_F measured before the update was stored (:meth:`stored`)
+    stored_norm: float | None = None  # ‖ΔW‖_F measured in float64: by the chain from its dense ΔW, or by :meth:`stored`
 
     @functools.cached_property
     def update_norm(self) -> float:
@@ -443,7 +443,9 @@ def progressive_shallow(
             solution = settings.system(merged.x, merged.groups, None if preserve is None else preserve[l]).solve(
                 block.weight, merged.target)
             del merged
-            w_new = solution.update.dense().to(block.weight.device).add_(block.weight)  # W_o + ΔW, float64
+            w_new = solution.update.dense().to(block.weight.device)
+            change = float(w_new.norm())  # ‖ΔW‖ from the product formed anyway
+            w_new.add_(block.weight)  # W_o + ΔW, float64
             h_t = _block_output(mid_t, x_t, w_new.to(x_t.parts[0].dtype), block.bias)
             del mid_t, x_t
             if edited is not None:
@@ -451,8 +453,9 @@ def progressive_shallow(
             del w_new
             if l in reads:
                 outputs[l] = h_t
-        results.append(SiteResult(block.name, "shallow", solution, float(block.weight.to(torch.float64).norm()),
-                                  len(columns), solution.update.rank))
+        results.append(SiteResult(block.name, "shallow", solution,
+                                  float(torch.linalg.vector_norm(block.weight, dtype=torch.float64)),
+                                  len(columns), solution.update.rank, stored_norm=change))
         del solution  # with ``edited``, the float64 factors go before the next site solves
         if edited is not None:
             results[-1] = results[-1].stored({})  # each site its own down (a freed one's id may come again)
