@@ -26,10 +26,11 @@ class WeightingCache:
     dropped beyond ``max_bytes`` (never one the current solve uses). The solve always uses the
     stored copy, so a first and a second solve give the same edit.
 
-    With a ``directory`` (ComfyUI's: ``erasepro_comfy``) they are kept there as safetensors files,
-    not in memory, and read back a site at a time as the chain reaches it (:meth:`get` returns
-    loaders): between solves they take no memory, later sessions reuse them, and a file that does
-    not read back as the weighting it is named for is built again. Without one, in :attr:`entries`."""
+    With a ``directory`` (on ComfyUI ``user/__erasepro/weightings``, set by ``erasepro_comfy.host``)
+    they are kept there as safetensors files, not in memory, and read back a site at a time as the
+    chain reaches it (:meth:`get` returns loaders): between solves they take no memory, later
+    sessions reuse them, and a file that does not read back as the weighting it is named for is
+    built again. Without one, in :attr:`entries`."""
 
     FORMAT = "1"  # of the files; part of their names
 
