@@ -414,3 +414,15 @@ def test_the_solve_reads_the_layer_sampling_reads(host):
     chunks = [ours.tokenize("a photo of a cat", enc)[0]]
     cond, _, _ = ours.encode([chunks])
     assert torch.allclose(cond, cond_skipped.float(), atol=1e-5)
+
+
+def test_the_retain_weightings_live_in_comfyuis_internal_user_folder(monkeypatch, tmp_path):
+    """On ComfyUI the bank's weightings are files in the system user folder (``user/__erasepro``,
+    never served over HTTP), following ``--user-directory``."""
+    import folder_paths
+
+    from erasepro_comfy.host import cache_directory
+
+    monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path / "user"))
+    assert cache_directory() == tmp_path / "user" / "__erasepro" / "weightings"
+    assert cache_directory().parent.name.startswith(folder_paths.SYSTEM_USER_PREFIX)
