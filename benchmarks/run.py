@@ -13,7 +13,8 @@ load_clip from an fp16 file.
 Every configuration runs the solve (``erasepro_ops.pipeline.run_erasure`` on the ComfyUI host) on
 the same concepts and preserve set, in one process, models already loaded. "time s" is a first solve
 on the model (the retain bank's weightings not kept yet), "again s" the same solve queued again, as a
-user who changes the concepts does (or a later session on that model: the weightings are files); "peak MiB" the memory a solve adds over the loaded models.
+user who changes the concepts does (or a later session on that model: the weightings are files);
+"peak MiB" the memory a solve adds over the loaded models.
 Prints a table, writes output/bench/<model>.json and a PNG chart of the per-site relative ΔW. The
 metrics are defined in erasepro_ops.metrics.
 """

@@ -7,7 +7,6 @@ objects. Everything here reads ComfyUI objects; the pipeline lives in ``erasepro
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ def cache_directory() -> Path:
     if system is not None:
         return Path(system("erasepro")) / "weightings"
     user = getattr(folder_paths, "get_user_directory", lambda: folder_paths.user_directory)()
-    return Path(os.path.join(user, "__erasepro")) / "weightings"
+    return Path(user) / "__erasepro" / "weightings"
 
 
 RETAIN_WEIGHTINGS.directory = cache_directory()

@@ -51,8 +51,6 @@ class SoftWeighting:
         return self.prepare()
 
 
-
-
 def _retain_batches(arch: Architecture, first_inputs, spans, padding: int) -> list[list[KeptBatch]]:
     """The bank, per encoder, in batches of prompts of similar length (``first_inputs(rows)``: the
     encoders' captured first-block inputs for those prompts). A causal encoder's features up to a

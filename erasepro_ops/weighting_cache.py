@@ -115,8 +115,10 @@ class WeightingCache:
     def _evict(self, in_use: set) -> None:
         """The least recently used files beyond ``max_bytes`` go (never those in ``in_use``)."""
         try:
-            files = [(p.stat().st_mtime, p.stat().st_size, p)
-                     for p in Path(self.directory).glob(f"weighting-{self.FORMAT}-*.safetensors")]
+            files = []
+            for path in Path(self.directory).glob(f"weighting-{self.FORMAT}-*.safetensors"):
+                st = path.stat()
+                files.append((st.st_mtime, st.st_size, path))
             total = sum(size for _, size, _ in files)
             for _, size, path in sorted(files):
                 if total <= self.max_bytes:
