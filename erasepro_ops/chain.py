@@ -464,6 +464,25 @@ def progressive_shallow(
     return results
 
 
+def unedited_outputs(blocks: Sequence[MLPBlock], h_target: torch.Tensor, columns: Columns, reads: Sequence[int],
+                     rows: int, *, mask: object = None, causal: bool = False,
+                     target_lengths: torch.Tensor | None = None) -> dict[int, RowBatch]:
+    """The first ``rows`` rows of :func:`progressive_shallow`'s target batch through the unedited
+    blocks: their hidden state after each block in ``reads``, each row run as far as the chain runs
+    it (a causal encoder's up to the last position it uses). The original model's features at
+    every position the solve reads, for one pass over those positions instead of a whole encode."""
+    h = _run_rows(h_target, columns.target, causal, target_lengths).keep_rows(torch.arange(rows))
+    outputs = {}
+    for l, block in enumerate(blocks[: max(reads, default=-1) + 1]):
+        with torch.no_grad():
+            mid, x = _mlp_input(block, h, mask)
+            h = _block_output(mid, x, block.weight, block.bias)
+            del mid, x
+        if l in reads:
+            outputs[l] = h
+    return outputs
+
+
 def _open_gap(out_a: RowBatch, out_t: RowBatch, columns: Columns, shifted: torch.Tensor,
               floor: float) -> torch.Tensor | None:
     """``out_a − out_t`` at the moved columns (float64; 0 where not ``shifted``: a same-length

@@ -52,23 +52,41 @@ def encode_once(host: Host, chunks, capture: bool = False) -> Encoded:
 
 
 class _Originals:
-    """The unedited text encoders' outputs: anchors, targets, kept prompts (with first-block inputs)."""
+    """The unedited text encoders' outputs: anchors, targets, kept prompts (with first-block inputs).
 
-    def __init__(self, host: Host, b: Batches):
+    With ``chain`` (a shallow chain will run), the targets' outputs wait for it (:meth:`targets`):
+    a chain that runs them through the blocks the model reads gives their unedited hidden states
+    there from the positions the solve uses, so no whole encode of them is needed."""
+
+    def __init__(self, host: Host, b: Batches, chain: bool = False):
         self.y, self.y_pooled, self.anchor_in = encode_once(host, b.anchor_ids, capture=True)
-        self.x0, self.x0_pooled, self.target_in = encode_once(host, b.target_ids, capture=True)
+        if chain:
+            self.x0 = self.x0_pooled = None
+            self.target_in = host.first_block_inputs(b.target_ids)
+        else:
+            self.x0, self.x0_pooled, self.target_in = encode_once(host, b.target_ids, capture=True)
         self.k = self.k_pooled = self.preserve_in = None
         if b.preserve_tokens is not None:
             self.k, self.k_pooled, self.preserve_in = host.encode(b.preserve_tokens, capture=True)
 
+    def targets(self, host: Host, b: Batches, unedited: dict) -> None:
+        """The targets' unedited outputs, when they waited for the chain: ``unedited[i]``, encoder
+        ``i``'s hidden states after the blocks it reads, are resumed from (the host's final norm and
+        pooled projection applied); an encoder the chain did not run is encoded whole."""
+        if self.x0 is None:
+            self.x0, self.x0_pooled, _ = host.encode(b.target_ids, resume=unedited or None)
+
     def constrained(self, b: Batches):
-        """``(Y, X_0, anchor inputs, target inputs)`` with the kept prompts joining both batches
-        (each paired with itself) when they are constraints."""
+        """``(Y, anchor inputs, target inputs)`` with the kept prompts joining both batches (each
+        paired with itself) when they are constraints."""
         if not b.exact_preserve:
-            return self.y, self.x0, self.anchor_in, self.target_in
-        return (torch.cat([self.y, self.k]), torch.cat([self.x0, self.k]),
-                [cat_inputs(a, p) for a, p in zip(self.anchor_in, self.preserve_in)],
+            return self.y, self.anchor_in, self.target_in
+        return (torch.cat([self.y, self.k]), [cat_inputs(a, p) for a, p in zip(self.anchor_in, self.preserve_in)],
                 [cat_inputs(t, p) for t, p in zip(self.target_in, self.preserve_in)])
+
+    def x0_constrained(self, b: Batches) -> torch.Tensor:
+        """``X_0``, the targets' unedited outputs, with the kept prompts' after them when they are constraints."""
+        return torch.cat([self.x0, self.k]) if b.exact_preserve else self.x0
 
 
 def _deep_inputs(host: Host, b: Batches, o: _Originals, shallow: ShallowResult):
@@ -95,12 +113,15 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
                               overflow_preserve_weight=request.overflow_preserve_weight, gap_floor=request.gap_floor)
     b = build_batches(host, arch, request)
     columns, n_target = b.columns, b.n_target
-    o = _Originals(host, b)
-    y_cond, x0_cond, anchor_in, target_in = o.constrained(b)
+    chain = request.method == "erasepro" and request.progressive_layers > 0
+    o = _Originals(host, b, chain)
+    y_cond, anchor_in, target_in = o.constrained(b)
 
     soft = soft_weighting(host, arch, request, o.preserve_in if b.soft_preserve else None, b.kept_lengths)
     shallow = solve_shallow(host, arch, request, settings, b.columns_of, anchor_in, target_in, soft, on_site,
-                            reach=b.chain_reach)
+                            reach=b.chain_reach, unedited_rows=n_target)
+    o.targets(host, b, shallow.unedited)
+    x0_cond = o.x0_constrained(b)
 
     x_all, pooled_all = _deep_inputs(host, b, o, shallow)
     x_cond = x_all if b.exact_preserve else x_all[:n_target]

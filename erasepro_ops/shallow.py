@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .chain import KeptBatch, SolverSettings, kept_moments, progressive_shallow
+from .chain import KeptBatch, SolverSettings, kept_moments, progressive_shallow, unedited_outputs
 from .edit import SiteEdit
 from .family import Architecture
 from .host import Host
@@ -135,16 +135,21 @@ class ShallowResult:
     edited: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # key → (W_o + ΔW, bias), float32
     notes: list[str] = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
     hidden: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)  # encoder → read block → B × T × D
+    unedited: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)  # the same, no edits, targets only
 
 
 def solve_shallow(host: Host, arch: Architecture, request: Request, settings: SolverSettings, columns_of,
-                  anchor_in, target_in, soft: SoftWeighting | None, on_site, reach=None) -> ShallowResult:
+                  anchor_in, target_in, soft: SoftWeighting | None, on_site, reach=None,
+                  unedited_rows: int | None = None) -> ShallowResult:
     """The shallow sites (the first S blocks' MLP output projections), per text encoder, shallow to deep;
     ``columns_of(segment)``: the columns an encoder of that segment sees (``Batches.columns_of``).
     ``reach(i, special)`` (``Batches.chain_reach``): the positions per row the deep sites read of
     encoder ``i``; when given, a CLIP's chain runs its targets on through the blocks the model
     reads and keeps their hidden states (:attr:`ShallowResult.hidden`), so the deep sites' inputs
-    need no second pass through those blocks.
+    need no second pass through those blocks. With ``unedited_rows``, it also runs that many
+    leading rows (the templates) through the unedited blocks it reads
+    (:func:`~erasepro_ops.chain.unedited_outputs`, :attr:`ShallowResult.unedited`): the original
+    features there cost one pass over the positions the solve uses, not a whole encode.
     On a CLIP, when target and anchor tokenize to different lengths, the blocks it reads past the
     first S are bridges too (:func:`~erasepro_ops.chain.progressive_shallow`): the deep sites then
     have nothing left to fit.
@@ -198,6 +203,10 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
                                       edited=edited)
         if reads:
             out.hidden[i] = {l: h.dense() for l, h in outputs.items()}
+        if reads and unedited_rows:
+            unedited = unedited_outputs(blocks, target_in[i][0], columns, reads, unedited_rows,
+                                        mask=target_in[i][1], causal=enc.spec.causal, target_lengths=rows)
+            out.unedited[i] = {l: h.dense()[:unedited_rows] for l, h in unedited.items()}
         for r in results:
             out.weights[r.name] = weights[r.name]
             out.edited[r.name] = (edited[r.name], bias[r.name.replace(".weight", ".bias")])

@@ -7,7 +7,7 @@ import torch
 
 from erasepro_ops.alignment import ROLE_PRIORITY, preserve_alignment
 from erasepro_ops.chain import (Columns, SolverSettings, gather, inputs_with_partners, progressive_shallow, settled_columns,
-                                solve_deep)
+                                solve_deep, unedited_outputs)
 from erasepro_ops.metrics import alignment_residual, deep_burden, end_to_end_residual
 from erasepro_ops.tokens import SpecialTokens
 from reference_ops import align
@@ -464,6 +464,39 @@ def test_a_causal_encoders_rows_run_only_as_far_as_they_are_read(anchor, monkeyp
     assert cut_out[LAYERS - 1].parts[-1].shape[1] == T  # the kept prompt's row was not
     for l in cut_out:
         a, b = gather(whole_out[l], columns.target), gather(cut_out[l], columns.target)
+        assert float((a - b).norm()) <= 1e-5 * float(a.norm())
+
+
+def test_the_templates_unedited_features_come_from_their_cut_rows_through_the_original_blocks(monkeypatch):
+    """unedited_outputs runs only the template rows, each cut after its last position used, through
+    the unedited blocks: at every template column they are the whole batch's original features
+    (the chain's edits do not leak in), and the kept prompt's row is not run."""
+    from erasepro_ops import rows
+    monkeypatch.setattr(rows, "BUCKET", 2)
+    encoder = Encoder()
+    pairs = prompts()
+    keep = [chunk([20, 21, 22])]
+    alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
+    columns = Columns.from_alignments(alignments, T, preserve=[preserve_alignment("kept", keep[0], SPECIAL)],
+                                      padding=[1] * len(pairs))
+    h_t = torch.stack([encoder.embed(t) for t, _ in pairs] + [encoder.embed(k) for k in keep])
+    h_a = torch.stack([encoder.embed(a) for _, a in pairs] + [encoder.embed(k) for k in keep])
+    reads = (LAYERS - 2, LAYERS - 1)
+    progressive_shallow(encoder.blocks, h_t, h_a, columns, SolverSettings(budget=D + T), schedule=3, reads=reads,
+                        outputs={}, edited={}, causal=True)  # solved first: the blocks must stay the originals
+    out = unedited_outputs(encoder.blocks, h_t, columns, reads, len(pairs), causal=True)
+    assert sorted(out) == list(reads)
+    assert sorted(torch.cat(out[LAYERS - 1].rows).tolist()) == list(range(len(pairs)))  # not the kept prompt's row
+    assert sum(p.shape[0] * p.shape[1] for p in out[LAYERS - 1].parts) < 0.8 * len(pairs) * T
+    h, whole = h_t, {}
+    with torch.no_grad():
+        for l, b in enumerate(encoder.blocks):
+            mid, x = b.mlp_input(h)
+            h = mid + x @ b.weight.T + b.bias
+            whole[l] = h
+    template_columns = columns.target[: columns.n_erasure]
+    for l in reads:
+        a, b = gather(whole[l], template_columns), gather(out[l], template_columns)
         assert float((a - b).norm()) <= 1e-5 * float(a.norm())
 
 

@@ -215,3 +215,44 @@ def test_a_prompt_repeated_in_a_batch_is_encoded_once(users_model):
     assert once.cond.shape == whole.cond.shape and once.captured[0][0].shape == whole.captured[0][0].shape
     assert float((once.cond - whole.cond).norm() / whole.cond.norm()) <= 1e-5  # batch size changes only the blocking
     assert float((once.captured[0][0] - whole.captured[0][0]).norm()) == 0.0
+
+
+def originals_both_ways(model, clip):
+    """The templates' unedited features (``X_0`` at the constrained columns, and pooled) from a whole
+    encode and from the chain's cut rows through the unedited blocks (what a solve with S > 0 uses)."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops import pipeline as P
+    from erasepro_ops.batches import build_batches
+    from erasepro_ops.chain import SolverSettings, inputs_with_partners
+    from erasepro_ops.request import Request
+    from erasepro_ops.shallow import solve_shallow
+    from erasepro_ops.templates import ConceptPair
+
+    host = ComfyHost(model, clip)
+    arch = host.architecture()
+    request = Request((ConceptPair("van gogh", "a painting", "style"), ConceptPair("parachute", "an object", "object")),
+                      preserve=("a photo of a dog",), retain_strength=0.0)
+    b = build_batches(host, arch, request)
+    whole, chained = P._Originals(host, b), P._Originals(host, b, chain=True)
+    assert chained.x0 is None
+    y_cond, anchor_in, target_in = chained.constrained(b)
+    shallow = solve_shallow(host, arch, request, SolverSettings(), b.columns_of, anchor_in, target_in, None, None,
+                            reach=b.chain_reach, unedited_rows=b.n_target)
+    assert sorted(shallow.unedited) == [i for i, e in enumerate(arch.encoders) if e.spec.per_token]
+    chained.targets(host, b, shallow.unedited)
+    for w, c in zip(whole.target_in, chained.target_in):
+        assert torch.equal(w[0], c[0])
+    a, _ = inputs_with_partners(whole.x0_constrained(b), y_cond, b.columns)
+    c, _ = inputs_with_partners(chained.x0_constrained(b), y_cond, b.columns)
+    return a, c, whole.x0_pooled, chained.x0_pooled
+
+
+def test_the_templates_unedited_features_from_the_chain_are_the_whole_encodes(users_model, host):
+    """A solve with S > 0 takes the templates' unedited features from their cut rows through the
+    unedited blocks, resumed through ComfyUI's own final norm, not from a whole encode: the same at
+    every constrained column, on the fp16 checkpoint as users load it and on SDXL (pooled too)."""
+    a, c, _, _ = originals_both_ways(*users_model)
+    assert float((a - c).norm()) <= 1e-6 * float(a.norm())
+    a, c, pa, pc = originals_both_ways(*host.build("sdxl"))
+    assert float((a - c).norm()) <= 1e-6 * float(a.norm())
+    assert pa is not None and float((pa - pc).norm()) <= 1e-6 * float(pa.norm())
