@@ -130,7 +130,8 @@ def read_as_sampling(clip) -> None:
 
 def first_layer_inputs(clip, encoders, chunks_per_encoder) -> list:
     """Each encoder's first-layer input ``(hidden, mask, attention)`` for a batch of chunks, without
-    running the encoder's layers (only its embeddings)."""
+    running the encoder's layers (only its embeddings); the prompts whose embeddings are not finite
+    are named (:func:`check_features`)."""
     clip.load_model()
     captured = []
     with torch.no_grad():
@@ -150,6 +151,7 @@ def first_layer_inputs(clip, encoders, chunks_per_encoder) -> list:
             finally:
                 hook.remove()
                 stopper.remove()
+            check_features(clip, enc, chunks, hook.calls[0][0])
             captured.append(hook.calls[0])
     return captured
 

@@ -176,15 +176,15 @@ class Batches:
     def n_target(self) -> int:
         return len(self.alignments)
 
-    def chain_reach(self, i: int, special) -> torch.Tensor | None:
-        """Per row of encoder ``i``'s chain batch (the templates, then the kept prompts when they
-        are constraints), how many positions the deep sites read of its output beyond the
-        constrained columns: a template's up to its end token (the pooled embedding's), a kept
-        prompt's all. None when the deep sites read prompts the chain does not run (kept prompts
-        that are not constraints)."""
+    def chain_reach(self, i: int, special, anchors: bool = False) -> torch.Tensor | None:
+        """Per row of encoder ``i``'s chain batch (the templates, or with ``anchors`` their anchor
+        prompts, then the kept prompts when they are constraints), how many positions the deep
+        sites read of its output beyond the constrained columns: a template's up to its end token
+        (the pooled embedding's), a kept prompt's all. None when the deep sites read prompts the
+        chain does not run (kept prompts that are not constraints)."""
         if self.preserve_tokens is not None and not self.exact_preserve:
             return None
-        reach = [end_index(list(c), special) + 1 for c in self.target_ids[i]]
+        reach = [end_index(list(c), special) + 1 for c in (self.anchor_ids if anchors else self.target_ids)[i]]
         if self.preserve_tokens is not None:
             reach += [len(c) for c in self.preserve_tokens[i]]
         return torch.tensor(reach, dtype=torch.long)

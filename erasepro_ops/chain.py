@@ -368,6 +368,8 @@ def progressive_shallow(
     target_lengths: torch.Tensor | None = None,
     outputs: dict | None = None,
     edited: dict | None = None,
+    anchor_lengths: torch.Tensor | None = None,
+    anchor_outputs: dict | None = None,
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
@@ -388,7 +390,10 @@ def progressive_shallow(
     :class:`~erasepro_ops.rows.RowBatch`; the blocks run on to the last of them. ``edited``, when
     given, receives each solved site's ``W_o + ΔW`` (float32, as the chain ran it) by name, and the
     results keep their updates as the edit does (:meth:`SiteResult.stored`), so no earlier site's
-    float64 factors are held while the next one solves.
+    float64 factors are held while the next one solves. ``anchor_outputs``, with ``outputs``,
+    receives the anchor batch's (unedited) hidden state after each block in ``reads`` the same way:
+    every anchor row then runs on past the chain, as far as ``anchor_lengths`` (per row) or its
+    columns reach.
     """
     if rule not in SHALLOW_RULES:
         raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")
@@ -399,11 +404,12 @@ def progressive_shallow(
         raise ValueError(f"block {last} is past the {len(blocks)} blocks given")
     results: list[SiteResult] = []
     h_t = _run_rows(h_target, columns.target, causal, target_lengths)
-    h_a = RowBatch.distinct(h_anchor, columns.anchor, causal, masks[1])  # a concept type's anchors repeat
+    h_a = RowBatch.distinct(h_anchor, columns.anchor, causal, masks[1], anchor_lengths)  # a type's anchors repeat
     shifted = columns.target[columns.n_keep:] != columns.anchor
+    anchor_reads = reads if anchor_outputs is not None else ()
     for l, block in enumerate(blocks[: last + 1]):
         with torch.no_grad():
-            if l == depth:  # past the chain: only the anchor rows a shifted column reads run on
+            if l == depth and not anchor_reads:  # past the chain: only the anchor rows a shifted column reads run on
                 h_a = h_a.keep_rows(torch.unique(columns.anchor[shifted] // h_a.context))
             if l < depth:
                 mid_a, x_a = _mlp_input(block, h_a, masks[1])
@@ -422,12 +428,16 @@ def progressive_shallow(
                     target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
                 del w, y
                 h_a = out_a
+                if l in anchor_reads:
+                    anchor_outputs[l] = h_a
             else:
                 mid_t, x_t = _mlp_input(block, h_t, masks[0])
                 h_t = _block_output(mid_t, x_t, block.weight, block.bias)
                 if len(h_a):
                     mid_a, x_a = _mlp_input(block, h_a, masks[1])
                     h_a = _block_output(mid_a, x_a, block.weight, block.bias)
+                if l in anchor_reads:
+                    anchor_outputs[l] = h_a
                 gap = _open_gap(h_a, h_t, columns, shifted, gap_floor) if l in bridges else None
                 if gap is None:
                     if l in bridges and on_site is not None:

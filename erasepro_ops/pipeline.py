@@ -36,57 +36,83 @@ def _kept_features(b: Batches, k, k_edited, n_user: int, empty: bool = False):
     return b.kept_positions(k, rows).T, b.kept_positions(k_edited, rows).T
 
 
-def encode_once(host: Host, chunks, capture: bool = False) -> Encoded:
+def encode_once(host: Host, chunks, capture: bool = False, resume=None, first_row: int = 0) -> Encoded:
     """``host.encode`` with each prompt that repeats in the batch (every concept of a type has the
-    same anchor prompts) encoded once and its features copied to every row that holds it."""
+    same anchor prompts) encoded once and its features copied to every row that holds it.
+    ``resume[i][l]`` (a :class:`~erasepro_ops.rows.RowBatch`): encoder ``i``'s hidden states after
+    its read block ``l``, for a batch whose rows from ``first_row`` on are these prompts
+    (``Host.encode``: its blocks are not run again)."""
     rows = list(zip(*[[tuple(c) for c in per_encoder] for per_encoder in chunks]))
-    unique = list(dict.fromkeys(rows))
-    if len(unique) == len(rows):
-        return host.encode(chunks, capture=capture)
+    first_of: dict[tuple, int] = {}
+    for r, row in enumerate(rows):
+        first_of.setdefault(row, r)
+    if len(first_of) == len(rows):
+        return host.encode(chunks, capture=capture, resume=_resumed(resume, torch.arange(len(rows)) + first_row))
+    unique, firsts = list(first_of), torch.tensor(list(first_of.values()))
     where = {row: i for i, row in enumerate(unique)}
     index = torch.tensor([where[row] for row in rows])
     cond, pooled, captured = host.encode([[list(row[i]) for row in unique] for i in range(len(chunks))],
-                                         capture=capture)
+                                         capture=capture, resume=_resumed(resume, firsts + first_row))
     return Encoded(cond[index.to(cond.device)], None if pooled is None else pooled[index.to(pooled.device)],
                    [select_inputs(c, index) for c in captured])
+
+
+def _resumed(resume, rows: torch.Tensor):
+    """``resume``'s hidden states at the batch's rows ``rows``, as ``Host.encode`` takes them (None: none)."""
+    if not resume:
+        return None
+    return {i: {l: h.dense(rows) for l, h in per_block.items()} for i, per_block in resume.items()}
 
 
 class _Originals:
     """The unedited text encoders' outputs: anchors, targets, kept prompts (with first-block inputs).
 
-    With ``chain`` (a shallow chain will run), the targets' outputs wait for it (:meth:`targets`):
-    a chain that runs them through the blocks the model reads gives their unedited hidden states
-    there from the positions the solve uses, so no whole encode of them is needed."""
+    With ``chain`` (a shallow chain will run), only the first-block inputs are taken at first and the
+    outputs wait for the chain (:meth:`after_chain`): where it runs the prompts through the blocks the
+    model reads, their unedited hidden states there come from the positions the solve uses, so no
+    whole encode of them is needed."""
 
     def __init__(self, host: Host, b: Batches, chain: bool = False):
-        self.y, self.y_pooled, self.anchor_in = encode_once(host, b.anchor_ids, capture=True)
+        self.chain = chain
+        self.y = self.y_pooled = self.x0 = self.x0_pooled = self.k = self.k_pooled = self.preserve_in = None
         if chain:
-            self.x0 = self.x0_pooled = None
+            self.anchor_in = host.first_block_inputs(b.anchor_ids)
             self.target_in = host.first_block_inputs(b.target_ids)
-        else:
-            self.x0, self.x0_pooled, self.target_in = encode_once(host, b.target_ids, capture=True)
-        self.k = self.k_pooled = self.preserve_in = None
+            if b.preserve_tokens is not None:
+                self.preserve_in = host.first_block_inputs(b.preserve_tokens)
+            return
+        self.y, self.y_pooled, self.anchor_in = encode_once(host, b.anchor_ids, capture=True)
+        self.x0, self.x0_pooled, self.target_in = encode_once(host, b.target_ids, capture=True)
         if b.preserve_tokens is not None:
             self.k, self.k_pooled, self.preserve_in = host.encode(b.preserve_tokens, capture=True)
 
-    def targets(self, host: Host, b: Batches, unedited: dict) -> None:
-        """The targets' unedited outputs, when they waited for the chain: ``unedited[i]``, encoder
-        ``i``'s hidden states after the blocks it reads, are resumed from (the host's final norm and
+    def after_chain(self, host: Host, b: Batches, shallow: ShallowResult) -> None:
+        """The outputs that waited for the chain, resumed from its unedited hidden states
+        (:attr:`ShallowResult.unedited`, :attr:`ShallowResult.anchors`: the host's final norm and
         pooled projection applied); an encoder the chain did not run is encoded whole."""
-        if self.x0 is None:
-            self.x0, self.x0_pooled, _ = host.encode(b.target_ids, resume=unedited or None)
+        if not self.chain:
+            return
+        anchors = shallow.anchors or None  # anchor rows, then the kept prompts' (they hold any only when constraints)
+        self.y, self.y_pooled, _ = encode_once(host, b.anchor_ids, resume=anchors)
+        self.x0, self.x0_pooled, _ = encode_once(host, b.target_ids, resume=shallow.unedited or None)
+        if b.preserve_tokens is not None:
+            self.k, self.k_pooled, _ = host.encode(b.preserve_tokens, resume=_resumed(
+                anchors, torch.arange(len(b.preserve_tokens[0])) + len(b.anchor_ids[0])))
 
     def constrained(self, b: Batches):
-        """``(Y, anchor inputs, target inputs)`` with the kept prompts joining both batches (each
+        """``(anchor inputs, target inputs)`` with the kept prompts joining both batches (each
         paired with itself) when they are constraints."""
         if not b.exact_preserve:
-            return self.y, self.anchor_in, self.target_in
-        return (torch.cat([self.y, self.k]), [cat_inputs(a, p) for a, p in zip(self.anchor_in, self.preserve_in)],
+            return self.anchor_in, self.target_in
+        return ([cat_inputs(a, p) for a, p in zip(self.anchor_in, self.preserve_in)],
                 [cat_inputs(t, p) for t, p in zip(self.target_in, self.preserve_in)])
 
-    def x0_constrained(self, b: Batches) -> torch.Tensor:
-        """``X_0``, the targets' unedited outputs, with the kept prompts' after them when they are constraints."""
-        return torch.cat([self.x0, self.k]) if b.exact_preserve else self.x0
+    def features(self, b: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Y, X_0)``, the anchors' and the targets' unedited outputs, with the kept prompts' after
+        them when they are constraints."""
+        if not b.exact_preserve:
+            return self.y, self.x0
+        return torch.cat([self.y, self.k]), torch.cat([self.x0, self.k])
 
 
 def _deep_inputs(host: Host, b: Batches, o: _Originals, shallow: ShallowResult):
@@ -113,15 +139,14 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
                               overflow_preserve_weight=request.overflow_preserve_weight, gap_floor=request.gap_floor)
     b = build_batches(host, arch, request)
     columns, n_target = b.columns, b.n_target
-    chain = request.method == "erasepro" and request.progressive_layers > 0
-    o = _Originals(host, b, chain)
-    y_cond, anchor_in, target_in = o.constrained(b)
+    o = _Originals(host, b, chain=request.method == "erasepro" and request.progressive_layers > 0)
+    anchor_in, target_in = o.constrained(b)
 
     soft = soft_weighting(host, arch, request, o.preserve_in if b.soft_preserve else None, b.kept_lengths)
     shallow = solve_shallow(host, arch, request, settings, b.columns_of, anchor_in, target_in, soft, on_site,
                             reach=b.chain_reach, unedited_rows=n_target)
-    o.targets(host, b, shallow.unedited)
-    x0_cond = o.x0_constrained(b)
+    o.after_chain(host, b, shallow)
+    y_cond, x0_cond = o.features(b)
 
     x_all, pooled_all = _deep_inputs(host, b, o, shallow)
     x_cond = x_all if b.exact_preserve else x_all[:n_target]

@@ -33,13 +33,17 @@ class RowBatch:
         return cls((h,), (torch.arange(h.shape[0]),), int(h.shape[1]), int(h.shape[0]))
 
     @classmethod
-    def distinct(cls, h: torch.Tensor, index: torch.Tensor, causal: bool, mask=None) -> RowBatch:
+    def distinct(cls, h: torch.Tensor, index: torch.Tensor, causal: bool, mask=None,
+                 at_least: torch.Tensor | None = None) -> RowBatch:
         """``h`` with each row that repeats another exactly (input and attention mask) run once, by
         its first copy, for all of them: every concept of a type has the same anchor prompts. A
-        ``causal`` encoder's rows are cut after the last position ``index`` reaches in any copy."""
+        ``causal`` encoder's rows are cut after the last position ``index`` (or ``at_least``,
+        positions per row) reaches in any copy."""
         source = repeated_rows(h, mask)
         if causal:
-            out = cls.reaching(h, source[index.cpu() // h.shape[1]] * h.shape[1] + index.cpu() % h.shape[1])
+            if at_least is not None:  # each copy's reach, given to the row that runs for it
+                at_least = torch.zeros(len(source), dtype=torch.long).scatter_reduce(0, source, at_least.cpu(), "amax")
+            out = cls.reaching(h, source[index.cpu() // h.shape[1]] * h.shape[1] + index.cpu() % h.shape[1], at_least)
         else:
             first = torch.unique(source)
             out = cls((h[first.to(h.device)],), (first,), int(h.shape[1]), int(h.shape[0]))
@@ -122,13 +126,20 @@ class RowBatch:
             out[:, sel.to(out.device)] = part.reshape(-1, part.shape[-1])[flat.to(part.device)].T
         return out
 
-    def dense(self) -> torch.Tensor:
-        """The whole batch P × T × D, zeros where a row was not run."""
+    def dense(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows ``rows`` of the whole batch (default: all of them) as ``len(rows) × T × D``,
+        zeros where a row was not run."""
+        rows = torch.arange(self.batch) if rows is None else rows.cpu()
+        run = self._run_row(rows)
         first = self.parts[0]
-        out = first.new_zeros(self.batch, self.context, first.shape[-1])
+        out = first.new_zeros(len(rows), self.context, first.shape[-1])
+        slot = torch.full((self.batch,), -1, dtype=torch.long)
         for part, r in zip(self.parts, self.rows):
-            out[r.to(out.device), : part.shape[1]] = part
-        return out if self.source is None else out[self.source.to(out.device)]
+            slot[r] = torch.arange(r.numel())
+            sel = torch.nonzero(slot[run] >= 0).flatten()
+            out[sel.to(out.device), : part.shape[1]] = part[slot[run[sel]].to(part.device)]
+            slot[r] = -1
+        return out
 
 
 def repeated_rows(h: torch.Tensor, mask=None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .family import Architecture
 from .host import Host
 from .request import Request
 from .retain import retain_prompts
+from .rows import RowBatch
 from .batches import preserve_alignments, preserve_ids, select_inputs, split
 from .weighting_cache import RETAIN_WEIGHTINGS, Loaded
 
@@ -135,7 +136,9 @@ class ShallowResult:
     edited: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # key → (W_o + ΔW, bias), float32
     notes: list[str] = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
     hidden: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)  # encoder → read block → B × T × D
-    unedited: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)  # the same, no edits, targets only
+    # encoder → read block → the templates' rows, no edits / the anchor batch's rows (anchors, then kept prompts)
+    unedited: dict[int, dict[int, RowBatch]] = dataclasses.field(default_factory=dict)
+    anchors: dict[int, dict[int, RowBatch]] = dataclasses.field(default_factory=dict)
 
 
 def solve_shallow(host: Host, arch: Architecture, request: Request, settings: SolverSettings, columns_of,
@@ -148,7 +151,8 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
     reads and keeps their hidden states (:attr:`ShallowResult.hidden`), so the deep sites' inputs
     need no second pass through those blocks. With ``unedited_rows``, it also runs that many
     leading rows (the templates) through the unedited blocks it reads
-    (:func:`~erasepro_ops.chain.unedited_outputs`, :attr:`ShallowResult.unedited`): the original
+    (:func:`~erasepro_ops.chain.unedited_outputs`, :attr:`ShallowResult.unedited`) and the anchor
+    batch (anchors, then kept prompts) on to them (:attr:`ShallowResult.anchors`): the original
     features there cost one pass over the positions the solve uses, not a whole encode.
     On a CLIP, when target and anchor tokenize to different lengths, the blocks it reads past the
     first S are bridges too (:func:`~erasepro_ops.chain.progressive_shallow`): the deep sites then
@@ -194,19 +198,21 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
         blocks = host.shallow_blocks(enc, run, [weights[k] for k in run], [bias[k] for k in bias_keys],
                                      target_in[i])
         outputs, edited = {} if reads else None, {}
+        anchors = {} if reads and unedited_rows else None
         results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns,
                                       shallow_settings, rule=request.rule,
                                       preserve=_weightings(host, enc, blocks, sites, soft, i, shallow_settings),
                                       on_site=on_site, masks=(target_in[i][1], anchor_in[i][1]),
                                       schedule=schedule, bridges=bridges, gap_floor=settings.gap_floor,
                                       causal=enc.spec.causal, reads=reads, target_lengths=rows, outputs=outputs,
-                                      edited=edited)
+                                      edited=edited, anchor_outputs=anchors,
+                                      anchor_lengths=None if anchors is None else reach(i, enc.special, anchors=True))
         if reads:
             out.hidden[i] = {l: h.dense() for l, h in outputs.items()}
-        if reads and unedited_rows:
-            unedited = unedited_outputs(blocks, target_in[i][0], columns, reads, unedited_rows,
-                                        mask=target_in[i][1], causal=enc.spec.causal, target_lengths=rows)
-            out.unedited[i] = {l: h.dense()[:unedited_rows] for l, h in unedited.items()}
+        if anchors is not None:
+            out.anchors[i] = anchors
+            out.unedited[i] = unedited_outputs(blocks, target_in[i][0], columns, reads, unedited_rows,
+                                               mask=target_in[i][1], causal=enc.spec.causal, target_lengths=rows)
         for r in results:
             out.weights[r.name] = weights[r.name]
             out.edited[r.name] = (edited[r.name], bias[r.name.replace(".weight", ".bias")])

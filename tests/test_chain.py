@@ -394,6 +394,7 @@ def test_a_row_batch_is_indexed_as_the_whole_batch():
     assert torch.equal(rows.gather(index), h.reshape(-1, 3)[index].T)
     dense = rows.dense()
     assert torch.equal(dense[1], h[1]) and torch.equal(dense[0, :2], h[0, :2]) and not dense[2].any()
+    assert not dense[0, 2:].any() and torch.equal(rows.dense(torch.tensor([3, 1])), dense[[3, 1]])
     with pytest.raises(ValueError, match="past the position"):
         rows.gather(torch.tensor([0 * 8 + 5]))
     with pytest.raises(ValueError, match="did not run"):
@@ -425,6 +426,11 @@ def test_a_row_that_repeats_another_runs_once_for_both(causal, monkeypatch):
     assert lengths == ({0: 8, 1: 4, 3: 2, 5: 4} if causal else {0: 8, 1: 8, 3: 8, 5: 8})
     assert torch.equal(rows.gather(index), h.reshape(-1, 3)[index].T)
     assert torch.equal(rows.dense()[[2, 4], :4], h[[2, 4], :4])
+    some = rows.dense(torch.tensor([4, 2, 2]))  # rows run by others, one twice, in any order
+    assert some.shape == (3, 8, 3) and torch.equal(some[:, :4], h[[4, 2, 2], :4])
+    # a copy's own reach is given to the row that runs for it
+    longer = RowBatch.distinct(h, index, causal, mask, at_least=torch.tensor([0, 0, 0, 0, 7, 0]))
+    assert {int(r): p.shape[1] for p, rr in zip(longer.parts, longer.rows) for r in rr}[1] == 8
     kept = rows.keep_rows(torch.tensor([4]))  # row 4 is run by row 1
     assert len(kept) == 1 and torch.equal(kept.gather(index[2:3]), h.reshape(-1, 3)[index[2:3]].T)
     for k, run in enumerate(rows.rows):
@@ -467,10 +473,12 @@ def test_a_causal_encoders_rows_run_only_as_far_as_they_are_read(anchor, monkeyp
         assert float((a - b).norm()) <= 1e-5 * float(a.norm())
 
 
-def test_the_templates_unedited_features_come_from_their_cut_rows_through_the_original_blocks(monkeypatch):
+def test_the_unedited_features_come_from_cut_rows_through_the_original_blocks(monkeypatch):
     """unedited_outputs runs only the template rows, each cut after its last position used, through
     the unedited blocks: at every template column they are the whole batch's original features
-    (the chain's edits do not leak in), and the kept prompt's row is not run."""
+    (the chain's edits do not leak in), and the kept prompt's row is not run. The chain's anchor
+    batch, asked for its outputs, runs on past the chain: the anchors' original features at their
+    columns, the kept prompt's at every position."""
     from erasepro_ops import rows
     monkeypatch.setattr(rows, "BUCKET", 2)
     encoder = Encoder()
@@ -484,6 +492,10 @@ def test_the_templates_unedited_features_come_from_their_cut_rows_through_the_or
     reads = (LAYERS - 2, LAYERS - 1)
     progressive_shallow(encoder.blocks, h_t, h_a, columns, SolverSettings(budget=D + T), schedule=3, reads=reads,
                         outputs={}, edited={}, causal=True)  # solved first: the blocks must stay the originals
+    anchors = {}
+    progressive_shallow(encoder.blocks, h_t, h_a, columns, SolverSettings(budget=D + T), schedule=3, reads=reads,
+                        outputs={}, causal=True, anchor_outputs=anchors,
+                        anchor_lengths=torch.tensor([len(a) - a[::-1].index(SPECIAL.start) for _, a in pairs] + [T]))
     out = unedited_outputs(encoder.blocks, h_t, columns, reads, len(pairs), causal=True)
     assert sorted(out) == list(reads)
     assert sorted(torch.cat(out[LAYERS - 1].rows).tolist()) == list(range(len(pairs)))  # not the kept prompt's row
@@ -498,6 +510,18 @@ def test_the_templates_unedited_features_come_from_their_cut_rows_through_the_or
     for l in reads:
         a, b = gather(whole[l], template_columns), gather(out[l], template_columns)
         assert float((a - b).norm()) <= 1e-5 * float(a.norm())
+    h, whole = h_a, {}  # the anchor batch ran on past the chain, unedited: anchors at their columns, the kept prompt whole
+    with torch.no_grad():
+        for l, b in enumerate(encoder.blocks):
+            mid, x = b.mlp_input(h)
+            h = mid + x @ b.weight.T + b.bias
+            whole[l] = h
+    assert sorted(anchors) == list(reads)
+    for l in reads:
+        a, b = gather(whole[l], columns.anchor), gather(anchors[l], columns.anchor)
+        assert float((a - b).norm()) <= 1e-5 * float(a.norm())
+        kept = anchors[l].dense(torch.tensor([len(pairs)]))[0]
+        assert float((kept - whole[l][len(pairs)]).norm()) <= 1e-5 * float(whole[l][len(pairs)].norm())
 
 
 def test_the_chain_hands_on_each_sites_edited_weight_and_keeps_its_own_float32_factors():

@@ -344,20 +344,39 @@ def test_effective_weights_on_the_old_comfyui_api(host, monkeypatch):
 def _check_hand_off(model, clip, request):
     """The deep sites' inputs from the chain's own hidden states (no block run again) against
     ComfyUI's encode with the shallow edits patched in, at every column the deep sites read and
-    every position of the kept prompts (the empty prompt among them when kept)."""
+    every position of the kept prompts (the empty prompt among them when kept). And the unedited
+    features a solve with S > 0 takes from the chain's rows through the unedited blocks (anchors,
+    templates, kept prompts; pooled embeddings) against whole encodes."""
     from erasepro_comfy.host import ComfyHost
     from erasepro_ops import pipeline
     from erasepro_ops.batches import build_batches
-    from erasepro_ops.chain import SolverSettings, gather
+    from erasepro_ops.chain import SolverSettings, gather, inputs_with_partners
     from erasepro_ops.shallow import soft_weighting, solve_shallow
     host = ComfyHost(model, clip)
     arch = host.architecture()
     b = build_batches(host, arch, request)
     o = pipeline._Originals(host, b)
-    _, _, anchor_in, target_in = o.constrained(b)
+    anchor_in, target_in = o.constrained(b)
     soft = soft_weighting(host, arch, request, None, b.kept_lengths)
     shallow = solve_shallow(host, arch, request, SolverSettings(gap_floor=request.gap_floor), b.columns_of, anchor_in,
-                            target_in, soft, None, reach=b.chain_reach)
+                            target_in, soft, None, reach=b.chain_reach, unedited_rows=b.n_target)
+    chained = pipeline._Originals(host, b, chain=True)
+    assert chained.x0 is None and chained.y is None and chained.k is None
+    for w, c in zip(o.target_in + o.anchor_in + o.preserve_in, chained.target_in + chained.anchor_in + chained.preserve_in):
+        assert torch.equal(w[0], c[0])
+    assert sorted(shallow.unedited) == sorted(shallow.anchors) == sorted(shallow.hidden)
+    chained.after_chain(host, b, shallow)
+    found = []
+    for originals in (o, chained):
+        y, x0 = originals.features(b)
+        x0, y = inputs_with_partners(x0, y, b.columns)
+        found.append([x0, y, b.kept_positions(originals.k, slice(None)), originals.x0_pooled, originals.y_pooled,
+                      originals.k_pooled])
+    for a, c in zip(*found):
+        if a is None:  # no pooled embedding read (SD1.x, SD2.x)
+            assert c is None
+            continue
+        assert a.shape == c.shape and float((a - c).norm()) <= 1e-6 * float(a.norm())
     assert sorted(shallow.hidden) == [i for i, e in enumerate(arch.encoders) if e.spec.per_token]
     assert {i: tuple(sorted(h)) for i, h in shallow.hidden.items()} == {
         i: arch.encoders[i].read_blocks for i in shallow.hidden}
@@ -390,12 +409,13 @@ def test_the_chain_hands_comfyui_the_blocks_it_read(built, skip):
 
 def test_the_chain_hands_comfyui_the_blocks_it_read_as_users_load_it(host):
     """An fp16 checkpoint file through ComfyUI's loader (the full 12-layer CLIP-L in float16), the
-    defaults (retain bank, the empty prompt kept), a style and two objects, one with a shorter anchor."""
+    defaults (retain bank, the empty prompt kept), two styles (the same anchor prompts) and two
+    objects, one with a shorter anchor."""
     from erasepro_ops.request import Request
     from erasepro_ops.templates import ConceptPair
     model, clip = host.as_users_load("sd15", "tiny")
     concepts = (ConceptPair("van gogh", "a painting", "style"), ConceptPair("parachute", "an object", "object"),
-                ConceptPair("church", "a building", "object"))
+                ConceptPair("claude monet", "a painting", "style"), ConceptPair("church", "a building", "object"))
     _check_hand_off(model, clip, Request(concepts, preserve=("a red bicycle", "a bowl of soup")))
 
 
