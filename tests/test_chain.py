@@ -437,6 +437,30 @@ def test_a_row_that_repeats_another_runs_once_for_both(causal, monkeypatch):
         assert torch.equal(rows.mask_of(mask, k), mask[run])
 
 
+def templates_and_a_kept_prompt(encoder, anchor=(50, 51)):
+    """``(pairs, columns, h_t, h_a)``: the templates with one padding position each, then a kept
+    prompt paired with itself, as first-block inputs."""
+    pairs = prompts(anchor=anchor)
+    keep = [chunk([20, 21, 22])]
+    alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
+    columns = Columns.from_alignments(alignments, T, preserve=[preserve_alignment("kept", keep[0], SPECIAL)],
+                                      padding=[1] * len(pairs))
+    h_t = torch.stack([encoder.embed(t) for t, _ in pairs] + [encoder.embed(k) for k in keep])
+    h_a = torch.stack([encoder.embed(a) for _, a in pairs] + [encoder.embed(k) for k in keep])
+    return pairs, columns, h_t, h_a
+
+
+def original_states(encoder, h):
+    """The hidden state after each block of the unedited encoder, whole rows."""
+    states = {}
+    with torch.no_grad():
+        for l, b in enumerate(encoder.blocks):
+            mid, x = b.mlp_input(h)
+            h = mid + x @ b.weight.T + b.bias
+            states[l] = h
+    return states
+
+
 @pytest.mark.parametrize("anchor", [(50, 51), (50,)], ids=["same-length", "shorter-anchor"])
 def test_a_causal_encoders_rows_run_only_as_far_as_they_are_read(anchor, monkeypatch):
     """Cut after the last position a column reaches, the rows give the updates the whole batch
@@ -445,13 +469,7 @@ def test_a_causal_encoders_rows_run_only_as_far_as_they_are_read(anchor, monkeyp
     from erasepro_ops import rows
     monkeypatch.setattr(rows, "BUCKET", 2)
     encoder = Encoder()
-    pairs = prompts(anchor=anchor)
-    keep = [chunk([20, 21, 22])]
-    alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
-    columns = Columns.from_alignments(alignments, T, preserve=[preserve_alignment("kept", keep[0], SPECIAL)],
-                                      padding=[1] * len(pairs))
-    h_t = torch.stack([encoder.embed(t) for t, _ in pairs] + [encoder.embed(k) for k in keep])
-    h_a = torch.stack([encoder.embed(a) for _, a in pairs] + [encoder.embed(k) for k in keep])
+    pairs, columns, h_t, h_a = templates_and_a_kept_prompt(encoder, anchor)
     settings = SolverSettings(budget=D + T)
     run = dict(rule="residual_schedule", schedule=3, bridges=(LAYERS - 1,), gap_floor=settings.gap_floor,
                reads=(LAYERS - 2, LAYERS - 1))
@@ -482,13 +500,7 @@ def test_the_unedited_features_come_from_cut_rows_through_the_original_blocks(mo
     from erasepro_ops import rows
     monkeypatch.setattr(rows, "BUCKET", 2)
     encoder = Encoder()
-    pairs = prompts()
-    keep = [chunk([20, 21, 22])]
-    alignments = [align(t, a, SPECIAL, context_length=T) for t, a in pairs]
-    columns = Columns.from_alignments(alignments, T, preserve=[preserve_alignment("kept", keep[0], SPECIAL)],
-                                      padding=[1] * len(pairs))
-    h_t = torch.stack([encoder.embed(t) for t, _ in pairs] + [encoder.embed(k) for k in keep])
-    h_a = torch.stack([encoder.embed(a) for _, a in pairs] + [encoder.embed(k) for k in keep])
+    pairs, columns, h_t, h_a = templates_and_a_kept_prompt(encoder)
     reads = (LAYERS - 2, LAYERS - 1)
     progressive_shallow(encoder.blocks, h_t, h_a, columns, SolverSettings(budget=D + T), schedule=3, reads=reads,
                         outputs={}, edited={}, causal=True)  # solved first: the blocks must stay the originals
@@ -500,22 +512,12 @@ def test_the_unedited_features_come_from_cut_rows_through_the_original_blocks(mo
     assert sorted(out) == list(reads)
     assert sorted(torch.cat(out[LAYERS - 1].rows).tolist()) == list(range(len(pairs)))  # not the kept prompt's row
     assert sum(p.shape[0] * p.shape[1] for p in out[LAYERS - 1].parts) < 0.8 * len(pairs) * T
-    h, whole = h_t, {}
-    with torch.no_grad():
-        for l, b in enumerate(encoder.blocks):
-            mid, x = b.mlp_input(h)
-            h = mid + x @ b.weight.T + b.bias
-            whole[l] = h
+    whole = original_states(encoder, h_t)
     template_columns = columns.target[: columns.n_erasure]
     for l in reads:
         a, b = gather(whole[l], template_columns), gather(out[l], template_columns)
         assert float((a - b).norm()) <= 1e-5 * float(a.norm())
-    h, whole = h_a, {}  # the anchor batch ran on past the chain, unedited: anchors at their columns, the kept prompt whole
-    with torch.no_grad():
-        for l, b in enumerate(encoder.blocks):
-            mid, x = b.mlp_input(h)
-            h = mid + x @ b.weight.T + b.bias
-            whole[l] = h
+    whole = original_states(encoder, h_a)  # the anchor batch ran on: anchors at their columns, the kept prompt whole
     assert sorted(anchors) == list(reads)
     for l in reads:
         a, b = gather(whole[l], columns.anchor), gather(anchors[l], columns.anchor)
