@@ -36,23 +36,23 @@ def _kept_features(b: Batches, k, k_edited, n_user: int, empty: bool = False):
     return b.kept_positions(k, rows).T, b.kept_positions(k_edited, rows).T
 
 
-def encode_once(host: Host, chunks, capture: bool = False, resume=None, first_row: int = 0) -> Encoded:
+def encode_once(host: Host, chunks, capture: bool = False, resume=None) -> Encoded:
     """``host.encode`` with each prompt that repeats in the batch (every concept of a type has the
     same anchor prompts) encoded once and its features copied to every row that holds it.
     ``resume[i][l]`` (a :class:`~erasepro_ops.rows.RowBatch`): encoder ``i``'s hidden states after
-    its read block ``l``, for a batch whose rows from ``first_row`` on are these prompts
-    (``Host.encode``: its blocks are not run again)."""
+    its read block ``l``, for a batch whose first rows are these prompts (``Host.encode``: its
+    blocks are not run again)."""
     rows = list(zip(*[[tuple(c) for c in per_encoder] for per_encoder in chunks]))
     first_of: dict[tuple, int] = {}
     for r, row in enumerate(rows):
         first_of.setdefault(row, r)
     if len(first_of) == len(rows):
-        return host.encode(chunks, capture=capture, resume=_resumed(resume, torch.arange(len(rows)) + first_row))
+        return host.encode(chunks, capture=capture, resume=_resumed(resume, torch.arange(len(rows))))
     unique, firsts = list(first_of), torch.tensor(list(first_of.values()))
     where = {row: i for i, row in enumerate(unique)}
     index = torch.tensor([where[row] for row in rows])
     cond, pooled, captured = host.encode([[list(row[i]) for row in unique] for i in range(len(chunks))],
-                                         capture=capture, resume=_resumed(resume, firsts + first_row))
+                                         capture=capture, resume=_resumed(resume, firsts))
     return Encoded(cond[index.to(cond.device)], None if pooled is None else pooled[index.to(pooled.device)],
                    [select_inputs(c, index) for c in captured])
 
@@ -144,7 +144,7 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
 
     soft = soft_weighting(host, arch, request, o.preserve_in if b.soft_preserve else None, b.kept_lengths)
     shallow = solve_shallow(host, arch, request, settings, b.columns_of, anchor_in, target_in, soft, on_site,
-                            reach=b.chain_reach, unedited_rows=n_target)
+                            reach=b.chain_reach, unedited_rows=n_target if o.chain else None)
     o.after_chain(host, b, shallow)
     y_cond, x0_cond = o.features(b)
 

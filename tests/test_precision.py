@@ -215,4 +215,3 @@ def test_a_prompt_repeated_in_a_batch_is_encoded_once(users_model):
     assert once.cond.shape == whole.cond.shape and once.captured[0][0].shape == whole.captured[0][0].shape
     assert float((once.cond - whole.cond).norm() / whole.cond.norm()) <= 1e-5  # batch size changes only the blocking
     assert float((once.captured[0][0] - whole.captured[0][0]).norm()) == 0.0
-
