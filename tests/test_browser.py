@@ -295,16 +295,33 @@ def assert_report_drawn(pg, report: dict, shots: Path | None = None, name: str =
     return counts
 
 
-def load_template(pg, stem: str):
-    """Templates dialog -> Extensions / ComfyUI-ErasePro -> the workflow's card."""
+def load_template(pg, stem: str, tries: int = 3):
+    """Templates dialog -> Extensions / ComfyUI-ErasePro -> the workflow's card, until the graph holds
+    the workflow's own nodes (new node objects, as many as its file lists) and the dialog is closed.
+    A click that lands while the dialog re-renders its cards after the category click loads nothing
+    and leaves the dialog open: the card is clicked again then."""
+    want = len(json.loads((REPO / "workflows" / f"{stem}.json").read_text(encoding="utf-8"))["nodes"])
+    pg.evaluate("() => app.graph._nodes.forEach(n => { n.__eraseproStale = true; })")
+    loaded = (f"() => app.graph._nodes.length === {want} && app.graph._nodes.every(n => !n.__eraseproStale)"
+              f" && app.graph._nodes.some(n => n.type === '{SOLVER}')"
+              " && !document.querySelector(\"[data-testid^='template-workflow-']\")")
     dialog_card = pg.locator(f"[data-testid='template-workflow-{stem}']")
-    if not pg.get_by_text(PACK_DIR_NAME, exact=True).first.is_visible():
-        pg.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    pg.get_by_text(PACK_DIR_NAME, exact=True).first.click(timeout=30_000)
-    dialog_card.click(timeout=30_000)
-    pg.wait_for_function(f"() => app.graph._nodes.some(n => n.type === '{SOLVER}')"
-                         " && !document.querySelector(\"[data-testid^='template-workflow-']\")",
-                         timeout=30_000)
+    for attempt in range(tries):
+        if not dialog_card.is_visible():
+            if not pg.get_by_text(PACK_DIR_NAME, exact=True).first.is_visible():
+                pg.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+            pg.get_by_text(PACK_DIR_NAME, exact=True).first.click(timeout=30_000)
+        dialog_card.click(timeout=30_000)
+        try:
+            pg.wait_for_function(loaded, timeout=15_000)
+            break
+        except sync_api.TimeoutError:
+            if attempt == tries - 1:
+                state = pg.evaluate("() => ({nodes: app.graph._nodes.length, stale: app.graph._nodes.filter(n => n.__eraseproStale).length,"
+                                    " dialog: !!document.querySelector(\"[data-testid^='template-workflow-']\")})")
+                raise AssertionError(f"{stem}: the template did not load after {tries} clicks "
+                                     f"(want {want} new nodes and the dialog closed): {state}") from None
+            print(f"\n[browser] {stem}: not loaded 15 s after the card's click, clicking again")
     wait_layout_settled(pg)
 
 
