@@ -25,7 +25,7 @@ from erasepro_ops.weighting_cache import RETAIN_WEIGHTINGS
 
 from .encode import (PROBE_BATCH, ClipLayerBlock, encode_batch, encoder_layers, encoder_module, encoder_stack,  # noqa: F401
                      encoder_tokenizer, first_layer_inputs)
-from .weights import effective_weights, fingerprint_of, running_fingerprints  # noqa: F401
+from .weights import EffectiveWeights, effective_weights, fingerprint_of, running_fingerprints  # noqa: F401
 
 TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl", "qwen3_4b")  # the cond_stage_model attributes looked for
 
@@ -212,8 +212,8 @@ class ComfyHost:
     def text_storage_bits(self, keys) -> int:
         return min(comfy.utils.get_attr(self.clip.patcher.model, key).dtype.itemsize * 8 for key in keys)
 
-    def model_weights(self, keys) -> dict[str, torch.Tensor]:
-        return effective_weights(self.model, keys)
+    def model_weights(self, keys) -> EffectiveWeights:
+        return EffectiveWeights(self.model, keys)
 
     def shallow_blocks(self, encoder, keys, weights, biases, captured) -> list:
         h = captured[0]

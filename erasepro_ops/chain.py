@@ -50,7 +50,7 @@ import torch
 
 from .alignment import ROLE_PRIORITY, PromptAlignment, limit_padding
 from .linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL,
-                     FeatureMoments, PreserveWeighting, check_finite)
+                     FeatureMoments, PreserveWeighting, check_finite, frobenius_norm)
 from .rows import RowBatch
 from .solve import ConstraintSystem, LowRankUpdate, MergedColumns, SharedUpdate, SiteSolution, UCESystem
 
@@ -552,7 +552,7 @@ def solve_deep(
     results, downs = [], {}
     for name, w in weights.items():
         solution = shared.solve(w)
-        weight_norm = float(w.to(torch.float64).norm())
+        weight_norm = frobenius_norm(w)
         results.append(SiteResult(name, "deep", solution, weight_norm, n_columns, solution.update.rank,
                                   unaligned, damped, exact_groups))
         if store:

@@ -49,11 +49,12 @@ def exact_parts(groups: torch.Tensor, exact_groups, empty_only: bool = False) ->
 
 
 def _drifts(kv_results, kv_weights, preserve_features, empty_features):
-    """The kept prompts' drift through the edit, ``(preserve, empty prompt)``, None where not kept."""
+    """The kept prompts' drift through the edit, ``(preserve, empty prompt)``, None where not kept.
+    ``kv_weights`` is read once, one weight at a time."""
+    if preserve_features is None and empty_features is None:
+        return None, None
     preserve_terms, empty_terms = [], []
     for r, w in zip(kv_results, kv_weights):  # one dense ΔW at a time: SDXL has 140 sites
-        if preserve_features is None and empty_features is None:
-            break
         dense = r.solution.update.dense()
         if preserve_features is not None:  # through the edited text encoder too (S > 0)
             preserve_terms.append(drift_terms(w, dense, *preserve_features))
@@ -82,10 +83,11 @@ def summarise(request: Request, family: str, pooled_site: str | None, columns, s
     residual too is against the original gap (the shallow stage may have closed most of it);
     ``warnings`` come before the ones found here."""
     kv_results = [r for r in deep_results if r.name != pooled_site]
-    kv_weights = [deep_weights[r.name] for r in kv_results]
-    train = residual_against_gap([r.solution.residual_sq for r in kv_results], kv_weights, gap)
+    train = residual_against_gap([r.solution.residual_sq for r in kv_results],
+                                 (deep_weights[r.name] for r in kv_results), gap)
     burden = deep_burden([r.weight_norm for r in kv_results], [r.update_norm for r in kv_results])
-    drift, empty_drift = _drifts(kv_results, kv_weights, preserve_features, empty_features)
+    drift, empty_drift = _drifts(kv_results, (deep_weights[r.name] for r in kv_results), preserve_features,
+                                 empty_features)
     summary = Summary(
         method=request.method, progressive_layers=request.progressive_layers, rule=request.rule, family=family,
         concepts=tuple(f"{p.target} → {p.anchor or '(nothing)'}" for p in request.concepts),

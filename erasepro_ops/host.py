@@ -64,8 +64,9 @@ class Host(Protocol):
         8 for fp8): an edit applied to them is rounded to that precision."""
         ...
 
-    def model_weights(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The diffusion model's effective weights, float32."""
+    def model_weights(self, keys: Sequence[str]) -> Mapping[str, torch.Tensor]:
+        """The diffusion model's effective weights, float32, read when accessed: each access makes a
+        new copy and none is kept, so take them one at a time rather than all at once."""
         ...
 
     def shallow_blocks(self, encoder: TextEncoder, keys: Sequence[str], weights: Sequence[torch.Tensor],

@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .linalg import gram_trace
+
 
 def _f64(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.float64)
@@ -46,15 +48,13 @@ def alignment_residual(
     return ratio(residual_terms(w, d, x, v) for w, d, v in zip(weights, deltas, targets))
 
 
-def residual_against_gap(residual_sqs: Sequence[float], weights: Sequence[torch.Tensor], gap: torch.Tensor) -> float:
+def residual_against_gap(residual_sqs: Sequence[float], weights: Iterable[torch.Tensor], gap: torch.Tensor) -> float:
     """``sqrt(Σ_s ‖W'_s X − V*_s‖²) / sqrt(Σ_s ‖W_s G‖²)``: residuals against another gap ``G``
-    (e.g. the unedited model's ``Y − X_0``), the denominator through ``G Gᵀ`` (in × in)."""
+    (e.g. the unedited model's ``Y − X_0``), the denominator through ``G Gᵀ`` (in × in); ``weights``
+    is read once, one at a time."""
     g = _f64(gap, gap.device)
     gram = g @ g.T
-    before = []
-    for w in weights:
-        w64 = _f64(w, g.device)
-        before.append(float(((w64 @ gram) * w64).sum()))
+    before = [gram_trace(w, gram) for w in weights]
     return ratio(zip(residual_sqs, before))
 
 

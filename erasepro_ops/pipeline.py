@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import ChainMap
 from typing import Callable
 
 import torch
@@ -149,6 +150,7 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
     y_cond, x0_cond = o.features(b)
 
     x_all, pooled_all = _deep_inputs(host, b, o, shallow)
+    shallow.drop_encoder_states()
     x_cond = x_all if b.exact_preserve else x_all[:n_target]
     k_edited = x_all[n_target:] if b.preserve_tokens is not None else None
     deep_weights = host.model_weights(arch.deep_keys)
@@ -169,18 +171,16 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
                      f"dropped; the kept prompts stay exact, the erasure's columns are fitted as far as that allows "
                      f"(their residual is the train residual)")
     model_edits = site_edits(deep_results, "model", "deep")
-    model_weights = dict(deep_weights)
 
     pooled_gap = None
     if arch.pooled_width:
         px, py = pooled_all[:n_target], o.y_pooled
         if b.exact_preserve:  # the preserve prompts' pooled embeddings stay too, after the targets'
             px, py = torch.cat([px, pooled_all[n_target:]]), torch.cat([py, o.k_pooled])
-        pooled_result, pooled_edit, model_weights[arch.pooled_site] = solve_pooled(host, arch, px, py, n_target,
-                                                                                   settings, on_site)
+        pooled_result, pooled_edit, pooled_weight = solve_pooled(host, arch, px, py, n_target, settings, on_site)
         deep_results = deep_results + [pooled_result]
         model_edits.append(pooled_edit)
-        pooled_gap = (model_weights[arch.pooled_site][:, : arch.pooled_width], (o.y_pooled - o.x0_pooled).T)
+        pooled_gap = (pooled_weight[:, : arch.pooled_width], (o.y_pooled - o.x0_pooled).T)
 
     seconds = time.perf_counter() - start
     n_user = len(request.preserve)
@@ -194,5 +194,13 @@ def run_erasure(host: Host, request: Request, on_site: Callable[[str], None] | N
                         empty_features=_kept_features(b, o.k, k_edited, n_user, empty=True)
                         if len(b.kept_prompts) > n_user else None,
                         warnings=notes, pooled_gap=pooled_gap, refitted=refitted)
-    return ErasureEdit(tuple(shallow.edits + model_edits), request.settings_record(arch.name), summary.to_dict(),
-                       fingerprint({**shallow.weights, **model_weights}))
+    edits = tuple(shallow.edits + model_edits)
+    return ErasureEdit(edits, request.settings_record(arch.name), summary.to_dict(), _fingerprint(host, edits))
+
+
+def _fingerprint(host: Host, edits) -> str:
+    """:func:`~erasepro_ops.fingerprint.fingerprint` of the edited sites' original weights, read
+    one at a time (a text-encoder weight as it is stored: float16 rounds it the same)."""
+    text = [e.key for e in edits if e.part == "clip"]
+    return fingerprint(ChainMap(host.text_weights(text, as_stored=True),
+                                host.model_weights([e.key for e in edits if e.part == "model"])))

@@ -132,13 +132,17 @@ def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: i
 class ShallowResult:
     results: list  # SiteResult per shallow site, encoder by encoder, shallow to deep
     edits: list[SiteEdit]
-    weights: dict[str, torch.Tensor]  # the original weights they were solved on
     edited: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # key → (W_o + ΔW, bias), float32
     notes: list[str] = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
     hidden: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)  # encoder → read block → B × T × D
     # encoder → read block → the templates' rows, no edits / the anchor batch's rows (anchors, then kept prompts)
     unedited: dict[int, dict[int, RowBatch]] = dataclasses.field(default_factory=dict)
     anchors: dict[int, dict[int, RowBatch]] = dataclasses.field(default_factory=dict)
+
+    def drop_encoder_states(self) -> None:
+        """Free what only the encodes after the chain read (the edited weights, the hidden states):
+        the deep stage and the figures need the results, edits and notes alone."""
+        self.edited, self.hidden, self.unedited, self.anchors = {}, {}, {}, {}
 
 
 def solve_shallow(host: Host, arch: Architecture, request: Request, settings: SolverSettings, columns_of,
@@ -162,7 +166,7 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
     in fp8) gets none: ComfyUI rounds a patched weight to its storage dtype, and fp8's ~6% steps
     would leave the deep sites (solved on the exact edited features) several percent of the gap
     to the anchor. The deep sites then hold the whole erasure, exactly, and the summary says so."""
-    out = ShallowResult([], [], {}, {})
+    out = ShallowResult([], [], {})
     # The erasure's rank budget is the deep sites' width: when the constraints overflow it, the
     # wider shallow sites damp the same overflow instead of fitting it exactly (solve.py). The
     # preserve columns are outside that budget: a 3072-wide fc2 keeps them exact.
@@ -214,7 +218,6 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
             out.unedited[i] = unedited_outputs(blocks, target_in[i][0], columns, reads, unedited_rows,
                                                mask=target_in[i][1], causal=enc.spec.causal, target_lengths=rows)
         for r in results:
-            out.weights[r.name] = weights[r.name]
             out.edited[r.name] = (edited[r.name], bias[r.name.replace(".weight", ".bias")])
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")

@@ -62,7 +62,7 @@ from typing import Collection, Sequence
 import torch
 
 from .linalg import (DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL, PreserveWeighting,
-                     check_finite, coarse, range_basis, spectral_norm_estimate)
+                     check_finite, coarse, float64_rows, gram_trace, range_basis, spectral_norm_estimate)
 
 
 @dataclass(frozen=True)
@@ -498,14 +498,17 @@ class SharedUpdate:
         return cls(empty, empty.T, gram, gram, empty.T @ empty)  # one Gram matrix: before is after
 
     def solve(self, weight: torch.Tensor) -> SiteSolution:
-        w = weight.to(device=self.z.device, dtype=torch.float64)
-        check_finite("site weight", w)
-        if w.shape[1] != self.z.shape[0]:
-            raise ValueError(f"site weight has input width {w.shape[1]}, features have {self.z.shape[0]}")
-        before = float(((w @ self.gram_before) * w).sum())
-        after = before if self.gram_after is self.gram_before else float(((w @ self.gram_after) * w).sum().clamp_min(0))
+        """The site's update and residuals, ``W_s`` read in float64 a block of rows at a time."""
+        check_finite("site weight", weight)
+        if weight.shape[1] != self.z.shape[0]:
+            raise ValueError(f"site weight has input width {weight.shape[1]}, features have {self.z.shape[0]}")
+        before = gram_trace(weight, self.gram_before)
+        after = before if self.gram_after is self.gram_before else max(gram_trace(weight, self.gram_after), 0.0)
         residual = (after / before) ** 0.5 if before > 0 else 0.0
-        return SiteSolution(LowRankUpdate(w @ self.z, self.down, self.down_gram), residual, after, before)
+        up = self.z.new_empty(weight.shape[0], self.z.shape[1])
+        for start, block in float64_rows(weight, self.z.device):
+            up[start:start + block.shape[0]] = block @ self.z
+        return SiteSolution(LowRankUpdate(up, self.down, self.down_gram), residual, after, before)
 
 
 @dataclass(frozen=True)

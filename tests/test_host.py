@@ -341,6 +341,36 @@ def test_effective_weights_on_the_old_comfyui_api(host, monkeypatch):
     assert torch.equal(again[k0], new[k0])
 
 
+def test_model_weights_are_read_one_at_a_time(host):
+    """The host's deep weights are a mapping read on access: the effective weight (a LoRA-like patch
+    included), a new float32 copy each time, none held; an unknown key fails when asked for, and a
+    NaN weight when it is read, naming the key."""
+    host.load_pack()
+    import erasepro_comfy.host as pack_host
+    model, clip = host.build("sd15", "tiny", seed=0)
+    keys = [k for k in model.model_state_dict() if k.endswith("attn2.to_k.weight")]
+    patched = model.clone()
+    patched.add_patches({keys[1]: (torch.ones_like(model.model_state_dict()[keys[1]]),)}, 0.25)
+    lazy = pack_host.ComfyHost(patched, clip).model_weights(keys)
+    eager = pack_host.effective_weights(patched, keys)
+    assert list(lazy) == keys and len(lazy) == len(keys) and keys[0] in lazy and "nothing" not in lazy
+    assert all(torch.equal(lazy[k], eager[k]) and lazy[k].dtype == torch.float32 for k in keys)
+    assert torch.equal(lazy[keys[1]], model.model_state_dict()[keys[1]].float() + 0.25)
+    first = lazy[keys[0]]
+    first.add_(1.0)  # a copy: the next read and the model are unchanged
+    assert torch.equal(lazy[keys[0]], eager[keys[0]])
+    with pytest.raises(KeyError):
+        lazy["diffusion_model.nothing.weight"]
+    with pytest.raises(pack_host.EraseProError, match="has no weight diffusion_model.nothing"):
+        pack_host.ComfyHost(patched, clip).model_weights(keys + ["diffusion_model.nothing.weight"])
+    broken = model.clone()
+    broken.add_patches({keys[2]: (torch.full_like(model.model_state_dict()[keys[2]], float("nan")),)}, 1.0)
+    reader = pack_host.ComfyHost(broken, clip).model_weights(keys)
+    assert torch.equal(reader[keys[0]], eager[keys[0]])
+    with pytest.raises(pack_host.EraseProError, match=f"{keys[2]} contains NaN"):
+        reader[keys[2]]
+
+
 def _check_hand_off(model, clip, request):
     """The deep sites' inputs from the chain's own hidden states (no block run again) against
     ComfyUI's encode with the shallow edits patched in, at every column the deep sites read and

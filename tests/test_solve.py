@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from erasepro_ops import linalg
 from erasepro_ops.solve import ConstraintSystem, UCESystem
 from reference_ops import preservation_weighting, uce_update, zero_residual_update
 
@@ -294,6 +295,30 @@ def test_shared_map_for_linear_targets_equals_per_site_solves(n):
             mapped = shared.solve(w)
             assert rel(mapped.update.dense(), one.update.dense()) <= 1e-6  # same algebra, other rounding order
             assert mapped.residual == pytest.approx(one.residual, rel=1e-6, abs=1e-12)
+
+
+def test_row_block_reads_match_whole_products(monkeypatch):
+    """A site read in float64 blocks of rows (a few rows per block here) gives the whole-matrix
+    figures: ``tr(W G Wᵀ)``, ``‖W‖_F`` and a shared update's ``W z`` and residuals."""
+    g = torch.Generator().manual_seed(41)
+    x, y = torch.randn(96, 40, generator=g), torch.randn(96, 40, generator=g)
+    w = torch.randn(77, 96, generator=g).half()  # as a checkpoint stores it
+    f = torch.randn(96, 12, generator=g, dtype=torch.float64)
+    w64 = w.double()
+    shared = ConstraintSystem.build(x, torch.arange(40) % 2).map_targets(y)
+    whole = shared.solve(w)
+    monkeypatch.setattr(linalg, "ROW_BLOCK_BYTES", 5 * 96 * 8)  # 5 rows per block: 16 blocks, the last of 2 rows
+    assert len(list(linalg.float64_rows(w))) == 16
+    assert linalg.gram_trace(w, f @ f.T) == pytest.approx(float((w64 @ f).square().sum()), rel=1e-12)
+    assert linalg.frobenius_norm(w) == pytest.approx(float(w64.norm()), rel=1e-12)
+    blocked = shared.solve(w)
+    assert rel(blocked.update.up, whole.update.up) <= 1e-12  # the same rows' products (BLAS may order the sums otherwise)
+    assert blocked.residual == pytest.approx(whole.residual, rel=1e-9)
+    assert blocked.initial_sq == pytest.approx(float((w64 @ (y.double() - x.double())).square().sum()), rel=1e-9)
+    nan = w.clone()
+    nan[70, 3] = float("nan")
+    with pytest.raises(ValueError, match="site weight contains 1 NaN"):
+        shared.solve(nan)
 
 
 def test_preservation_weighting_keeps_exact_alignment_however_strong():
