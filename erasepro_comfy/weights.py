@@ -66,7 +66,7 @@ class EffectiveWeights(Mapping):
     cross-attention K/V weights are 1.3 GB in float32)."""
 
     def __init__(self, patcher, keys):
-        self._patcher, self._keys = patcher, list(keys)
+        self._patcher, self._keys = patcher, dict.fromkeys(keys)  # ordered, and a set
         self._key_patches = patcher.get_key_patches()
         missing = [k for k in self._keys if k not in self._key_patches]
         if missing:
