@@ -215,3 +215,17 @@ def test_a_prompt_repeated_in_a_batch_is_encoded_once(users_model):
     assert once.cond.shape == whole.cond.shape and once.captured[0][0].shape == whole.captured[0][0].shape
     assert float((once.cond - whole.cond).norm() / whole.cond.norm()) <= 1e-5  # batch size changes only the blocking
     assert float((once.captured[0][0] - whole.captured[0][0]).norm()) == 0.0
+
+
+def test_the_fingerprint_of_an_fp16_checkpoint_is_the_loaders(nodes, users_model):
+    """The solve hashes the text-encoder weights as the float16 checkpoint stores them and the UNet's
+    one at a time: the same fingerprint as the float32 copies give, and the one Load / Apply check."""
+    from erasepro_comfy.weights import effective_weights, fingerprint_of
+    from erasepro_ops.fingerprint import fingerprint
+    model, clip = users_model
+    edit = solve(nodes, model, clip, CASES[0])
+    model_keys, clip_keys = [s.key for s in edit.part("model")], [s.key for s in edit.part("clip")]
+    assert model_keys and clip_keys
+    assert edit.fingerprint == fingerprint({**effective_weights(model, model_keys),
+                                            **effective_weights(clip.patcher, clip_keys)})
+    assert edit.fingerprint == fingerprint_of([(model, model_keys), (clip.patcher, clip_keys)])
