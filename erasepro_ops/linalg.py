@@ -150,28 +150,30 @@ GRAM_BLOCK = 512
 
 @dataclass
 class FeatureMoments:
-    """``K Kᵀ`` (lower triangle, float64), the column count ``M`` and ``Σ K²`` (float64) of
-    features ``K`` (in × M) added part by part (:meth:`add`), so ``K`` is never held whole.
+    """``K Kᵀ`` (lower triangle), the column count ``M`` and ``Σ K²`` (float64) of features ``K``
+    (in × M) added part by part (:meth:`add`), so ``K`` is never held whole.
 
-    Each part's products run in its own precision, float32 at least, :data:`GRAM_BLOCK` rows at a
-    time and only the blocks at or left of the diagonal (the Cholesky factorisation reads the
-    lower triangle alone); parts are summed in float64."""
+    The Gram matrix is kept in the first part's precision, float32 at least (the text encoders'
+    features are float32 or less: the weighting cache keeps its factor in float32 all the same);
+    the products run :data:`GRAM_BLOCK` rows at a time and only the blocks at or left of the
+    diagonal (the Cholesky factorisation reads the lower triangle alone)."""
 
-    gram: torch.Tensor  # in × in, float64, column-major, lower triangle filled (right of the diagonal blocks: zero)
+    gram: torch.Tensor  # in × in, column-major, lower triangle filled (right of the diagonal blocks: zero)
     count: int = 0
     sum_sq: float = 0.0
 
     @classmethod
     def of(cls, k: torch.Tensor) -> "FeatureMoments":
         """From ``K``'s first part. The Gram matrix is laid out column-major, as LAPACK factors it in
-        place: in row-major order ``torch.linalg.cholesky`` would take a copy (72 MiB at 3072 wide)."""
-        return cls(k.new_zeros(k.shape[0], k.shape[0], dtype=torch.float64).mT).add(k)
+        place: in row-major order ``torch.linalg.cholesky`` would take a copy (36 MiB at 3072 wide)."""
+        dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+        return cls(k.new_zeros(k.shape[0], k.shape[0], dtype=dtype).mT).add(k)
 
     def add(self, k: torch.Tensor) -> "FeatureMoments":
         n = self.gram.shape[0]
         if k.shape[0] != n:
             raise ValueError(f"features have width {k.shape[0]}, the moments {n}")
-        kk = k if k.dtype == torch.float64 else k.to(torch.float32)
+        kk = k.to(self.gram.dtype)
         for i in range(0, n, GRAM_BLOCK):
             j = min(i + GRAM_BLOCK, n)
             self.gram[i:j, :j] += kk[i:j] @ kk[:j].T
@@ -192,13 +194,14 @@ class PreserveWeighting:
     Any square root serves: with ``X̃ = L⁻¹ X``, ``X̃ᵀ X̃ = Xᵀ C⁻¹ X``, so ``ΔW = R X̃⁺ L⁻¹`` is the
     same minimiser of ``‖ΔW C^{1/2}‖_F`` as with the symmetric root, and every step of the solve
     (projections, singular values, damping) sees only such products. One ``in × in`` Cholesky
-    costs a tenth of an eigendecomposition. ``K Kᵀ`` is formed in ``K``'s own precision, float32
-    at least (:class:`FeatureMoments`): float32 rounding (~1e-7 of ``α ‖K‖² / M``) moves ``C`` by far
-    less than ``λ``, so ``C`` stays positive definite and the constraints stay exact; only the
-    weighting moves, by that much.
+    costs a tenth of an eigendecomposition. ``K Kᵀ`` is formed and factorised in ``K``'s own
+    precision, float32 at least (:class:`FeatureMoments`): float32 rounding (~1e-7 of
+    ``α ‖K‖² / M``, the factorisation's backward error a small multiple of it) moves ``C`` by far
+    less than ``λ``, so ``L Lᵀ`` stays positive definite; the solve applies ``L`` in float64
+    (:func:`solve_lower`), so the constraints stay exact and only the weighting moves, by that much.
     """
 
-    chol: torch.Tensor  # in × in, lower triangular, float64 (column-major when built from moments)
+    chol: torch.Tensor  # in × in, lower triangular, the moments' dtype (column-major when built from moments)
     c_max: float  # largest eigenvalue of C (power iteration: for thresholds)
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
@@ -16,7 +16,7 @@ from .host import Host
 from .request import Request
 from .retain import retain_prompts
 from .rows import RowBatch
-from .batches import preserve_alignments, preserve_ids, select_inputs, split
+from .batches import preserve_alignments, preserve_ids, split
 from .weighting_cache import RETAIN_WEIGHTINGS, Loaded
 
 
@@ -40,23 +40,31 @@ MIN_SHALLOW_BITS = 16  # text-encoder weights stored in fewer bits (fp8) get no 
 class SoftWeighting:
     """What the shallow sites' weighting ``C`` keeps still: per encoder, batches of prompts (the
     preserve prompts when weighted, the retain bank) with the positions used, and the strength.
-    ``key`` (the retain bank alone) names them for :class:`~erasepro_ops.weighting_cache.WeightingCache`; the batches are only
-    prepared when the cache does not hold their weightings."""
+    ``key`` (the retain bank alone) names them for :class:`~erasepro_ops.weighting_cache.WeightingCache`; an
+    encoder's batches (``prepare(i)``) are only made when the cache does not hold its weightings,
+    and :meth:`release` drops them once those are built."""
 
-    prepare: Callable[[], list[list[KeptBatch]]]
+    prepare: Callable[[int], list[KeptBatch]]
     strength: float
     key: tuple | None = None
+    held: dict[int, list[KeptBatch]] = dataclasses.field(default_factory=dict, repr=False)
 
-    @functools.cached_property
-    def batches(self) -> list[list[KeptBatch]]:
-        return self.prepare()
+    def batches(self, i: int) -> list[KeptBatch]:
+        if i not in self.held:
+            self.held[i] = self.prepare(i)
+        return self.held[i]
+
+    def release(self, i: int) -> None:
+        """Drop encoder ``i``'s batches: the bank's hidden states are not held through the fits."""
+        self.held.pop(i, None)
 
 
-def _retain_batches(arch: Architecture, first_inputs, spans, padding: int) -> list[list[KeptBatch]]:
-    """The bank, per encoder, in batches of prompts of similar length (``first_inputs(rows)``: the
-    encoders' captured first-block inputs for those prompts). A causal encoder's features up to a
-    position do not depend on what follows, so each batch stops after its last position used
-    instead of running the whole context."""
+def _retain_batches(arch: Architecture, first_inputs, spans, padding: int,
+                    encoders: Collection[int] | None = None) -> list[list[KeptBatch]]:
+    """The bank, per encoder (only those in ``encoders`` when given), in batches of prompts of
+    similar length (``first_inputs(rows)``: the encoders' captured first-block inputs for those
+    prompts). A causal encoder's features up to a position do not depend on what follows, so each
+    batch stops after its last position used instead of running the whole context."""
     positions = [[list(al.positions("preserve")) + list(al.positions("preserve_pad"))[:padding]
                   for al in split(arch, spans, s)] for s in range(len(arch.segments))]
     order = sorted(range(len(spans)), key=lambda j: max(positions[0][j]))
@@ -64,7 +72,7 @@ def _retain_batches(arch: Architecture, first_inputs, spans, padding: int) -> li
     for start in range(0, len(order), RETAIN_BATCH):
         rows = order[start: start + RETAIN_BATCH]
         for i, (enc, (hidden, mask, _)) in enumerate(zip(arch.encoders, first_inputs(rows))):
-            if not enc.spec.per_token:  # only its pooled output is read: no shallow sites
+            if not enc.spec.per_token or (encoders is not None and i not in encoders):  # per_token: no shallow sites
                 continue
             used = positions[arch.segment_of(i)]
             length = max(max(used[j]) for j in rows) + 1 if enc.spec.causal else hidden.shape[1]
@@ -82,22 +90,24 @@ def soft_weighting(host: Host, arch: Architecture, request: Request, preserve_in
     if preserve_in is None and not retain:
         return None
 
-    def prepare():
-        batches = [[] for _ in arch.encoders]
+    @functools.cache
+    def bank_ids():
+        return preserve_ids(host, arch, retain_prompts())
+
+    def prepare(i):
+        batches = []
         if preserve_in is not None:
-            for i, (hidden, mask, _) in enumerate(preserve_in):
-                p, t = hidden.shape[:2]
-                index = (torch.arange(p * t) if kept_lengths is None else
-                         torch.tensor([r * t + pos for r, n in enumerate(kept_lengths) for pos in range(n)]))
-                batches[i].append(KeptBatch(hidden, index, mask))
+            hidden, mask, _ = preserve_in[i]
+            p, t = hidden.shape[:2]
+            index = (torch.arange(p * t) if kept_lengths is None else
+                     torch.tensor([r * t + pos for r, n in enumerate(kept_lengths) for pos in range(n)]))
+            batches.append(KeptBatch(hidden, index, mask))
         if retain:
-            prompts = retain_prompts()
-            ids = preserve_ids(host, arch, prompts)
-            captured = host.first_block_inputs(ids)  # one call: each costs a pass through ComfyUI's encode
-            bank = _retain_batches(arch, lambda rows: [select_inputs(c, torch.tensor(rows)) for c in captured],
-                                   preserve_alignments(arch, prompts, ids), request.retain_padding)
-            for i, encoder_batches in enumerate(bank):
-                batches[i] += encoder_batches
+            ids = bank_ids()
+            # a batch at a time: the whole bank's first-block inputs at full context are ~70 MiB on CLIP-L
+            batches += _retain_batches(arch, lambda rows: host.first_block_inputs([[e[j] for j in rows] for e in ids]),
+                                       preserve_alignments(arch, retain_prompts(), ids), request.retain_padding,
+                                       encoders=(i,))[i]
         return batches
     strength = request.preserve_strength if preserve_in is not None else request.retain_strength
     key = None if preserve_in is not None else ("retain", retain_prompts(), request.retain_padding, strength)
@@ -114,16 +124,18 @@ def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: i
     sites = sorted(sites)  # the bank's features come block by block, shallow to deep
 
     def build(wanted):  # one site at a time: the cache keeps each in float32 as it comes
-        for l, moments in enumerate(kept_moments(blocks, soft.batches[i], wanted)):
+        for l, moments in enumerate(kept_moments(blocks, soft.batches(i), wanted)):
             if l in wanted:
                 yield None if moments is None else settings.weighting(moments)
     if soft.key is None:
         built = dict(zip(sites, build(sites)))
+        soft.release(i)
     else:
         digests = host.text_digests(enc, [l + 1 for l in sites])
         bits = host.text_storage_bits([enc.shallow_key(l) for l in range(max(sites) + 1)])
         keys = [(soft.key, digests[l + 1], l, settings.lam, settings.alpha, bits) for l in sites]
         held = RETAIN_WEIGHTINGS.get(keys, lambda missing: build([sites[j] for j in missing]))
+        soft.release(i)  # a file damaged later is built again from a fresh batches(i)
         built = dict(zip(sites, held))
     return Loaded(built.get(l) for l in range(max(sites) + 1))
 
@@ -195,8 +207,7 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
                              f"sites alone. Load {enc.name} in fp16 or bf16 for the progressive edit")
             continue
         run = [enc.shallow_key(l) for l in range(max(sites + list(reads)) + 1)]  # up to the last site or read block
-        weights = {**host.text_weights([k for k in run if k not in keys], as_stored=True),  # only run
-                   **host.text_weights(keys)}
+        weights = host.text_weights(run, as_stored=True)  # the chain widens a site's W_o where it uses it
         bias_keys = [k.replace(".weight", ".bias") for k in run]
         bias = host.text_weights(bias_keys) if enc.spec.shallow_bias else dict.fromkeys(bias_keys)
         blocks = host.shallow_blocks(enc, run, [weights[k] for k in run], [bias[k] for k in bias_keys],
