@@ -40,9 +40,10 @@ MIN_SHALLOW_BITS = 16  # text-encoder weights stored in fewer bits (fp8) get no 
 class SoftWeighting:
     """What the shallow sites' weighting ``C`` keeps still: per encoder, batches of prompts (the
     preserve prompts when weighted, the retain bank) with the positions used, and the strength.
-    ``key`` (the retain bank alone) names them for :class:`~erasepro_ops.weighting_cache.WeightingCache`; an
-    encoder's batches (``prepare(i)``) are only made when the cache does not hold its weightings,
-    and :meth:`release` drops them once those are built."""
+    ``key`` (the retain bank alone) names them for
+    :class:`~erasepro_ops.weighting_cache.WeightingCache`; an encoder's batches (``prepare(i)``)
+    are only made when the cache does not hold its weightings, and :meth:`release` drops them once
+    those are built."""
 
     prepare: Callable[[int], list[KeptBatch]]
     strength: float
@@ -72,7 +73,7 @@ def _retain_batches(arch: Architecture, first_inputs, spans, padding: int,
     for start in range(0, len(order), RETAIN_BATCH):
         rows = order[start: start + RETAIN_BATCH]
         for i, (enc, (hidden, mask, _)) in enumerate(zip(arch.encoders, first_inputs(rows))):
-            if not enc.spec.per_token or (encoders is not None and i not in encoders):  # per_token: no shallow sites
+            if not enc.spec.per_token or (encoders is not None and i not in encoders):  # pooled only: no sites
                 continue
             used = positions[arch.segment_of(i)]
             length = max(max(used[j]) for j in rows) + 1 if enc.spec.causal else hidden.shape[1]

@@ -390,6 +390,7 @@ def _check_hand_off(model, clip, request):
     soft = soft_weighting(host, arch, request, None, b.kept_lengths)
     shallow = solve_shallow(host, arch, request, SolverSettings(gap_floor=request.gap_floor), b.columns_of, anchor_in,
                             target_in, soft, None, reach=b.chain_reach, unedited_rows=b.n_target)
+    assert soft is None or not soft.held  # the bank's batches go once its weightings are built
     chained = pipeline._Originals(host, b, chain=True)
     assert chained.x0 is None and chained.y is None and chained.k is None
     for w, c in zip(o.target_in + o.anchor_in + o.preserve_in, chained.target_in + chained.anchor_in + chained.preserve_in):

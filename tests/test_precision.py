@@ -123,6 +123,51 @@ def test_fp32_empty_prompt_is_unchanged_and_the_train_residual_is_exact(nodes, f
     assert edit.summary["train_residual"] <= 1e-5
 
 
+def test_the_bank_is_captured_a_batch_at_a_time_as_one_capture_gives_it(users_model):
+    """The retain bank's first-block inputs are taken a batch of prompts at a time (never the whole
+    bank at 77 positions) and give the batches one capture of the whole bank gives, on the fp16 CLIP."""
+    from erasepro_comfy.host import ComfyHost
+    from erasepro_ops.batches import preserve_alignments, preserve_ids, select_inputs
+    from erasepro_ops.request import Request
+    from erasepro_ops.retain import retain_prompts
+    from erasepro_ops.shallow import RETAIN_BATCH, _retain_batches, soft_weighting
+    from erasepro_ops.templates import ConceptPair
+
+    host = ComfyHost(*users_model)
+    arch = host.architecture()
+    request = Request((ConceptPair("van gogh", "a painting", "style"),))
+    sizes = []
+    capture = host.first_block_inputs
+
+    def counted(chunks):
+        sizes.append(len(chunks[0]))
+        return capture(chunks)
+    host.first_block_inputs = counted
+    batches = soft_weighting(host, arch, request, None).batches(0)
+    prompts = retain_prompts()
+    assert sum(sizes) == len(prompts) and max(sizes) <= RETAIN_BATCH < len(prompts)
+    ids = preserve_ids(host, arch, prompts)
+    whole = capture(ids)
+    expected = _retain_batches(arch, lambda rows: [select_inputs(c, torch.tensor(rows)) for c in whole],
+                               preserve_alignments(arch, prompts, ids), request.retain_padding)[0]
+    assert len(batches) == len(expected) > 1
+    for got, want in zip(batches, expected):
+        assert torch.equal(got.index, want.index) and torch.equal(got.hidden, want.hidden)
+
+    # once a site's weightings are built from them, the batches are let go (a float32 factor each)
+    from erasepro_ops.chain import SolverSettings
+    from erasepro_ops.shallow import _weightings
+    soft = soft_weighting(host, arch, request, None)
+    soft.key = None  # built here, not read back from the cache's files
+    enc = arch.encoders[0]
+    keys = [enc.shallow_key(l) for l in range(2)]
+    bias_keys = [k.replace(".weight", ".bias") for k in keys]
+    weights, biases = host.text_weights(keys, as_stored=True), host.text_weights(bias_keys)
+    blocks = host.shallow_blocks(enc, keys, [weights[k] for k in keys], [biases[k] for k in bias_keys], whole[0])
+    built = _weightings(host, enc, blocks, [0, 1], soft, 0, SolverSettings(preserve_strength=request.retain_strength))
+    assert not soft.held and [w.chol.dtype for w in built] == [torch.float32] * 2
+
+
 def test_retain_bank_batches_cut_short_give_the_whole_context_features(users_model):
     """The retain bank runs in batches that stop after their last position used (CLIP is causal):
     at those positions the shallow sites' inputs equal a whole 77-token run's, on the fp16 CLIP."""
