@@ -130,14 +130,12 @@ def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: i
                 yield None if moments is None else settings.weighting(moments)
     if soft.key is None:
         built = dict(zip(sites, build(sites)))
-        soft.release(i)
     else:
         digests = host.text_digests(enc, [l + 1 for l in sites])
         bits = host.text_storage_bits([enc.shallow_key(l) for l in range(max(sites) + 1)])
         keys = [(soft.key, digests[l + 1], l, settings.lam, settings.alpha, bits) for l in sites]
-        held = RETAIN_WEIGHTINGS.get(keys, lambda missing: build([sites[j] for j in missing]))
-        soft.release(i)  # a file damaged later is built again from a fresh batches(i)
-        built = dict(zip(sites, held))
+        built = dict(zip(sites, RETAIN_WEIGHTINGS.get(keys, lambda missing: build([sites[j] for j in missing]))))
+    soft.release(i)  # a cached file damaged later is built again from a fresh batches(i)
     return Loaded(built.get(l) for l in range(max(sites) + 1))
 
 
