@@ -50,7 +50,7 @@ import torch
 
 from .alignment import ROLE_PRIORITY, PromptAlignment, limit_padding
 from .linalg import (DEFAULT_GAP_FLOOR, DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL,
-                     FeatureMoments, PreserveWeighting, check_finite, frobenius_norm)
+                     FeatureMoments, PreserveWeighting, check_finite, frobenius_norm, weight_times)
 from .rows import RowBatch
 from .solve import ConstraintSystem, LowRankUpdate, MergedColumns, SharedUpdate, SiteSolution, UCESystem
 
@@ -417,16 +417,16 @@ def progressive_shallow(
                 mid_t, x_t = _mlp_input(block, h_t, masks[0])
                 x, y = inputs_with_partners(x_t, x_a, columns)
                 del mid_a, x_a
-                w = block.weight.to(torch.float64).to(x.device)
+                x = x.to(torch.float64)
                 if rule == "anchor_features":
-                    target = w @ y.to(torch.float64)
+                    target = weight_times(block.weight, y.to(torch.float64))
                 else:
                     out_t = _block_output(mid_t, x_t, block.weight, block.bias)
                     gap = gather(out_a, columns.anchor) - gather(out_t, columns.target[columns.n_keep:])
                     del out_t
-                    target = w @ x.to(torch.float64)
+                    target = weight_times(block.weight, x)
                     target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
-                del w, y
+                del y
                 h_a = out_a
                 if l in anchor_reads:
                     anchor_outputs[l] = h_a
@@ -445,8 +445,8 @@ def progressive_shallow(
                     if l in reads:
                         outputs[l] = h_t
                     continue
-                x = gather(x_t, columns.target)
-                target = block.weight.to(torch.float64).to(x.device) @ x.to(torch.float64)
+                x = gather(x_t, columns.target).to(torch.float64)
+                target = weight_times(block.weight, x)
                 target[:, columns.n_keep:] += gap
             merged = MergedColumns.of(x, target, columns.groups)
             del x, target  # the solve's transients are the peak of the chain: only what it reads stays

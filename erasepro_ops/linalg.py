@@ -32,6 +32,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     if tensor.element_size() == 1:
         tensor = tensor.to(torch.float16)
+    if not tensor.is_contiguous():  # a transposed layout (a column-major factor) read in place, not copied
+        tensor = tensor.permute(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
     return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
 
 
@@ -82,7 +84,7 @@ def range_basis(y: torch.Tensor, threshold: float, gram: torch.Tensor | None = N
             return empty
         s = evals[keep].sqrt().flip(0)
         u = evecs[:, keep].flip(1)
-        v = (y.T @ u) / s
+        v = (y.T @ u).div_(s)
     else:
         evals, evecs = torch.linalg.eigh(y.T @ y if gram is None else gram)
         keep = evals > threshold**2
@@ -90,7 +92,7 @@ def range_basis(y: torch.Tensor, threshold: float, gram: torch.Tensor | None = N
             return empty
         s = evals[keep].sqrt().flip(0)
         v = evecs[:, keep].flip(1)
-        u = (y @ v) / s
+        u = (y @ v).div_(s)
     return RangeBasis(u, s, v)
 
 
@@ -131,6 +133,15 @@ def float64_rows(weight: torch.Tensor, device: torch.device | str | None = None)
     rows = max(1, ROW_BLOCK_BYTES // (8 * max(1, int(weight.shape[1]))))
     for start in range(0, int(weight.shape[0]), rows):
         yield start, weight[start:start + rows].to(device=device, dtype=torch.float64)
+
+
+def weight_times(weight: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``W @ m`` in ``m``'s precision (float64) on ``m``'s device, ``W`` read a block of rows at a
+    time (:func:`float64_rows`): no float64 copy of the whole weight."""
+    out = m.new_empty(int(weight.shape[0]), int(m.shape[1]))
+    for start, block in float64_rows(weight, m.device):
+        out[start:start + block.shape[0]] = block @ m
+    return out
 
 
 def frobenius_norm(weight: torch.Tensor) -> float:
@@ -224,9 +235,9 @@ class PreserveWeighting:
         """``L⁻¹ @ x``, in ``x``'s precision (see :func:`solve_lower`)."""
         return solve_lower(self.chol, x)
 
-    def right(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ L⁻¹``, in ``x``'s precision (see :func:`solve_lower`)."""
-        return solve_lower(self.chol, x, left=False)
+    def right(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """``x @ L⁻¹``, in ``x``'s precision (see :func:`solve_lower`; ``overwrite``: in ``x``'s place)."""
+        return solve_lower(self.chol, x, left=False, overwrite=overwrite)
 
     def to(self, device=None, dtype=None) -> "PreserveWeighting":
         return PreserveWeighting(self.chol.to(device=device, dtype=dtype), self.c_max)
@@ -236,8 +247,9 @@ SOLVE_BLOCK = 512
 """Rows of a stored triangular factor :func:`solve_lower` widens to the right-hand side's precision at a time."""
 
 
-def solve_lower(chol: torch.Tensor, b: torch.Tensor, left: bool = True) -> torch.Tensor:
-    """``L⁻¹ b`` (``left``) or ``b L⁻¹`` for a lower-triangular ``L``, in ``b``'s precision.
+def solve_lower(chol: torch.Tensor, b: torch.Tensor, left: bool = True, overwrite: bool = False) -> torch.Tensor:
+    """``L⁻¹ b`` (``left``) or ``b L⁻¹`` for a lower-triangular ``L``, in ``b``'s precision;
+    ``overwrite`` (``b`` contiguous, its caller done with it): the result is written into ``b``.
 
     ``L`` stored in a lower precision (the weighting cache keeps float32) is used as it is: its
     entries are exact in ``b``'s dtype, so the result is the float64 solve with that ``L``. Rather
@@ -249,7 +261,8 @@ def solve_lower(chol: torch.Tensor, b: torch.Tensor, left: bool = True) -> torch
     """
     if chol.dtype == b.dtype:
         return torch.linalg.solve_triangular(chol, b.contiguous(), upper=False, left=left)
-    n, out = chol.shape[0], b.clone(memory_format=torch.contiguous_format)
+    n = chol.shape[0]
+    out = b if overwrite and b.is_contiguous() else b.clone(memory_format=torch.contiguous_format)
     starts = range(0, n, SOLVE_BLOCK)
     for i in starts if left else reversed(starts):
         j = min(i + SOLVE_BLOCK, n)

@@ -62,7 +62,7 @@ from typing import Collection, Sequence
 import torch
 
 from .linalg import (DEFAULT_OVERFLOW_DAMPING, DEFAULT_OVERFLOW_PRESERVE_WEIGHT, DEFAULT_RTOL, PreserveWeighting,
-                     check_finite, coarse, float64_rows, gram_trace, range_basis, spectral_norm_estimate)
+                     check_finite, coarse, gram_trace, range_basis, spectral_norm_estimate, weight_times)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,10 @@ class _Step:
 @dataclass
 class _Fit:
     """What :meth:`ConstraintSystem.build` has accepted so far: the orthonormal directions of
-    ``X̃`` taken (``basis``), the steps that took them, and how much of the rank budget they spent."""
+    ``X̃`` taken (the rows of ``directions``, :attr:`basis` their transpose), the steps that took
+    them, and how much of the rank budget they spent. The directions are written into one
+    ``min(width, N) × width`` buffer as they come (never more than that many are taken), so no
+    step copies the earlier ones."""
 
     xt: torch.Tensor  # X̃ = C^{-1/2} X
     threshold: float  # singular values at or below it are rounding noise
@@ -165,21 +168,27 @@ class _Fit:
     damping: float  # ρ
     preserve_threshold: float | None = None  # the unbudgeted (preserve) groups' own; None: threshold
     steps: list[_Step] = field(default_factory=list)
-    spans: list[tuple[int, int]] = field(default_factory=list)  # each step's directions: columns of ``basis``
-    basis: torch.Tensor | None = None  # width × (directions taken)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # each step's directions: rows of ``directions``
+    taken: int = 0  # directions accepted so far
     spent: int = 0  # directions taken by budgeted groups
     exact: int | None = None  # directions fitted exactly: those accepted before the first overflow
     exact_groups: list[int] = field(default_factory=list)  # the groups of the steps before it
     damped_from: int | None = None
     mu: float | None = None  # (ρ · s_max(X̃))², from the first overflow on
+    directions: torch.Tensor | None = None  # min(width, N) × width; the first ``taken`` rows are the basis
 
     def __post_init__(self) -> None:
-        if self.basis is None:
-            self.basis = self.xt.new_zeros(self.xt.shape[0], 0)
+        width, n = self.xt.shape
+        self.directions = self.xt.new_empty(min(width, n), width)
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The directions taken, width × ``taken`` (a view)."""
+        return self.directions[: self.taken].T
 
     @property
     def room(self) -> int:
-        return int(self.xt.shape[0] - self.basis.shape[1])
+        return int(self.xt.shape[0]) - self.taken
 
     def may_overflow(self, n_columns: int) -> bool:
         """Whether a budgeted group of ``n_columns`` columns could overflow: no overflow yet and more
@@ -187,21 +196,29 @@ class _Fit:
         return self.exact is None and n_columns > min(self.room, self.budget - self.spent)
 
     def overflows(self, n_columns: int, rank: int, *, budgeted: bool) -> bool:
-        return _fills(n_columns, rank, int(self.xt.shape[0]), int(self.basis.shape[1])) or (
+        return _fills(n_columns, rank, int(self.xt.shape[0]), self.taken) or (
             budgeted and _fills(n_columns, rank, self.budget, self.spent))
 
-    def add(self, ids: list[int], cols: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, cw: torch.Tensor,
+    def cross(self, xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Bᵀ X̃_g, y)``: a step's columns ``xg`` in the directions taken, and ``xg`` itself made
+        ``(I − B Bᵀ) X̃_g`` in place (its part outside them)."""
+        inside = self.basis.T @ xg
+        if self.taken:
+            xg.addmm_(self.basis, inside, alpha=-1.0)
+        return inside, xg
+
+    def add(self, ids: list[int], cols: torch.Tensor, inside: torch.Tensor, y: torch.Tensor, cw: torch.Tensor,
             gram: torch.Tensor | None, budgeted: bool) -> None:
-        """Fit one step (groups ``ids``): ``xg`` is its columns of ``X̃``, ``y`` their part outside
-        the basis, weighted by ``cw``."""
+        """Fit one step (groups ``ids``): ``inside`` is its columns of ``X̃`` in the directions
+        taken (:meth:`cross`), ``y`` their part outside them, weighted by ``cw``."""
         threshold = self.threshold if budgeted or self.preserve_threshold is None else self.preserve_threshold
         rb = range_basis(y, threshold, gram).top(self.room)  # rounding noise cannot add rank
+        del y
         overflow = self.overflows(cols.numel(), rb.rank, budgeted=budgeted)
-        u = _outside(self.basis, rb.u)
-        cross = tuple(self.basis[:, a:b].T @ xg for a, b in self.spans)
+        cross = tuple(inside[a:b] for a, b in self.spans)
         self.spent += rb.rank if budgeted else 0
         if self.exact is None and overflow:
-            self.exact = int(self.basis.shape[1])
+            self.exact = self.taken
             if self.damping > 0:
                 self.damped_from = len(self.steps)
                 self.mu = (self.damping * spectral_norm_estimate(self.xt)) ** 2
@@ -210,19 +227,28 @@ class _Fit:
         coef = rb.v / rb.s if self.damped_from is None else rb.v * (rb.s / (rb.s**2 + self.mu))
         coef = coef * cw[:, None]  # weighted least squares: R diag(w) (Y diag(w))⁺
         self.steps.append(_Step(cols, coef, cross))
-        start = int(self.basis.shape[1])
-        self.basis = torch.cat([self.basis, u], dim=1)
-        self.spans.append((start, start + int(u.shape[1])))
+        start, end = self.taken, self.taken + rb.rank
+        rows = self.directions[start:end]
+        rows.copy_(rb.u.T)
+        if start:  # once more outside the directions taken: what rounding left inside them goes
+            rows.addmm_(rows @ self.basis, self.directions[:start], alpha=-1.0)
+        self.taken = end
+        self.spans.append((start, end))
 
     def system(self, x64: torch.Tensor, cis, report_columns: int | None, rtol: float) -> "ConstraintSystem":
-        exact = int(self.basis.shape[1]) if self.exact is None else self.exact
-        down_t = self.basis.T  # every step's directions as rows, in order (a view)
+        exact = self.taken if self.exact is None else self.exact
+        down_t = self.directions[: self.taken]  # every step's directions as rows, in order
         down_x = down_t @ self.xt
         # The rows of down_t are the orthonormal basis, so ‖P X̃‖² is read off down_x's first rows.
         total = float((self.xt[:, :report_columns] ** 2).sum())
         inside = float((down_x[:exact, :report_columns] ** 2).sum())
         unaligned = max(total - inside, 0.0) / total if total > 0 else 0.0
-        down = down_t.contiguous() if cis is None else cis.right(down_t)
+        self.xt = None  # X̃ is not needed past here
+        if cis is None:
+            down = down_t.clone() if self.taken < self.directions.shape[0] else down_t
+        else:
+            down = cis.right(down_t, overwrite=True)
+        self.directions = None
         return ConstraintSystem(x64, tuple(self.steps), down, down_x, unaligned, rtol, self.damped_from,
                                 tuple(self.exact_groups))
 
@@ -276,8 +302,8 @@ def _fit_groups(fit: _Fit, group_ids: torch.Tensor, unbudgeted: set[int], overfl
         ids = pending.pop(0)
         budgeted = [g for g in ids if g not in unbudgeted]
         cols, cw = _step_columns(group_ids, ids, budgeted, overflow_weight, xt)
-        xg = xt[:, cols]
-        y = _outside(fit.basis, xg) * cw
+        inside, y = fit.cross(xt[:, cols])
+        y.mul_(cw)
         gram, merged_gram = merged_gram, None
         if gram is None and y.shape[0] <= y.shape[1]:
             gram = y @ y.T
@@ -292,7 +318,8 @@ def _fit_groups(fit: _Fit, group_ids: torch.Tensor, unbudgeted: set[int], overfl
                 merged_gram = gram + y_more @ y_more.T
             pending = [ids + more] + [h for h in pending if h not in waiting]
             continue
-        fit.add(ids, cols, xg, y, cw, gram, bool(budgeted))
+        fit.add(ids, cols, inside, y, cw, gram, bool(budgeted))
+        del inside, y
 
 
 @dataclass(frozen=True)
@@ -324,7 +351,7 @@ class MergedColumns:
         first, counts = _repeats(x64, t64, group_ids * 2 + reported.long())
         scale = counts.to(device=x64.device, dtype=torch.float64).sqrt()
         on = first.to(x64.device)
-        return cls(x64[:, on] * scale, t64[:, on] * scale, group_ids[first],
+        return cls(x64.index_select(1, on).mul_(scale), t64.index_select(1, on).mul_(scale), group_ids[first],
                    None if report_columns is None else int(reported[first].sum()))
 
 
@@ -421,6 +448,7 @@ class ConstraintSystem:
 
         scale = spectral_norm_estimate(x64) / c_max**0.5
         fit = _Fit(xt, rtol * scale, budget, overflow_damping, None if preserve_rtol is None else preserve_rtol * scale)
+        del xt  # the fit holds X̃ until its system is made
         _fit_groups(fit, group_ids, set(unbudgeted), overflow_weight, device)
         return fit.system(x64, cis, report_columns, rtol)
 
@@ -505,9 +533,7 @@ class SharedUpdate:
         before = gram_trace(weight, self.gram_before)
         after = before if self.gram_after is self.gram_before else max(gram_trace(weight, self.gram_after), 0.0)
         residual = (after / before) ** 0.5 if before > 0 else 0.0
-        up = self.z.new_empty(weight.shape[0], self.z.shape[1])
-        for start, block in float64_rows(weight, self.z.device):
-            up[start:start + block.shape[0]] = block @ self.z
+        up = weight_times(weight, self.z)
         return SiteSolution(LowRankUpdate(up, self.down, self.down_gram), residual, after, before)
 
 

@@ -229,6 +229,25 @@ def test_all_finite_finds_one_bad_entry_in_every_weight_dtype(dtype, bad):
     assert bool(torch.isfinite(w.to(torch.float32)).all()) is expected
     assert all_finite(w) is expected
     assert all_finite(w[:0]) is True
+    assert all_finite(w.mT) is expected and all_finite(w[:, ::3]) is expected  # column 69 is among them
+
+
+def test_all_finite_reads_a_transposed_factor_in_place():
+    """The cached weighting's column-major factor is checked without a contiguous copy of it (36 MiB
+    at 3072 wide): the reduction runs on the same storage, and a NaN in it is still found."""
+    from erasepro_ops.linalg import all_finite
+
+    factor = torch.randn(64, 64).mT
+    seen = []
+    real = torch.aminmax
+    try:
+        torch.aminmax = lambda t: seen.append(t.is_contiguous() and t.data_ptr() == factor.data_ptr()) or real(t)
+        assert all_finite(factor) is True
+        factor[3, 60] = float("nan")
+        assert all_finite(factor) is False
+    finally:
+        torch.aminmax = real
+    assert seen == [True, True]
 
 
 def test_uce_matches_its_published_formula():
@@ -413,6 +432,24 @@ def test_a_float32_factor_is_applied_in_float64_by_blocks_as_one_float64_solve(n
     assert rel(stored.right(b.T), exact.right(b.T)) <= 1e-12
     assert rel(exact.chol @ stored.left(b), b) <= 1e-12  # it solves with that factor, no other
     assert stored.left(b).dtype == torch.float64 and stored.chol.dtype == torch.float32
+    rows = b.T.contiguous()
+    expected = stored.right(rows)
+    assert stored.right(rows, overwrite=True).data_ptr() == rows.data_ptr()  # in the caller's place
+    assert torch.equal(rows, expected)
+
+
+def test_a_weight_times_features_by_blocks_of_rows_is_the_float64_product():
+    """``W @ M`` read a block of rows of ``W`` at a time (a float16 weight widened block by block)
+    equals the product of the whole weight widened to float64, across block edges."""
+    from erasepro_ops.linalg import ROW_BLOCK_BYTES, weight_times
+
+    g = torch.Generator().manual_seed(23)
+    m = torch.randn(300, 17, generator=g, dtype=torch.float64)
+    rows_per_block = ROW_BLOCK_BYTES // (8 * 300)
+    w = torch.randn(2 * rows_per_block + 5, 300, generator=g).to(torch.float16)
+    out = weight_times(w, m)
+    assert out.dtype == torch.float64 and out.shape == (w.shape[0], 17)
+    assert rel(out, w.to(torch.float64) @ m) <= 1e-14
 
 
 def test_weighted_update_is_the_closed_form_whatever_the_square_root():
