@@ -370,6 +370,7 @@ def progressive_shallow(
     edited: dict | None = None,
     anchor_lengths: torch.Tensor | None = None,
     anchor_outputs: dict | None = None,
+    store: bool = False,
 ) -> list[SiteResult]:
     """Solve the shallow sites in order (docs/DESIGN.md, *Progressive chain*).
 
@@ -388,9 +389,9 @@ def progressive_shallow(
     column (or ``target_lengths``, positions per target row) reaches. ``outputs``, when given,
     receives the target batch's hidden state after each block in ``reads`` (edits applied) as a
     :class:`~erasepro_ops.rows.RowBatch`; the blocks run on to the last of them. ``edited``, when
-    given, receives each solved site's ``W_o + ΔW`` (float32, as the chain ran it) by name, and the
-    results keep their updates as the edit does (:meth:`SiteResult.stored`), so no earlier site's
-    float64 factors are held while the next one solves. ``anchor_outputs``, with ``outputs``,
+    given, receives each solved site's ``W_o + ΔW`` (float32, as the chain ran it) by name. With
+    ``edited`` or ``store``, the results keep their updates as the edit does
+    (:meth:`SiteResult.stored`), so no earlier site's float64 factors are held while the next one solves. ``anchor_outputs``, with ``outputs``,
     receives the anchor batch's (unedited) hidden state after each block in ``reads`` the same way:
     every anchor row then runs on past the chain, as far as ``anchor_lengths`` (per row) or its
     columns reach.
@@ -467,7 +468,7 @@ def progressive_shallow(
                                   float(torch.linalg.vector_norm(block.weight, dtype=torch.float64)),
                                   len(columns), solution.update.rank, stored_norm=change))
         del solution  # with ``edited``, the float64 factors go before the next site solves
-        if edited is not None:
+        if edited is not None or store:
             results[-1] = results[-1].stored({})  # each site its own down (a freed one's id may come again)
         if on_site is not None:
             on_site(block.name)

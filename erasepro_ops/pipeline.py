@@ -120,7 +120,7 @@ def _deep_inputs(host: Host, b: Batches, o: _Originals, shallow: ShallowResult):
     """The text features the deep sites read with the shallow edits applied (float32 whatever dtype
     the text encoder is in): ``(targets and kept prompts, their pooled embeddings)``. An encoder
     whose read blocks the chain ran already (``shallow.hidden``) runs none of its blocks again."""
-    if shallow.edited:
+    if shallow.edits:
         batch = b.target_ids if b.preserve_tokens is None else [t + p for t, p in zip(b.target_ids, b.preserve_tokens)]
         x_all, pooled_all, _ = host.encode(batch, overrides=shallow.edited, resume=shallow.hidden or None)
         return x_all, pooled_all

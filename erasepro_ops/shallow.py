@@ -143,7 +143,7 @@ def _weightings(host: Host, enc, blocks, sites, soft: SoftWeighting | None, i: i
 class ShallowResult:
     results: list  # SiteResult per shallow site, encoder by encoder, shallow to deep
     edits: list[SiteEdit]
-    edited: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # key → (W_o + ΔW, bias), float32
+    edited: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # key → (W_o + ΔW, bias), float32, of the encoders not resumed
     notes: list[str] = dataclasses.field(default_factory=list)  # settings the solve adjusted, for the summary
     hidden: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)  # encoder → read block → B × T × D
     # encoder → read block → the templates' rows, no edits / the anchor batch's rows (anchors, then kept prompts)
@@ -211,7 +211,8 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
         bias = host.text_weights(bias_keys) if enc.spec.shallow_bias else dict.fromkeys(bias_keys)
         blocks = host.shallow_blocks(enc, run, [weights[k] for k in run], [bias[k] for k in bias_keys],
                                      target_in[i])
-        outputs, edited = {} if reads else None, {}
+        # an encoder the chain runs on to its read blocks is resumed from them: its edited weights go unused
+        outputs, edited = ({}, None) if reads else (None, {})
         anchors = {} if reads and unedited_rows else None
         results = progressive_shallow(blocks, target_in[i][0], anchor_in[i][0], columns,
                                       shallow_settings, rule=request.rule,
@@ -219,7 +220,7 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
                                       on_site=on_site, masks=(target_in[i][1], anchor_in[i][1]),
                                       schedule=schedule, bridges=bridges, gap_floor=settings.gap_floor,
                                       causal=enc.spec.causal, reads=reads, target_lengths=rows, outputs=outputs,
-                                      edited=edited, anchor_outputs=anchors,
+                                      edited=edited, store=True, anchor_outputs=anchors,
                                       anchor_lengths=None if anchors is None else reach(i, enc.special, anchors=True))
         if reads:
             out.hidden[i] = {l: h.dense() for l, h in outputs.items()}
@@ -227,7 +228,7 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
             out.anchors[i] = anchors
             out.unedited[i] = unedited_outputs(blocks, target_in[i][0], columns, reads, unedited_rows,
                                                mask=target_in[i][1], causal=enc.spec.causal, target_lengths=rows)
-        for r in results:
+        for r in results if edited is not None else ():
             out.edited[r.name] = (edited[r.name], bias[r.name.replace(".weight", ".bias")])
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")

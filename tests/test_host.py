@@ -412,7 +412,12 @@ def _check_hand_off(model, clip, request):
     assert {i: tuple(sorted(h)) for i, h in shallow.hidden.items()} == {
         i: arch.encoders[i].read_blocks for i in shallow.hidden}
     x_chain, pooled_chain = pipeline._deep_inputs(host, b, o, shallow)
-    shallow.hidden = {}
+    assert shallow.edited == {}  # a resumed encoder's edited weights are not kept
+    keys = [e.key for e in shallow.edits]
+    weights, biases = host.text_weights(keys), host.text_weights([k.replace(".weight", ".bias") for k in keys])
+    shallow.hidden = {}  # the whole encode, with the edits as ComfyUI would run them
+    shallow.edited = {e.key: (weights[e.key].float() + e.up @ e.down, biases[e.key.replace(".weight", ".bias")])
+                      for e in shallow.edits}
     x_comfy, pooled_comfy = pipeline._deep_inputs(host, b, o, shallow)
     n = b.n_target
     for a, c in ((gather(x_chain, b.columns.target), gather(x_comfy, b.columns.target)),
