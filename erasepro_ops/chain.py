@@ -209,9 +209,10 @@ class SolverSettings:
         return PreserveWeighting.from_moments(preserve, self.lam, alpha, device)
 
     def system(self, x: torch.Tensor, groups: torch.Tensor, preserve: torch.Tensor | PreserveWeighting | None,
-               report_columns: int | None = None):
+               report_columns: int | None = None, keep_x: bool = True):
         """The shared factorisation of one site's (or one group of sites') constrained features;
-        ``preserve``: the preserve features, or ErasePro's weighting built from them already."""
+        ``preserve``: the preserve features, or ErasePro's weighting built from them already;
+        ``keep_x`` False: ``x`` is used up (ErasePro: see ``ConstraintSystem.build``; UCE keeps it)."""
         if self.method == "uce":
             return UCESystem.build(
                 x, preserve, lam=self.uce_lam, erase_scale=self.erase_scale,
@@ -225,6 +226,7 @@ class SolverSettings:
             overflow_weight=self.overflow_preserve_weight,
             report_columns=report_columns,
             device=self.device,
+            keep_x=keep_x,
         )
 
 
@@ -451,9 +453,11 @@ def progressive_shallow(
                 target[:, columns.n_keep:] += gap
             merged = MergedColumns.of(x, target, columns.groups)
             del x, target  # the solve's transients are the peak of the chain: only what it reads stays
-            solution = settings.system(merged.x, merged.groups, None if preserve is None else preserve[l]).solve(
-                block.weight, merged.target)
-            del merged
+            r = merged.residual(block.weight)
+            system = settings.system(merged.x, merged.groups, None if preserve is None else preserve[l], keep_x=False)
+            del merged  # its X is the system's X̃ now
+            solution = system.fit(r)
+            del system, r
             w_new = solution.update.dense().to(block.weight.device)
             change = float(w_new.norm())  # ‖ΔW‖ from the product formed anyway
             w_new.add_(block.weight)  # W_o + ΔW, float64

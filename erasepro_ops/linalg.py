@@ -231,9 +231,9 @@ class PreserveWeighting:
         chol = torch.linalg.cholesky(c, out=c)
         return cls(chol, spectral_norm_estimate(chol) ** 2)
 
-    def left(self, x: torch.Tensor) -> torch.Tensor:
-        """``L⁻¹ @ x``, in ``x``'s precision (see :func:`solve_lower`)."""
-        return solve_lower(self.chol, x)
+    def left(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """``L⁻¹ @ x``, in ``x``'s precision (see :func:`solve_lower`; ``overwrite``: in ``x``'s place)."""
+        return solve_lower(self.chol, x, overwrite=overwrite)
 
     def right(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """``x @ L⁻¹``, in ``x``'s precision (see :func:`solve_lower`; ``overwrite``: in ``x``'s place)."""
@@ -249,7 +249,8 @@ SOLVE_BLOCK = 512
 
 def solve_lower(chol: torch.Tensor, b: torch.Tensor, left: bool = True, overwrite: bool = False) -> torch.Tensor:
     """``L⁻¹ b`` (``left``) or ``b L⁻¹`` for a lower-triangular ``L``, in ``b``'s precision;
-    ``overwrite`` (``b`` contiguous, its caller done with it): the result is written into ``b``.
+    ``overwrite`` (the caller done with ``b``): the result may be written into ``b`` (it is, for a
+    contiguous ``b`` and a factor stored in a lower precision).
 
     ``L`` stored in a lower precision (the weighting cache keeps float32) is used as it is: its
     entries are exact in ``b``'s dtype, so the result is the float64 solve with that ``L``. Rather

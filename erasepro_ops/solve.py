@@ -104,6 +104,19 @@ class SiteSolution:
     initial_sq: float  # ‖W_o X − V‖_F²
 
 
+def _residual(weight: torch.Tensor, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``R = V − W_o X`` in float64 on ``x``'s device, ``W_o`` read a block of rows at a time
+    (:func:`~erasepro_ops.linalg.weight_times`), after checking the weight and targets."""
+    check_finite("site weight", weight)
+    v = target.to(device=x.device, dtype=torch.float64)
+    check_finite("target outputs V*", v)
+    if weight.shape[1] != x.shape[0]:
+        raise ValueError(f"site weight has input width {weight.shape[1]}, features have {x.shape[0]}")
+    if v.shape != (weight.shape[0], x.shape[1]):
+        raise ValueError(f"V* must be {weight.shape[0]} × {x.shape[1]}, got {tuple(v.shape)}")
+    return v - weight_times(weight, x)
+
+
 def _residual_solution(update: LowRankUpdate, r: torch.Tensor, dwx: torch.Tensor) -> SiteSolution:
     initial = float((r * r).sum())
     left = float(((r - dwx) ** 2).sum())
@@ -340,6 +353,10 @@ class MergedColumns:
     groups: torch.Tensor  # n priorities, CPU
     report_columns: int | None  # how many of the first report_columns columns remain
 
+    def residual(self, weight: torch.Tensor) -> torch.Tensor:
+        """``R = V* − W_o X`` of a site whose targets these are (float64, ``W_o`` read by blocks of rows)."""
+        return _residual(weight, self.target, self.x)
+
     @classmethod
     def of(cls, x: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None,
            report_columns: int | None = None) -> "MergedColumns":
@@ -384,7 +401,7 @@ def _repeats(x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> tuple[tor
 class ConstraintSystem:
     """The factorisation of ``X`` (and ``C``) shared by every site constrained on the same columns."""
 
-    x: torch.Tensor  # in × N, float64
+    x: torch.Tensor | None  # in × N, float64 (None: built with keep_x=False)
     steps: tuple[_Step, ...]
     down: torch.Tensor  # r × in in original coordinates (rows of each step's Uᵀ, times C^{-1/2})
     down_x: torch.Tensor  # r × N: down @ x, for residuals
@@ -399,7 +416,7 @@ class ConstraintSystem:
 
     @property
     def width(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.down.shape[1])
 
     @classmethod
     def build(
@@ -418,6 +435,7 @@ class ConstraintSystem:
         overflow_weight: float = DEFAULT_OVERFLOW_PRESERVE_WEIGHT,
         report_columns: int | None = None,
         device: torch.device | str | None = None,
+        keep_x: bool = True,
     ) -> "ConstraintSystem":
         """Factorise the constrained features.
 
@@ -432,6 +450,8 @@ class ConstraintSystem:
         leading columns the unaligned energy is measured on (default all; preserve columns come last).
         ``preserve_rtol``: the tolerance of the groups in ``unbudgeted`` (default ``rtol``), so the
         erasure's near-degenerate directions can be dropped while the kept prompts stay exact.
+        ``keep_x`` False: ``x`` is the caller's to use up (float64 on ``device`` already, it is
+        overwritten by ``X̃``) and the system keeps no ``X``: it fits residuals (:meth:`fit`) only.
         """
         _check_settings(x, rtol, overflow_damping, overflow_weight)
         if preserve_rtol is not None and not preserve_rtol > 0:
@@ -444,9 +464,10 @@ class ConstraintSystem:
         group_ids = _group_ids(groups, n)
         cis = _weighting(preserve, width, lam, alpha, device)
         c_max = 1.0 if cis is None else cis.c_max
-        xt = x64 if cis is None else cis.left(x64)
-
         scale = spectral_norm_estimate(x64) / c_max**0.5
+        xt = x64 if cis is None else cis.left(x64, overwrite=not keep_x)
+        if not keep_x:
+            x64 = None
         fit = _Fit(xt, rtol * scale, budget, overflow_damping, None if preserve_rtol is None else preserve_rtol * scale)
         del xt  # the fit holds X̃ until its system is made
         _fit_groups(fit, group_ids, set(unbudgeted), overflow_weight, device)
@@ -454,16 +475,14 @@ class ConstraintSystem:
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
         """The zero-residual update of a site with weight ``W_o`` towards outputs ``V`` (out × N)."""
-        w = weight.to(device=self.x.device, dtype=torch.float64)
-        v = target.to(device=self.x.device, dtype=torch.float64)
-        check_finite("site weight", w)
-        check_finite("target outputs V*", v)
-        if w.shape[1] != self.width:
-            raise ValueError(f"site weight has input width {w.shape[1]}, features have {self.width}")
-        if v.shape != (w.shape[0], self.x.shape[1]):
-            raise ValueError(f"V* must be {w.shape[0]} × {self.x.shape[1]}, got {tuple(v.shape)}")
-        r = v - w @ self.x
-        del w
+        if self.x is None:
+            raise ValueError("this system was built without X (keep_x=False): give it the residuals (fit)")
+        return self.fit(_residual(weight, target, self.x))
+
+    def fit(self, r: torch.Tensor) -> SiteSolution:
+        """The update for residuals ``R = V − W_o X`` (out × N, float64 on the solve device)."""
+        if r.shape[1] != self.down_x.shape[1]:
+            raise ValueError(f"R must have {self.down_x.shape[1]} columns, got {tuple(r.shape)}")
         ups: list[torch.Tensor] = []
         for step in self.steps:
             r_g = r[:, step.columns]
@@ -484,6 +503,8 @@ class ConstraintSystem:
         Columns marked ``settled`` are solved as kept (their ``D`` taken as 0); residuals are
         measured against the true ``D`` on the first ``report_columns`` columns (default all).
         """
+        if self.x is None:
+            raise ValueError("this system was built without X (keep_x=False): it cannot map targets")
         d = y.to(device=self.x.device, dtype=torch.float64) - self.x
         check_finite("anchor features Y", d)
         d_solve = d if settled is None else d.masked_fill(settled.to(d.device)[None, :], 0.0)
@@ -571,12 +592,10 @@ class UCESystem:
         return cls(x64, down, down @ x64)
 
     def solve(self, weight: torch.Tensor, target: torch.Tensor) -> SiteSolution:
-        w = weight.to(device=self.x.device, dtype=torch.float64)
-        v = target.to(device=self.x.device, dtype=torch.float64)
-        check_finite("site weight", w)
-        check_finite("target outputs V*", v)
-        r = v - w @ self.x
-        del w
+        return self.fit(_residual(weight, target, self.x))
+
+    def fit(self, r: torch.Tensor) -> SiteSolution:
+        """The update for residuals ``R = V − W_o X`` (out × N, float64 on the solve device)."""
         update = LowRankUpdate(r, self.down)
         return _residual_solution(update, r, r @ self.down_x)
 

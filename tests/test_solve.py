@@ -610,3 +610,27 @@ def test_columns_repeated_exactly_are_solved_once_with_the_same_update_and_resid
     uce, uce_once = UCESystem.build(x, k).solve(w, v), UCESystem.build(merged.x, k).solve(w, merged.target)
     assert rel(uce_once.update.dense(), uce.update.dense()) <= 1e-9
     assert uce_once.residual == pytest.approx(uce.residual, rel=1e-9)
+
+
+def test_a_system_built_on_x_it_may_use_up_fits_the_same_residuals():
+    """``keep_x=False`` (the chain's shallow sites): the system solves ``C^{-1/2} X`` into the
+    caller's own ``X`` and keeps no ``X``; given ``R = V − W_o X`` it gives the update a kept ``X``
+    gives, bit for bit, and asks for residuals instead of a weight."""
+    from erasepro_ops.linalg import PreserveWeighting
+    from erasepro_ops.solve import MergedColumns
+
+    w, x, v, k = (t.double() for t in sd_like_problem(96, 32, 40, seed=29, m=150))
+    op = PreserveWeighting.build(k, 1.0, 30.0).to(dtype=torch.float32)  # as the cache stores it
+    groups = torch.tensor([0] * 8 + [2] * 32)
+    merged = MergedColumns.of(x, v, groups)
+    kept = ConstraintSystem.build(merged.x, merged.groups, preserve=op).solve(w.float(), merged.target)
+    r = merged.residual(w.float())
+    own = merged.x.clone()
+    system = ConstraintSystem.build(own, merged.groups, preserve=op, keep_x=False)
+    assert system.x is None and not torch.equal(own, merged.x)  # used up: it holds X̃ now
+    assert torch.equal(own, op.left(merged.x))
+    used = system.fit(r)
+    assert torch.equal(used.update.dense(), kept.update.dense()) and used.residual == kept.residual
+    assert kept.residual <= 1e-10
+    with pytest.raises(ValueError, match="keep_x=False"):
+        system.solve(w, merged.target)
