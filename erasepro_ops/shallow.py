@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable, Collection
+from typing import Callable, Collection, Iterator
 
 import torch
 
@@ -33,6 +33,7 @@ def site_edits(results, part: str, stage: str) -> list[SiteEdit]:
 
 
 RETAIN_BATCH = 64  # bank prompts per batch through the shallow blocks, sorted by length
+RETAIN_TOKENS = 1024  # and padded positions per batch at most (a CLIP-L block's MLP: 12 MiB of float32 per 1024)
 MIN_SHALLOW_BITS = 16  # text-encoder weights stored in fewer bits (fp8) get no shallow edits, see solve_shallow
 
 
@@ -60,6 +61,20 @@ class SoftWeighting:
         self.held.pop(i, None)
 
 
+def _by_tokens(order: list[int], lengths: list[int]) -> Iterator[list[int]]:
+    """``order`` (prompts sorted by length, ``lengths`` theirs) in batches of at most
+    :data:`RETAIN_BATCH` prompts and :data:`RETAIN_TOKENS` positions once padded to the batch's
+    longest (a causal encoder runs no further): a batch of long prompts holds fewer, so its activations
+    stay the size of a short one's."""
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and stop - start < RETAIN_BATCH and (stop + 1 - start) * lengths[stop] <= RETAIN_TOKENS:
+            stop += 1
+        yield order[start:stop]
+        start = stop
+
+
 def _retain_batches(arch: Architecture, first_inputs, spans, padding: int,
                     encoders: Collection[int] | None = None) -> list[list[KeptBatch]]:
     """The bank, per encoder (only those in ``encoders`` when given), in batches of prompts of
@@ -70,8 +85,7 @@ def _retain_batches(arch: Architecture, first_inputs, spans, padding: int,
                   for al in split(arch, spans, s)] for s in range(len(arch.segments))]
     order = sorted(range(len(spans)), key=lambda j: max(positions[0][j]))
     out = [[] for _ in arch.encoders]
-    for start in range(0, len(order), RETAIN_BATCH):
-        rows = order[start: start + RETAIN_BATCH]
+    for rows in _by_tokens(order, [max(positions[0][j]) + 1 for j in order]):
         for i, (enc, (hidden, mask, _)) in enumerate(zip(arch.encoders, first_inputs(rows))):
             if not enc.spec.per_token or (encoders is not None and i not in encoders):  # pooled only: no sites
                 continue

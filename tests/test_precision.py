@@ -130,7 +130,7 @@ def test_the_bank_is_captured_a_batch_at_a_time_as_one_capture_gives_it(users_mo
     from erasepro_ops.batches import preserve_alignments, preserve_ids, select_inputs
     from erasepro_ops.request import Request
     from erasepro_ops.retain import retain_prompts
-    from erasepro_ops.shallow import RETAIN_BATCH, _retain_batches, soft_weighting
+    from erasepro_ops.shallow import RETAIN_BATCH, RETAIN_TOKENS, _retain_batches, soft_weighting
     from erasepro_ops.templates import ConceptPair
 
     host = ComfyHost(*users_model)
@@ -153,6 +153,9 @@ def test_the_bank_is_captured_a_batch_at_a_time_as_one_capture_gives_it(users_mo
     assert len(batches) == len(expected) > 1
     for got, want in zip(batches, expected):
         assert torch.equal(got.index, want.index) and torch.equal(got.hidden, want.hidden)
+    # a batch of long prompts holds fewer of them: none runs more padded positions than the budget
+    assert max(b.hidden.shape[0] * b.hidden.shape[1] for b in batches) <= RETAIN_TOKENS
+    assert len({b.hidden.shape[0] for b in batches}) > 1
 
     # once a site's weightings are built from them, the batches are let go (a float32 factor each)
     from erasepro_ops.chain import SolverSettings
