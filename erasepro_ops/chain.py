@@ -393,10 +393,10 @@ def progressive_shallow(
     :class:`~erasepro_ops.rows.RowBatch`; the blocks run on to the last of them. ``edited``, when
     given, receives each solved site's ``W_o + ΔW`` (float32, as the chain ran it) by name. With
     ``edited`` or ``store``, the results keep their updates as the edit does
-    (:meth:`SiteResult.stored`), so no earlier site's float64 factors are held while the next one solves. ``anchor_outputs``, with ``outputs``,
-    receives the anchor batch's (unedited) hidden state after each block in ``reads`` the same way:
-    every anchor row then runs on past the chain, as far as ``anchor_lengths`` (per row) or its
-    columns reach.
+    (:meth:`SiteResult.stored`), so no earlier site's float64 factors are held while the next one
+    solves. ``anchor_outputs``, with ``outputs``, receives the anchor batch's (unedited) hidden state
+    after each block in ``reads`` the same way: every anchor row then runs on past the chain, as far
+    as ``anchor_lengths`` (per row) or its columns reach.
     """
     if rule not in SHALLOW_RULES:
         raise ValueError(f"shallow rule must be one of {SHALLOW_RULES}, got {rule!r}")

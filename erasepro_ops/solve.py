@@ -226,7 +226,6 @@ class _Fit:
         taken (:meth:`cross`), ``y`` their part outside them, weighted by ``cw``."""
         threshold = self.threshold if budgeted or self.preserve_threshold is None else self.preserve_threshold
         rb = range_basis(y, threshold, gram).top(self.room)  # rounding noise cannot add rank
-        del y
         overflow = self.overflows(cols.numel(), rb.rank, budgeted=budgeted)
         cross = tuple(inside[a:b] for a, b in self.spans)
         self.spent += rb.rank if budgeted else 0
@@ -450,7 +449,7 @@ class ConstraintSystem:
         leading columns the unaligned energy is measured on (default all; preserve columns come last).
         ``preserve_rtol``: the tolerance of the groups in ``unbudgeted`` (default ``rtol``), so the
         erasure's near-degenerate directions can be dropped while the kept prompts stay exact.
-        ``keep_x`` False: ``x`` is the caller's to use up (float64 on ``device`` already, it is
+        ``keep_x`` False: ``x`` is the caller's to use up (float64 on ``device`` already, it may be
         overwritten by ``X̃``) and the system keeps no ``X``: it fits residuals (:meth:`fit`) only.
         """
         _check_settings(x, rtol, overflow_damping, overflow_weight)
