@@ -471,7 +471,7 @@ def progressive_shallow(
         results.append(SiteResult(block.name, "shallow", solution,
                                   float(torch.linalg.vector_norm(block.weight, dtype=torch.float64)),
                                   len(columns), solution.update.rank, stored_norm=change))
-        del solution  # with ``edited``, the float64 factors go before the next site solves
+        del solution  # with ``edited`` or ``store``, the float64 factors go before the next site solves
         if edited is not None or store:
             results[-1] = results[-1].stored({})  # each site its own down (a freed one's id may come again)
         if on_site is not None:

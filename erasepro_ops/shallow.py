@@ -242,8 +242,8 @@ def solve_shallow(host: Host, arch: Architecture, request: Request, settings: So
             out.anchors[i] = anchors
             out.unedited[i] = unedited_outputs(blocks, target_in[i][0], columns, reads, unedited_rows,
                                                mask=target_in[i][1], causal=enc.spec.causal, target_lengths=rows)
-        for r in results if edited is not None else ():
-            out.edited[r.name] = (edited[r.name], bias[r.name.replace(".weight", ".bias")])
+        if edited is not None:
+            out.edited.update((r.name, (edited[r.name], bias[r.name.replace(".weight", ".bias")])) for r in results)
         out.results += results
         out.edits += site_edits(results, "clip", "shallow")
     return out
