@@ -364,7 +364,7 @@ def progressive_shallow(
     masks: tuple[object, object] = (None, None),
     schedule: int | None = None,
     bridges: Sequence[int] = (),
-    gap_floor: float = 0.0,
+    gap_floor: float = DEFAULT_GAP_FLOOR,
     causal: bool = False,
     reads: Sequence[int] = (),
     target_lengths: torch.Tensor | None = None,
@@ -385,7 +385,13 @@ def progressive_shallow(
     except the *bridges* (``bridges``: the blocks whose outputs the model reads): when target
     and anchor tokenize to different lengths, the later blocks' attention sees one token more or
     less and reopens the gap; a bridge block closes all of it, ``V* = W_o X + (out_a − out_t)``,
-    unless no column's relative gap ``‖out_a − out_t‖ / ‖out_a‖`` exceeds ``gap_floor``.
+    unless no column's relative gap ``‖out_a − out_t‖ / ‖out_a‖`` exceeds ``gap_floor``. Inside the
+    chain too, a moved column whose gap (or, with ``"anchor_features"``, whose ``fc2`` input's
+    distance to its partner's) is at most ``gap_floor`` of its partner's norm is settled: it asks
+    for ``V* = W_o X``. A kept prompt paired with itself has such a gap after an edited block, the
+    float32 rounding of two computations of one feature; fitting it would make the constraints
+    contradict each other (its start token's column is a keep column's too) and the residual
+    depend on the CPU's kernels.
 
     ``causal``: the blocks' attention is causal, so each row runs only up to the last position a
     column (or ``target_lengths``, positions per target row) reaches. ``outputs``, when given,
@@ -422,13 +428,17 @@ def progressive_shallow(
                 del mid_a, x_a
                 x = x.to(torch.float64)
                 if rule == "anchor_features":
-                    target = weight_times(block.weight, y.to(torch.float64))
+                    y = y.to(torch.float64)
+                    if gap_floor > 0:
+                        settled = settled_columns(x, y, gap_floor)
+                        y[:, settled] = x[:, settled]
+                    target = weight_times(block.weight, y)
                 else:
                     out_t = _block_output(mid_t, x_t, block.weight, block.bias)
-                    gap = gather(out_a, columns.anchor) - gather(out_t, columns.target[columns.n_keep:])
+                    gap = _moved_gap(out_a, out_t, columns, gap_floor)
                     del out_t
                     target = weight_times(block.weight, x)
-                    target[:, columns.n_keep:] += gap.to(torch.float64) * (2.0 / (depth - l + 1))
+                    target[:, columns.n_keep:] += gap * (2.0 / (depth - l + 1))
                 del y
                 h_a = out_a
                 if l in anchor_reads:
@@ -496,6 +506,20 @@ def unedited_outputs(blocks: Sequence[MLPBlock], h_target: torch.Tensor, columns
         if l in reads:
             outputs[l] = h
     return outputs
+
+
+def _moved_gap(out_a: RowBatch, out_t: RowBatch, columns: Columns, floor: float) -> torch.Tensor:
+    """``out_a − out_t`` at the moved columns (float64), 0 at the settled ones
+    (:func:`settled_columns`): a column whose gap is float32 rounding (a kept prompt paired with
+    itself, computed once in the edited batch and once in the unedited one) asks to stay where it
+    is, as a keep column sharing its features does, instead of for a difference that depends on
+    which kernels the CPU picked."""
+    y = gather(out_a, columns.anchor).to(torch.float64)
+    x = gather(out_t, columns.target[columns.n_keep:]).to(torch.float64)
+    if floor > 0:
+        settled = settled_columns(x, y, floor)
+        y[:, settled] = x[:, settled]
+    return y.sub_(x)
 
 
 def _open_gap(out_a: RowBatch, out_t: RowBatch, columns: Columns, shifted: torch.Tensor,

@@ -30,9 +30,12 @@ class WeightingCache:
     they are kept there as safetensors files, not in memory, and read back a site at a time as the
     chain reaches it (:meth:`get` returns loaders): between solves they take no memory, later
     sessions reuse them, and a file that does not read back as the weighting it is named for is
-    built again. Without one, in :attr:`entries`."""
+    built again. Each file carries the SHA-256 of what it holds (:func:`content_digest`: the format,
+    the key, ``c_max`` and the factor's bytes) and is used only when its content matches: a file
+    whose numbers changed (a bad disk, a partial copy, another version's format under the same
+    name) is built again with a warning, never used. Without one, in :attr:`entries`."""
 
-    FORMAT = "1"  # of the files; part of their names
+    FORMAT = "2"  # of the files; part of their names (1: no content digest)
 
     def __init__(self, max_bytes: int = 2 << 30, directory: Path | None = None):
         self.max_bytes, self.entries, self.directory = max_bytes, {}, directory
@@ -82,8 +85,9 @@ class WeightingCache:
                 if j in unsaved:
                     return unsaved[j]
                 held = _read_weighting(paths[j], keys[j])
-                if held is False:  # damaged since it was checked: built again
-                    log.warning("ErasePro: the cached weighting %s does not read back; building it again", paths[j].name)
+                if held is False:  # damaged, or its content does not match its digest: built again
+                    log.warning("ErasePro: the cached retain weighting %s is damaged (its content does not match "
+                                "its checksum); building it again", paths[j])
                     (held,) = build([j])
                     held = None if held is None else held.to("cpu", torch.float32)
                     self._store(keys[j], held)
@@ -95,7 +99,9 @@ class WeightingCache:
         """Write one weighting's file, whole or not at all; False (and a warning) when it cannot."""
         # Lᵀ, row-major: the transpose of the column-major factor, stored without another copy
         upper = torch.zeros(0) if weighting is None else weighting.chol.mT.to("cpu", torch.float32).contiguous()
-        meta = {"key": repr(key), "c_max": "none" if weighting is None else repr(weighting.c_max)}
+        c_max = "none" if weighting is None else repr(weighting.c_max)
+        meta = {"format": self.FORMAT, "key": repr(key), "c_max": c_max,
+                "sha256": content_digest(self.FORMAT, key, c_max, upper)}
         path = self.path(key)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         try:
@@ -116,7 +122,7 @@ class WeightingCache:
         """The least recently used files beyond ``max_bytes`` go (never those in ``in_use``)."""
         try:
             files = []
-            for path in Path(self.directory).glob(f"weighting-{self.FORMAT}-*.safetensors"):
+            for path in Path(self.directory).glob("weighting-*.safetensors"):  # other formats' count too
                 st = path.stat()
                 files.append((st.st_mtime, st.st_size, path))
             total = sum(size for _, size, _ in files)
@@ -147,14 +153,25 @@ def _one_at_a_time(indices: Sequence[int], built: Iterable):
 _MISSING = object()
 
 
+def content_digest(version: str, key, c_max: str, upper: torch.Tensor) -> str:
+    """SHA-256 of a weighting file's content: its format ``version``, ``key``, ``c_max`` (as stored)
+    and the stored factor's dtype, shape and bytes (read in place, no copy)."""
+    h = hashlib.sha256(repr((version, key, c_max, str(upper.dtype), tuple(upper.shape))).encode())
+    if upper.numel():
+        h.update(memoryview(upper.contiguous().view(torch.uint8).reshape(-1).numpy()))
+    return h.hexdigest()
+
+
 def _read_weighting(path: Path, key, header_only: bool = False):
     """The weighting stored at ``path`` for ``key`` (None for a site without one), True when only
     the header was asked for and it matches, False when the file is missing or is not that weighting
-    (another key, a truncated or damaged file, NaN/Inf): never unpickled, safetensors only."""
+    (another key or format, a truncated file, content that does not match its digest, NaN/Inf):
+    never unpickled, safetensors only."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("key") != repr(key) or list(f.keys()) != ["upper"]:
+            if (meta.get("format") != WeightingCache.FORMAT or meta.get("key") != repr(key)
+                    or list(f.keys()) != ["upper"] or len(meta.get("sha256", "")) != 64):
                 return False
             shape = f.get_slice("upper").get_shape()
             none = meta.get("c_max") == "none"
@@ -166,9 +183,12 @@ def _read_weighting(path: Path, key, header_only: bool = False):
                 except OSError:
                     pass
                 return True
+            upper = f.get_tensor("upper")
+            if content_digest(WeightingCache.FORMAT, key, meta["c_max"], upper) != meta["sha256"]:
+                return False
             if none:
                 return None
-            chol = f.get_tensor("upper").mT
+            chol = upper.mT
             c_max = float(meta["c_max"])
     except (OSError, ValueError, KeyError, SafetensorError):
         return False

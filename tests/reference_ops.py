@@ -11,6 +11,11 @@ from erasepro_ops.alignment import PromptAlignment, _check_chunk, end_index, _pa
 from erasepro_ops.solve import ConstraintSystem, SiteSolution, UCESystem
 from erasepro_ops.tokens import SpecialTokens, token_ids
 
+FLOAT32_AGREEMENT = 64 * torch.finfo(torch.float32).eps
+"""≈ 7.6e-6: how far (relative) two float32 computations of the same features may differ, e.g. a
+prompt run in another batch shape or on a CPU whose kernels sum in another order (measured up to
+1.1e-6 through SDXL's 32 CLIP-G blocks on AVX-512, 0 on AVX2). docs/DESIGN.md, *Precision*."""
+
 CLIP_L = SpecialTokens(start=49406, end=49407, pad=49407)
 """SD1.x's CLIP-L (and SDXL's clip_l): padded with the end token."""
 CLIP_G = SpecialTokens(start=49406, end=49407, pad=0)

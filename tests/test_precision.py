@@ -5,6 +5,7 @@ The random-weight tiny SD1.5 keeps the real 12-layer CLIP-L (the loader builds i
 so the shallow chain, its rounding and the re-encode are the real ones; only the UNet is small.
 """
 
+import struct
 
 import pytest
 import torch
@@ -212,9 +213,11 @@ def test_retain_bank_batches_cut_short_give_the_whole_context_features(users_mod
         assert float((m.gram.tril() - (s @ s.T).tril()).norm() / (s @ s.T).norm()) <= 1e-6  # float32 products
 
 
-def test_a_second_solve_reuses_the_retain_weightings_and_gives_the_same_edit(nodes, users_model, tmp_path, monkeypatch):
+def test_a_second_solve_reuses_the_retain_weightings_and_gives_the_same_edit(nodes, users_model, tmp_path, monkeypatch,
+                                                                           caplog):
     """The retain bank's weightings are kept per text encoder as files: queued again (or in a later
-    session), the solve reads them instead of building them and gives the identical edit; a patch
+    session), the solve reads them instead of building them and gives the identical edit; one whose
+    numbers were changed is built again (one warning, the identical edit); a patch
     on one of the first S blocks (a LoRA) is another model."""
     from erasepro_comfy.host import ComfyHost
     from erasepro_ops.weighting_cache import RETAIN_WEIGHTINGS, WeightingCache
@@ -231,6 +234,15 @@ def test_a_second_solve_reuses_the_retain_weightings_and_gives_the_same_edit(nod
     again = solve(nodes, model, clip, CASES[1])
     assert len(stored) == len(files) and sorted(p.name for p in tmp_path.glob("*.safetensors")) == files
     assert edit_distance(first, again) == 0.0
+
+    damaged = tmp_path / files[0]  # finite numbers changed in place: the header still matches
+    data = bytearray(damaged.read_bytes())
+    data[-64:-60] = struct.pack("<f", struct.unpack("<f", data[-64:-60])[0] * 1.5 + 0.25)
+    damaged.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="ErasePro"):
+        rebuilt = solve(nodes, model, clip, CASES[1])
+    assert caplog.text.count("does not match its checksum") == 1 and len(stored) == len(files) + 1
+    assert edit_distance(first, rebuilt) == 0.0 and damaged.read_bytes() != bytes(data)
 
     host = ComfyHost(model, clip)
     enc = host.architecture().encoders[0]
