@@ -95,7 +95,7 @@ def lora_name(key: str, family: str | None = None) -> str:
 def edit_family(edit: ErasureEdit) -> str:
     """The model family an edit was solved on (read from its settings; inferred for old files)."""
     fam = edit.settings.get("family") or edit.summary.get("family")
-    if fam:
+    if isinstance(fam, str) and fam:  # a loaded file's settings are not checksummed: never trust their type
         return fam
     if any(s.key.startswith("clip_g.") for s in edit.sites) or any("label_emb" in s.key for s in edit.sites):
         return "sdxl"
@@ -311,7 +311,7 @@ def read_header(path: str | os.PathLike) -> dict:
         raise EditFileError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, a 5000-digit number, [[[[…]]]] nested too deep
         raise EditFileError(f"{path.name} is not a safetensors file (unreadable header: {e})") from None
     if not isinstance(header, dict):
         raise EditFileError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
@@ -322,10 +322,10 @@ def read_header(path: str | os.PathLike) -> dict:
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise EditFileError(f"{path.name}: malformed safetensors metadata")
             continue
-        try:
-            dt, shape, (b, e) = info["dtype"], [int(x) for x in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise EditFileError(f"{path.name}: malformed safetensors entry for tensor {key!r}") from None
+        entry = _tensor_entry(info)
+        if entry is None:
+            raise EditFileError(f"{path.name}: malformed safetensors entry for tensor {key!r}")
+        dt, shape, b, e = entry
         if dt not in _ST_DTYPES or any(x < 0 for x in shape) or not (0 <= b <= e):
             raise EditFileError(f"{path.name}: malformed safetensors entry for tensor {key!r}")
         if e - b != math.prod(shape) * _ST_DTYPES[dt]:
@@ -336,6 +336,21 @@ def read_header(path: str | os.PathLike) -> dict:
     if end < data:
         raise EditFileError(f"{path.name} is not a well-formed safetensors file ({data - end} stray bytes after the tensors)")
     return header
+
+
+def _tensor_entry(info) -> tuple[str, list[int], int, int] | None:
+    """``(dtype, shape, begin, end)`` of a header's tensor entry, or None unless it has safetensors'
+    own types: a dtype string, a list of integer dimensions, two integer offsets."""
+    if not isinstance(info, dict):
+        return None
+    dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+
+    def integers(xs) -> bool:
+        return isinstance(xs, list) and all(type(x) is int for x in xs)  # not bool, float or str
+
+    if not (isinstance(dt, str) and integers(shape) and integers(offsets) and len(offsets) == 2):
+        return None
+    return dt, shape, offsets[0], offsets[1]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -366,7 +381,7 @@ def _loads(meta: dict, key: str, source: str):
         return json.loads(meta[key])
     except KeyError:
         raise EditFileError(f"{source}: metadata {key!r} is missing") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number, nested too deep
         raise EditFileError(f"{source}: metadata {key!r} is not valid JSON ({e})") from None
 
 
@@ -396,9 +411,10 @@ def _site_header(i: int, sm, family: str | None, source: str, seen_keys: set[str
         rank = int(sm["rank"])
         out_dim, in_dim = (int(x) for x in sm["shape"])
         rel, res = float(sm["relative_change"]), float(sm["residual"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(1e400), float(10**400)
         raise EditFileError(f"{source}: malformed site entry #{i} in the metadata") from None
-    if part not in ("model", "clip") or rank < 0 or out_dim <= 0 or in_dim <= 0 or key in seen_keys:
+    dims_ok = 0 < out_dim < 2 ** 63 and 0 < in_dim < 2 ** 63  # a tensor's dimensions (a rank-0 site makes zeros)
+    if part not in ("model", "clip") or rank < 0 or not dims_ok or key in seen_keys:
         raise EditFileError(f"{source}: malformed site entry #{i} ({key})")
     if (part == "model") != key.startswith("diffusion_model."):
         raise EditFileError(f"{source}: site {key} is marked part={part!r}")
@@ -445,6 +461,8 @@ def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], sour
     """
     fp, sites_meta, settings, summary = _check_meta(meta, source)
     family = meta.get("erasepro.family") or settings.get("family")
+    if family is not None and not isinstance(family, str):
+        raise EditFileError(f"{source}: malformed ErasePro metadata (the family is a {type(family).__name__}, not a name)")
     # Files from before checksums existed have neither the method nor per-site checksums.
     checksummed = "erasepro.checksum_method" in meta or any(isinstance(sm, dict) and "sha256" in sm
                                                             for sm in sites_meta)
@@ -471,29 +489,34 @@ def from_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], sour
     return ErasureEdit(tuple(sites), settings, summary, fp)
 
 
+def _listed(meta: dict[str, str], key: str) -> list:
+    """The JSON list at metadata ``key``; [] when it is missing, not JSON or not a list (these keys are
+    informational, not covered by the checksums: a damaged one must not stop a good edit loading)."""
+    try:
+        value = json.loads(meta.get(key) or "[]")
+    except (TypeError, ValueError, RecursionError):
+        return []
+    return value if isinstance(value, list) else []
+
+
 def describe(meta: dict[str, str]) -> str:
     """A short human-readable summary of an edit file's metadata."""
-    try:
-        concepts = json.loads(meta.get("erasepro.concepts", "[]"))
-        sites = json.loads(meta.get("erasepro.sites", "[]"))
-    except json.JSONDecodeError:
-        concepts, sites = [], []
+    concepts = [c for c in _listed(meta, "erasepro.concepts") if isinstance(c, dict)]
+    sites = [s for s in _listed(meta, "erasepro.sites") if isinstance(s, dict)]
     pairs = ", ".join(f"{c.get('target')} → {c.get('anchor') or '(nothing)'}" for c in concepts)
     n_model = sum(1 for s in sites if s.get("part") == "model")
     n_clip = sum(1 for s in sites if s.get("part") == "clip")
+    max_rank = max((s["rank"] for s in sites if type(s.get("rank")) is int), default=0)
     lines = [
         f"ErasePro edit v{meta.get('erasepro.version', '?')} ({meta.get('erasepro.family', '?')}), "
         f"method {meta.get('erasepro.method', '?')}, S={meta.get('erasepro.progressive_layers', '?')}, "
         f"λ={meta.get('erasepro.lambda', '?')}, stored as {meta.get('erasepro.storage_dtype', '?')}",
         f"concepts: {pairs or '(none)'}",
-        f"sites: {n_model} UNet, {n_clip} text encoder; max rank {max((s.get('rank', 0) for s in sites), default=0)}",
+        f"sites: {n_model} UNet, {n_clip} text encoder; max rank {max_rank}",
         f"train residual {meta.get('erasepro.train_residual', '?')}, deep burden {meta.get('erasepro.deep_burden', '?')}",
         f"base-model fingerprint {meta.get('erasepro.fingerprint', '?')[:16]}…",
     ]
-    try:
-        preserve = json.loads(meta.get("erasepro.preserve", "[]"))
-    except json.JSONDecodeError:
-        preserve = []
+    preserve = _listed(meta, "erasepro.preserve")
     if preserve:
         lines.append(f"preserve: {len(preserve)} prompt(s)")
     return "\n".join(lines)

@@ -4,7 +4,8 @@
     POST /erasepro/tokens   {"target": .., "anchor": .., "concept_type": .., "prompts": ..}
     -> 200 {"target_tokens": n, "anchor_tokens": m, "overflow": [template, ...],
             "chunk_tokens": 75, "error": null | "why the pair is not valid"}
-    -> 400 {"error": "..."} for a malformed request (not a string, too long, unknown type)
+    -> 400 {"error": "..."} for a malformed request (not a string, too long, unknown type, 64 line
+       breaks or more of any kind, a lone surrogate, JSON or "(" nested too deeply)
 
 Token counts are the concept's own tokens (no start / end token) from ComfyUI's CLIP BPE
 tokenizer (``comfy.sd1_clip.SDTokenizer``: CLIP-L; SD2's CLIP-H and SDXL's CLIP-G use the
@@ -42,6 +43,12 @@ _registered = False
 
 class BadRequest(ValueError):
     """The request itself is malformed (answered with HTTP 400)."""
+
+
+def line_breaks(text: str) -> int:
+    """How many line breaks ``text`` holds, counted as the templates are split (``str.splitlines``:
+    \\n, \\r, \\r\\n, \\u2028, ...), so no separator gets more templates past the cap."""
+    return len((text + "x").splitlines()) - 1
 
 
 def tokenizer():
@@ -94,11 +101,15 @@ def validate(params) -> dict:
             raise BadRequest(f"'{name}' must be a string")
         if len(value) > cap:
             raise BadRequest(f"'{name}' is longer than {cap} characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): the tokenizer cannot read it
+            raise BadRequest(f"'{name}' is not valid Unicode text (it holds a lone surrogate)") from None
         out[name] = value
     out["concept_type"] = out["concept_type"].strip().lower()
     if out["concept_type"] not in CONCEPT_TYPES:
         raise BadRequest(f"'concept_type' must be one of {', '.join(CONCEPT_TYPES)}")
-    if out["prompts"].count("\n") >= MAX_PROMPT_LINES:
+    if line_breaks(out["prompts"]) >= MAX_PROMPT_LINES:
         raise BadRequest(f"'prompts' has more than {MAX_PROMPT_LINES} lines")
     return out
 
@@ -145,6 +156,9 @@ def _register(routes) -> None:
         try:
             data = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: token_report(args["target"], args["anchor"], args["concept_type"], args["prompts"]))
+        except RecursionError:  # ComfyUI's prompt parser recurses once per "(" level
+            return web.json_response({"error": "the text nests '(' too deeply for ComfyUI's prompt parser"},
+                                     status=400)
         except Exception as e:  # never a traceback to the browser
             logging.warning("[ErasePro] %s failed: %s", ROUTE, e)
             return web.json_response({"error": f"tokenizer failed: {type(e).__name__}"}, status=500)
@@ -171,6 +185,8 @@ def _register(routes) -> None:
             params = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return web.json_response({"error": "body is not JSON"}, status=400)
+        except RecursionError:
+            return web.json_response({"error": "body is JSON nested too deeply"}, status=400)
         if not isinstance(params, dict):
             return web.json_response({"error": "expected a JSON object"}, status=400)
         return await answer(params)
