@@ -3,6 +3,7 @@ against the model they are applied to, written and read as files."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import comfy.lora
@@ -18,6 +19,8 @@ from .weights import fingerprint_of
 
 def apply_edit(model, clip, edit: ErasureEdit, strength: float):
     """Clones of ``model`` and ``clip`` with the edit as ``"diff"`` patches scaled by ``strength``."""
+    if not math.isfinite(strength):
+        raise EraseProError(f"strength must be a finite number (got {strength}); 1 = full erasure, 0 = original model")
     new_model = model.clone()
     new_clip = clip.clone() if clip is not None else None
     if strength == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from . import __version__
@@ -39,6 +40,10 @@ class Request:
     fit_padding: bool = True  # erasepro: lower template_padding for many templates or a full rank budget
 
     def check(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise EraseProError(f"{f.name} must be a finite number (got {value})")
         if not self.concepts:
             raise EraseProError("no concepts: connect an ErasePro Concept Pair")
         if self.progressive_layers < 0:

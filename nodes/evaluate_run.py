@@ -7,6 +7,7 @@ node does); decoding is the VAE's ``decode``; embeddings are the CLIP_VISION's `
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ class SamplerSetup:
     batch_size: int = 4
 
     def check(self) -> None:
+        if not math.isfinite(self.cfg):
+            raise EraseProError(f"ErasePro Evaluate: cfg must be a finite number (got {self.cfg})")
         if self.width % 8 or self.height % 8:
             raise EraseProError(f"ErasePro Evaluate: width and height must be multiples of 8 (got {self.width} x "
                                 f"{self.height}); e.g. {self.width // 8 * 8 or 8} x {self.height // 8 * 8 or 8}")

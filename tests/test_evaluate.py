@@ -207,6 +207,7 @@ def test_refuses_mismatched_inputs(node, sd15, erased, concepts):
         (dict(), (model, clip), (xl_model, xl_clip), "different architectures"),
         (dict(), (model, clip), (model, xl_clip), "erased_model / erased_clip: the CLIP does not match"),
         (dict(width=60), (model, clip), erased, "multiples of 8"),
+        (dict(cfg=float("nan")), (model, clip), erased, "cfg must be a finite number"),
         (dict(held_out="a photo without the slot"), (model, clip), erased, "exactly once"),
     ]
     for kw, original, other, msg in cases:

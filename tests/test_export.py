@@ -381,6 +381,8 @@ def test_apply_refuses_an_edit_for_another_model_with_loads_message(pack, eio, l
     with pytest.raises(from_host.EraseProError, match="another base model"):
         apply_node(pack, with_lora, edit, clip)
     assert not other_model.patches and not other_clip.patcher.patches
+    with pytest.raises(from_host.EraseProError, match="strength must be a finite number"):  # NaN passes min/max
+        apply_node(pack, model, edit, clip, strength=float("nan"))
 
     # the model the edit was solved on passes (solver -> Apply), and only the edited layers count:
     # a patch on a layer the edit does not touch changes nothing

@@ -387,6 +387,9 @@ def test_preserve_prompts_share_the_overflow_and_drift_no_more_than_uce(nodes):
     assert s["default"]["train_residual"] < 0.5 and s["default"]["deep_burden"] < 1.0
     with pytest.raises(EraseProError, match="overflow_preserve_weight"):
         run_erasure(ComfyHost(model, clip), Request(tuple(concepts), overflow_preserve_weight=0.0, **every))
+    for name in ("overflow_damping", "retain_strength", "preserve_strength"):  # NaN passes ComfyUI's min/max
+        with pytest.raises(EraseProError, match=f"{name} must be a finite number"):
+            run_erasure(ComfyHost(model, clip), Request(tuple(concepts), **{name: float("nan")}))
 
 
 def test_long_prompt_is_quoted_short(nodes):
