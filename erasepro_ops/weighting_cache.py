@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -36,6 +37,7 @@ class WeightingCache:
     name) is built again with a warning, never used. Without one, in :attr:`entries`."""
 
     FORMAT = "2"  # of the files; part of their names (1: no content digest)
+    STALE_PARTIAL_SECONDS = 3600  # a write takes seconds
 
     def __init__(self, max_bytes: int = 2 << 30, directory: Path | None = None):
         self.max_bytes, self.entries, self.directory = max_bytes, {}, directory
@@ -85,9 +87,10 @@ class WeightingCache:
                 if j in unsaved:
                     return unsaved[j]
                 held = _read_weighting(paths[j], keys[j])
-                if held is False:  # damaged, or its content does not match its digest: built again
-                    log.warning("ErasePro: the cached retain weighting %s is damaged (its content does not match "
-                                "its checksum); building it again", paths[j])
+                if held is False:  # removed since it was checked, or damaged: built again
+                    why = ("was removed (another ComfyUI sharing the folder, or by hand)" if not paths[j].exists()
+                           else "is damaged (its content does not match its checksum)")
+                    log.warning("ErasePro: the cached retain weighting %s %s; building it again", paths[j], why)
                     (held,) = build([j])
                     held = None if held is None else held.to("cpu", torch.float32)
                     self._store(keys[j], held)
@@ -119,8 +122,13 @@ class WeightingCache:
             return False
 
     def _evict(self, in_use: set) -> None:
-        """The least recently used files beyond ``max_bytes`` go (never those in ``in_use``)."""
+        """The least recently used files beyond ``max_bytes`` go (never those in ``in_use``), and so
+        do partial files older than ``STALE_PARTIAL_SECONDS`` (a process stopped while writing)."""
         try:
+            now = time.time()
+            for path in Path(self.directory).glob("weighting-*.partial"):
+                if now - path.stat().st_mtime > self.STALE_PARTIAL_SECONDS:
+                    path.unlink(missing_ok=True)
             files = []
             for path in Path(self.directory).glob("weighting-*.safetensors"):  # other formats' count too
                 st = path.stat()

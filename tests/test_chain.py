@@ -1,6 +1,8 @@
 """The progressive chain (docs/DESIGN.md, *Progressive chain*) on a small random pre-LN transformer feeding random K/V sites."""
 
+import os
 import struct
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -433,6 +435,18 @@ def test_weighting_files_are_built_once_read_back_a_site_at_a_time_and_rebuilt_w
     names = {p.name for p in folder.glob("*.safetensors")}
     assert small.path("b").name in names and small.path("c").name in names and len(names) <= 3
     assert not list(folder.glob("*.partial"))
+    stale, fresh = folder / f"{path.name}.1.partial", folder / f"{path.name}.2.partial"  # writers stopped mid-write
+    stale.write_bytes(b"half"), fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 2 * WeightingCache.STALE_PARTIAL_SECONDS,) * 2)
+    small.get(["b"], build(["b"]))
+    assert not stale.exists() and fresh.exists()  # another process may still be writing the fresh one
+    fresh.unlink()
+    loader = small.get(["c"], build(["c"]))[0]
+    small.path("c").unlink()  # removed between the check and the read (another server's eviction)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ErasePro"):
+        assert loader().chol.shape == (10, 10)
+    assert "was removed" in caplog.text and small.path("c").exists()
 
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
