@@ -428,11 +428,7 @@ def progressive_shallow(
                 del mid_a, x_a
                 x = x.to(torch.float64)
                 if rule == "anchor_features":
-                    y = y.to(torch.float64)
-                    if gap_floor > 0:
-                        settled = settled_columns(x, y, gap_floor)
-                        y[:, settled] = x[:, settled]
-                    target = weight_times(block.weight, y)
+                    target = weight_times(block.weight, _settle(x, y.to(torch.float64), gap_floor))
                 else:
                     out_t = _block_output(mid_t, x_t, block.weight, block.bias)
                     gap = _moved_gap(out_a, out_t, columns, gap_floor)
@@ -516,10 +512,16 @@ def _moved_gap(out_a: RowBatch, out_t: RowBatch, columns: Columns, floor: float)
     which kernels the CPU picked."""
     y = gather(out_a, columns.anchor).to(torch.float64)
     x = gather(out_t, columns.target[columns.n_keep:]).to(torch.float64)
+    return _settle(x, y, floor).sub_(x)
+
+
+def _settle(x: torch.Tensor, y: torch.Tensor, floor: float) -> torch.Tensor:
+    """``y`` (float64, changed in place) with each settled column (:func:`settled_columns`) replaced
+    by ``x``'s: what a column within ``floor`` of its partner is asked for is where it already is."""
     if floor > 0:
         settled = settled_columns(x, y, floor)
         y[:, settled] = x[:, settled]
-    return y.sub_(x)
+    return y
 
 
 def _open_gap(out_a: RowBatch, out_t: RowBatch, columns: Columns, shifted: torch.Tensor,

@@ -42,6 +42,7 @@ import torch
 
 from . import __version__
 from .edit import ErasureEdit, SiteEdit
+from .fingerprint import hash_exact
 
 FORMAT = "1"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -133,9 +134,7 @@ def site_checksum(name: str, tensors, relative_change: float, residual: float) -
     h = hashlib.sha256()
     h.update(name.encode())
     for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"|{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_exact(h, t)
     h.update(f"|{float(relative_change)!r}|{float(residual)!r}".encode())
     return h.hexdigest()
 

@@ -14,6 +14,15 @@ def hash_weight(h, key: str, weight: torch.Tensor) -> None:
     h.update(w.numpy())
 
 
+def hash_exact(h, tensor: torch.Tensor) -> None:
+    """Add ``tensor`` to the hash ``h`` exactly as stored: ``|dtype(shape)|`` and its bytes (no copy
+    when it is contiguous on the CPU)."""
+    t = tensor.detach().to("cpu").contiguous()
+    h.update(f"|{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the edited sites' original weights (key, shape, float16 bytes), sorted by key.
 

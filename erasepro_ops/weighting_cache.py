@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import log
+from .fingerprint import hash_exact
 from .linalg import PreserveWeighting, all_finite
 
 
@@ -164,9 +165,8 @@ _MISSING = object()
 def content_digest(version: str, key, c_max: str, upper: torch.Tensor) -> str:
     """SHA-256 of a weighting file's content: its format ``version``, ``key``, ``c_max`` (as stored)
     and the stored factor's dtype, shape and bytes (read in place, no copy)."""
-    h = hashlib.sha256(repr((version, key, c_max, str(upper.dtype), tuple(upper.shape))).encode())
-    if upper.numel():
-        h.update(memoryview(upper.contiguous().view(torch.uint8).reshape(-1).numpy()))
+    h = hashlib.sha256(repr((version, key, c_max)).encode())
+    hash_exact(h, upper)
     return h.hexdigest()
 
 
