@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 PORT  ?= 8188
 
-.PHONY: help setup old-comfyui checkpoint test test-kernels soak demo serve bench bench-gpu clean distclean
+.PHONY: help setup old-comfyui checkpoint toy-model test test-kernels soak demo serve bench bench-gpu clean distclean
 
 help:
 	@echo "make setup       venv + ComfyUI host + pack link (idempotent)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench       setup, then python -m benchmarks.run"
 	@echo "make bench-gpu   setup, then the GPU benchmark: SD1.5 + SDXL, 1/10/100 concepts, UCE beside S = 3"
 	@echo "make checkpoint  random-weight tiny SD1.5 checkpoint into <comfyui>/models/checkpoints"
+	@echo "make toy-model   train the toy world's model and judge again (~1 h on 2 cores) into toyworld/weights/"
 	@echo "make clean       remove test-artifacts/, output/, caches (keeps .venv and .comfyui)"
 	@echo "make distclean   clean + remove .venv/, .comfyui/, .comfyui-old/, .cache/"
 
@@ -29,6 +30,10 @@ old-comfyui:
 
 checkpoint: setup
 	$(PY) scripts/make_checkpoint.py
+
+# The committed weights come from this command (deterministic from its seed); tests never retrain.
+toy-model: setup
+	$(PY) -m toyworld.train $(TOY_ARGS)
 
 # pytest's own exit status is the target's status: "no tests collected" (5) fails too.
 test: setup

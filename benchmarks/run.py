@@ -569,7 +569,8 @@ def draw_trade_off(rows, path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux, chroma, sd3, zimage (reduced sizes)")
+    parser.add_argument("--models", default="sd15", help="comma list of sd15, sdxl (sdxl needs ~16 GB), flux, chroma, sd3, zimage "
+                                                          "(reduced sizes), toy (the trained toy model: erasure judged on pictures)")
     parser.add_argument("--concepts", default="1,10,100")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median); 1 at 100 concepts")
     parser.add_argument("--eps-size", type=int, default=16, help="latent size for the eps metrics")
@@ -595,10 +596,18 @@ def main(argv=None):
     unknown = sorted(set(configs or ()) - set(labels))
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose from {labels}")
+    models = [k.strip() for k in args.models.split(",")]
+    if "toy" in models:
+        from benchmarks import toy
+        toy.run(out_dir=Path(args.out) / "toy", counts=[c for c in counts if c in (1, 10)],
+                methods=toy.SWEEP if args.sweep else toy.METHODS)
+        models.remove("toy")
+        if not models:
+            return 0
     print(HEADER, flush=True)
-    for kind in args.models.split(","):
+    for kind in models:
         for dtype in args.dtypes.split(","):
-            measure(kind.strip(), counts, args.runs, args.eps_size, Path(args.out), args.size, configs, dtype.strip(),
+            measure(kind, counts, args.runs, args.eps_size, Path(args.out), args.size, configs, dtype.strip(),
                     args.sweep, targets)
     print(f"JSON and charts in {args.out}")
     return 0

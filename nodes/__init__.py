@@ -5,6 +5,7 @@ from .concept_pair import ConceptPairNode
 from .edit_io import LoadEraseProEdit, SaveEraseProEdit
 from .evaluate import EraseProEvaluate
 from .solver import ProgressiveSolver
+from .toy_model import LoadToyModel
 
 NODE_CLASS_MAPPINGS = {
     "ErasePro_ConceptPair": ConceptPairNode,
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "ErasePro_SaveEdit": SaveEraseProEdit,
     "ErasePro_LoadEdit": LoadEraseProEdit,
     "ErasePro_Evaluate": EraseProEvaluate,
+    "ErasePro_ToyModel": LoadToyModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -22,4 +24,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ErasePro_SaveEdit": "Save ErasePro Edit",
     "ErasePro_LoadEdit": "Load ErasePro Edit",
     "ErasePro_Evaluate": "ErasePro Evaluate",
+    "ErasePro_ToyModel": "ErasePro Toy Model (no download)",
 }

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""`make demo`: run workflows/erasepro_style_erasure.json headless on a real ComfyUI.
+"""`make demo`: run an example workflow headless on a real ComfyUI.
 
 * ComfyUI folder: $COMFYUI or <repo>/.comfyui (made by scripts/bootstrap.sh); the pack is
   linked into its custom_nodes when it is not there yet.
-* Checkpoint: the random-weight tiny SD1.5 from scripts/make_checkpoint.py (written when
-  missing), or ``CKPT=/path/to/model.safetensors`` (linked, or copied when linking fails, into
-  <comfyui>/models/checkpoints under its own file name).
+* Model: by default the pack's trained toy model (workflows/erasepro_toy_style_erasure.json:
+  Van Gogh erased, pictures you can judge by eye). With ``CKPT=/path/to/model.safetensors``
+  (linked, or copied when linking fails, into <comfyui>/models/checkpoints under its own file
+  name) workflows/erasepro_style_erasure.json on that checkpoint. A workflow given with
+  ``--workflow`` that loads a checkpoint without CKPT gets the random-weight tiny SD1.5 from
+  scripts/make_checkpoint.py (its pictures are noise).
 * Starts ComfyUI on a free loopback port (scripts/comfy_server.py), queues the workflow through
   POST /prompt, waits on /history, stops the server on exit (errors and Ctrl-C included).
 * Writes <repo>/output/: before.png, after.png, report.png and summary.json (the solver's
@@ -33,7 +36,8 @@ sys.path.insert(1, str(REPO))  # erasepro_ops (this runs as a script: only scrip
 import comfy_server as cs  # noqa: E402
 from erasepro_ops.summary import Summary  # noqa: E402
 
-DEFAULT_WORKFLOW = REPO / "workflows" / "erasepro_style_erasure.json"
+TOY_WORKFLOW = REPO / "workflows" / "erasepro_toy_style_erasure.json"
+CHECKPOINT_WORKFLOW = REPO / "workflows" / "erasepro_style_erasure.json"
 SOLVER = "ErasePro_ProgressiveSolver"
 PACK_LINK = "ComfyUI-ErasePro"
 
@@ -87,11 +91,27 @@ def ensure_checkpoint(comfy: Path) -> str:
     return path.name
 
 
-def _first_image(hist: dict, nid: str, output_dir: Path) -> Path | None:
-    for it in ((hist.get("outputs") or {}).get(nid) or {}).get("images") or []:
-        if it.get("type", "output") == "output":
-            return Path(output_dir) / it.get("subfolder", "") / it["filename"]
-    return None
+def _images(hist: dict, nid: str, output_dir: Path) -> list[Path]:
+    return [Path(output_dir) / it.get("subfolder", "") / it["filename"]
+            for it in ((hist.get("outputs") or {}).get(nid) or {}).get("images") or []
+            if it.get("type", "output") == "output"]
+
+
+def _save_strip(paths: list[Path], dst: Path, smallest: int = 128) -> None:
+    """Small pictures (the toy model's 32 × 32) side by side, enlarged to ``smallest`` pixels
+    high with nearest-neighbour; larger ones: the first, copied."""
+    from PIL import Image
+    with Image.open(paths[0]) as first:
+        if first.height >= smallest:
+            shutil.copy2(paths[0], dst)
+            return
+    images = [Image.open(p).convert("RGB") for p in paths]
+    scale = -(-smallest // images[0].height)
+    w, h = images[0].width * scale, images[0].height * scale
+    strip = Image.new("RGB", (len(images) * (w + 4) - 4, h), "white")
+    for i, im in enumerate(images):
+        strip.paste(im.resize((w, h), Image.NEAREST), (i * (w + 4), 0))
+    strip.save(dst)
 
 
 def prepare_prompt(wf: dict, info: dict, ckpt_name: str, seed):
@@ -116,19 +136,20 @@ def copy_images(hist: dict, saves: dict, output_dir: Path, out: Path) -> dict:
     images = {}
     for label in ("before", "after", "report"):
         nid = saves.get(label)
-        src = _first_image(hist, nid, output_dir) if nid else None
-        if src is None or not src.is_file():
+        srcs = [p for p in (_images(hist, nid, output_dir) if nid else []) if p.is_file()]
+        if not srcs:
             log(f"warning: no '{label}' image in the results")
             continue
         dst = out / f"{label}.png"
-        shutil.copy2(src, dst)
+        _save_strip(srcs, dst)
         images[label] = str(dst)
     return images
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW)
+    ap.add_argument("--workflow", type=Path, default=None,
+                    help=f"default: {TOY_WORKFLOW.name}, or {CHECKPOINT_WORKFLOW.name} when CKPT is set")
     ap.add_argument("--out", type=Path, default=REPO / "output")
     ap.add_argument("--seed", type=int, default=None, help="KSampler seed (default: the workflow's)")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -139,13 +160,16 @@ def main(argv=None) -> int:
         log(f"no ComfyUI in {comfy}: run `make setup` (scripts/bootstrap.sh) or set COMFYUI")
         return 2
     ensure_pack_linked(comfy)
-    ckpt_name = ensure_checkpoint(comfy)
-    random_weights = not os.environ.get("CKPT")
+    if a.workflow is None:
+        a.workflow = CHECKPOINT_WORKFLOW if os.environ.get("CKPT") else TOY_WORKFLOW
+    wf = json.loads(a.workflow.read_text(encoding="utf-8"))
+    loads_checkpoint = any(n["type"] == "CheckpointLoaderSimple" for n in wf["nodes"])
+    ckpt_name = ensure_checkpoint(comfy) if loads_checkpoint else "the toy model"
+    random_weights = loads_checkpoint and not os.environ.get("CKPT")
 
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "comfy"  # the server's own output/temp/user folders and log
-    wf = json.loads(a.workflow.read_text(encoding="utf-8"))
 
     srv = cs.ComfyServer(comfy=comfy, output_dir=run_dir / "output", temp_dir=run_dir / "temp",
                          user_dir=run_dir / "user", log_path=run_dir / "comfyui.log")
