@@ -195,7 +195,7 @@ def judged_row(judge, images, original, sets, seeds, target, anchor) -> dict:
     return row
 
 
-def run(seeds: int = 3, per_group: int = 12, out_dir: Path | None = None, counts=(1, 10), methods=METHODS,
+def run(seeds: int = 3, per_group: int = 10, out_dir: Path | None = None, counts=(1, 10), methods=METHODS,
         with_fidelity: bool = True, log=print) -> dict:
     from erasepro_comfy import toy_model
     host.import_comfy()

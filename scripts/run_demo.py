@@ -3,8 +3,8 @@
 
 * ComfyUI folder: $COMFYUI or <repo>/.comfyui (made by scripts/bootstrap.sh); the pack is
   linked into its custom_nodes when it is not there yet.
-* Model: by default the pack's trained toy model (workflows/erasepro_toy_style_erasure.json:
-  Van Gogh erased, pictures you can judge by eye). With ``CKPT=/path/to/model.safetensors``
+* Model: by default the pack's trained toy model (workflows/erasepro_toy_erasure.json: the
+  ball erased to a box, pictures you can judge by eye). With ``CKPT=/path/to/model.safetensors``
   (linked, or copied when linking fails, into <comfyui>/models/checkpoints under its own file
   name) workflows/erasepro_style_erasure.json on that checkpoint. A workflow given with
   ``--workflow`` that loads a checkpoint without CKPT gets the random-weight tiny SD1.5 from
@@ -36,7 +36,7 @@ sys.path.insert(1, str(REPO))  # erasepro_ops (this runs as a script: only scrip
 import comfy_server as cs  # noqa: E402
 from erasepro_ops.summary import Summary  # noqa: E402
 
-TOY_WORKFLOW = REPO / "workflows" / "erasepro_toy_style_erasure.json"
+TOY_WORKFLOW = REPO / "workflows" / "erasepro_toy_erasure.json"
 CHECKPOINT_WORKFLOW = REPO / "workflows" / "erasepro_style_erasure.json"
 SOLVER = "ErasePro_ProgressiveSolver"
 PACK_LINK = "ComfyUI-ErasePro"
@@ -131,6 +131,21 @@ def prepare_prompt(wf: dict, info: dict, ckpt_name: str, seed):
     return api, solver_id, saves
 
 
+def before_after(before: Path, after: Path, dst: Path) -> None:
+    """One picture: the 'before' strip above the 'after' strip, each labelled (README, thumbnail)."""
+    from PIL import Image, ImageDraw
+    top, bottom = Image.open(before).convert("RGB"), Image.open(after).convert("RGB")
+    label_w, gap = 70, 6
+    w = label_w + max(top.width, bottom.width)
+    canvas = Image.new("RGB", (w, top.height + bottom.height + gap), "white")
+    canvas.paste(top, (label_w, 0))
+    canvas.paste(bottom, (label_w, top.height + gap))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, top.height // 2 - 6), "before", fill="black")
+    draw.text((6, top.height + gap + bottom.height // 2 - 6), "after", fill="black")
+    canvas.save(dst)
+
+
 def copy_images(hist: dict, saves: dict, output_dir: Path, out: Path) -> dict:
     """Copy the before / after / report images to ``<out>/<label>.png``; label → path."""
     images = {}
@@ -143,6 +158,10 @@ def copy_images(hist: dict, saves: dict, output_dir: Path, out: Path) -> dict:
         dst = out / f"{label}.png"
         _save_strip(srcs, dst)
         images[label] = str(dst)
+    if "before" in images and "after" in images:
+        both = out / "before_after.png"
+        before_after(Path(images["before"]), Path(images["after"]), both)
+        images["before_after"] = str(both)
     return images
 
 

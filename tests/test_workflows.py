@@ -239,3 +239,34 @@ def test_workflow_runs(path, request, comfy_server, comfy_server_handle, object_
     if method == "erasepro":
         assert res <= MAX_TRAIN_RESIDUAL, f"train residual {res} > {MAX_TRAIN_RESIDUAL}: {report.get('warnings')}"
         assert not report.get("warnings"), report.get("warnings")
+    if any(n["class_type"] == TOY_LOADER for n in api.values()):
+        _judge_toy_erasure(api, outputs, save_ids, Path(comfy_server_handle.output_dir))
+
+
+def _judge_toy_erasure(api: dict, outputs: dict, save_ids: dict, output_dir: Path) -> None:
+    """The toy workflow shows the erasure on its pictures: the judge (trained on the world's
+    renders, not on the model) sees the target in the 'before' batch and the anchor in its place
+    in the 'after' batch."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from benchmarks.toy import load_judge
+    from toyworld.judge import judge_images
+    from toyworld.world import SHAPES
+    pair = next(n["inputs"] for n in api.values() if n["class_type"] == "ErasePro_ConceptPair")
+    target, anchor = SHAPES.index(pair["target"]), SHAPES.index(pair["anchor"])
+    judge = load_judge()
+    seen = {}
+    for nid, prefix in save_ids.items():
+        if prefix not in ("erasepro/before", "erasepro/after"):
+            continue
+        files = [output_dir / it.get("subfolder", "") / it["filename"] for it in outputs[nid]["images"]]
+        pictures = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255
+                                for f in files])
+        shapes = judge_images(judge, pictures).shapes
+        seen[prefix] = (sum(target in s for s in shapes) / len(shapes), sum(anchor in s for s in shapes) / len(shapes))
+    print(f"[workflow] the judge sees {pair['target']} / {pair['anchor']} in {seen['erasepro/before']} of the pictures "
+          f"before, {seen['erasepro/after']} after")
+    assert seen["erasepro/before"][0] >= 0.75 and seen["erasepro/after"][0] <= 0.25, seen
+    assert seen["erasepro/after"][1] >= 0.75, seen
