@@ -348,9 +348,13 @@ def _pick_id(rng, prompt):
 
 
 def api_value(rng, prompt, env):
+    def names_of(n):
+        return sorted(set(prompt[n]["inputs"]) | set(env.specs(prompt[n]["class_type"])))
     nid = _pick_id(rng, prompt)
+    if not names_of(nid):  # a node without inputs (the toy model loader): another one
+        nid = rng.choice([n for n in sorted(prompt) if names_of(n)])
     node = prompt[nid]
-    names = sorted(set(node["inputs"]) | set(env.specs(node["class_type"])))
+    names = names_of(nid)
     k = rng.choice(names)
     node["inputs"][k] = new_value(rng, node["inputs"].get(k))
     if rng.random() < 0.2:
