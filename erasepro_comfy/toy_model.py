@@ -44,7 +44,6 @@ def load(path: Path = MODEL_PATH):
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
-    import torch
 
     sd, meta = read(path)
     text_cfg = json.loads(meta["erasepro.toy.text_config"])
@@ -61,8 +60,7 @@ def load(path: Path = MODEL_PATH):
     base.load_model_weights(sd, "model.diffusion_model.")
     model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
 
-    clip_sd = _split(sd, "")
-    clip_sd = {k: v for k, v in clip_sd.items() if k.startswith("clip_l.")}
+    clip_sd = {k: v for k, v in sd.items() if k.startswith("clip_l.")}
     options = {"clip_l_model_config": {k: text_cfg[k] for k in ("hidden_size", "intermediate_size",
                                                                  "num_attention_heads", "num_hidden_layers",
                                                                  "projection_dim")}}
@@ -75,5 +73,4 @@ def load(path: Path = MODEL_PATH):
 
     vae = comfy.sd.VAE(sd=_split(sd, "first_stage_model."), config={"params": vae_cfg})
     vae.downscale_ratio = vae.upscale_ratio = LATENT_FACTOR
-    del torch
     return model, clip, vae

@@ -318,8 +318,6 @@ def caption(scene: Scene, g: torch.Generator, templates: tuple[str, ...] | None 
         b = noun_phrase(scene.shape2, scene.colour2 if colour is not None else None, scene.texture, u[7:12])
         a = _pick(PAIR_JOINS, u[12]).format(a=a, b=b)
     bg = _pick(BACKGROUND_WORDS[BACKGROUNDS[scene.background]], u[13]) if u[14] < mention_background else ""
-    if "{obj}" not in template and "{bg}" not in template:
-        pass  # a painter-only phrasing: the picture's content is unsaid, as in real captions
     text = template.format(obj=a, bg=bg, painter=_pick(PAINTER_WORDS[painter], u[15]) if painter else "")
     return " ".join(text.replace(" ,", ",").split()).strip(" ,")
 
