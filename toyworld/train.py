@@ -26,7 +26,7 @@ WEIGHTS = HERE / "weights"
 MODEL_FILE, JUDGE_FILE, REPORT_FILE = "toy_sd15.safetensors", "judge.safetensors", "training.json"
 FORMAT = "1"
 
-FULL = {"text": 700, "vae": 700, "judge": 800, "unet": 3300}
+FULL = {"text": 700, "vae": 600, "judge": 800, "unet": 3300}
 SMOKE = {"text": 3, "vae": 3, "judge": 3, "unet": 3}
 
 
